@@ -1,0 +1,43 @@
+//! `berth`: a thin command over the engine. Parses arguments, loads the admin
+//! config, calls one engine action, and turns any error into one line on stderr.
+
+use berth_engine::config::Config;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "Run Docker/OCI images as the environment of HPC batch jobs")]
+struct Cli {
+    /// The node's image store (overrides the admin config's store_dir).
+    #[arg(long, global = true, env = "BERTH_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the effective admin configuration as TOML-like lines.
+    Config,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match Config::load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("berth: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(store) = cli.store {
+        config.store_dir = store;
+    }
+    match cli.command {
+        Command::Config => {
+            println!("{config:#?}");
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The admin's settings for berth on a node: one TOML file (default
+//! `/etc/berth/berth.toml`, or `$BERTH_CONFIG`) read by the `berth` command, the
+//! Torque hooks and, as `key=value` arguments in `plugstack.conf`, the Slurm plugin.
+//! Owns parsing and defaults; never touches the file system beyond reading the file.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Where the admin config is read from when `$BERTH_CONFIG` is not set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read berth config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("berth config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown berth setting '{key}': known settings are {known}")]
+    UnknownKey { key: String, known: String },
+    #[error("berth setting '{key}' has a bad value '{value}': {why}")]
+    BadValue { key: String, value: String, why: String },
+}
+
+/// How a site directory is bound into every container.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteMount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Every setting an admin can make. Field names are the TOML keys and the
+/// `plugstack.conf` keys alike.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The node's image store (blobs, unpacked layers, the ref index).
+    pub store_dir: PathBuf,
+    /// Per-job state: `<runtime_dir>/<job>/...`.
+    pub runtime_dir: PathBuf,
+    /// The `berth` binary that the scheduler adapters run as root.
+    pub berth_binary: PathBuf,
+    /// Directories bound into every container.
+    pub site_mounts: Vec<SiteMount>,
+    /// Bind the job user's home directory into containers unless the user opts out.
+    pub mount_home: bool,
+    /// Registry host for references that name none (Docker's default).
+    pub default_registry: String,
+    /// When not empty, only these registries may be pulled from.
+    pub allowed_registries: Vec<String>,
+    /// Registries spoken to over plain HTTP (localhost always is).
+    pub insecure_registries: Vec<String>,
+    /// Whether users may ask for a container per rank.
+    pub allow_per_rank: bool,
+    /// Root-owned file of registry credentials in Docker's config.json form.
+    pub credentials_file: Option<PathBuf>,
+    /// error, warn, info, debug.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            store_dir: PathBuf::from("/var/lib/berth"),
+            runtime_dir: PathBuf::from("/run/berth"),
+            berth_binary: PathBuf::from("/usr/bin/berth"),
+            site_mounts: Vec::new(),
+            mount_home: true,
+            default_registry: "registry-1.docker.io".to_string(),
+            allowed_registries: Vec::new(),
+            insecure_registries: Vec::new(),
+            allow_per_rank: true,
+            credentials_file: None,
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "store_dir",
+    "runtime_dir",
+    "berth_binary",
+    "site_mounts",
+    "mount_home",
+    "default_registry",
+    "allowed_registries",
+    "insecure_registries",
+    "allow_per_rank",
+    "credentials_file",
+    "log_level",
+];
+
+impl Config {
+    /// Reads `$BERTH_CONFIG`, else the default path; a missing default file means defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        match std::env::var_os("BERTH_CONFIG") {
+            Some(path) => Config::from_file(Path::new(&path)),
+            None => {
+                let path = Path::new(DEFAULT_CONFIG_PATH);
+                if path.exists() {
+                    Config::from_file(path)
+                } else {
+                    Ok(Config::default())
+                }
+            }
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    /// Applies one `key=value` setting, as the Slurm plugin receives them from
+    /// `plugstack.conf`. Lists are comma-separated; a site mount is `SRC:DST[:ro]`.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let bad = |why: &str| ConfigError::BadValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            why: why.to_string(),
+        };
+        let list = || -> Vec<String> {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        match key {
+            "store_dir" => self.store_dir = absolute(value).ok_or_else(|| bad("must be an absolute path"))?,
+            "runtime_dir" => self.runtime_dir = absolute(value).ok_or_else(|| bad("must be an absolute path"))?,
+            "berth_binary" => self.berth_binary = absolute(value).ok_or_else(|| bad("must be an absolute path"))?,
+            "credentials_file" => {
+                self.credentials_file = Some(absolute(value).ok_or_else(|| bad("must be an absolute path"))?)
+            }
+            "site_mounts" => {
+                self.site_mounts = list()
+                    .iter()
+                    .map(|spec| parse_site_mount(spec).ok_or_else(|| bad("expected SRC:DST[:ro] with absolute paths")))
+                    .collect::<Result<_, _>>()?
+            }
+            "mount_home" => self.mount_home = parse_bool(value).ok_or_else(|| bad("expected true or false"))?,
+            "allow_per_rank" => self.allow_per_rank = parse_bool(value).ok_or_else(|| bad("expected true or false"))?,
+            "default_registry" => self.default_registry = value.to_string(),
+            "allowed_registries" => self.allowed_registries = list(),
+            "insecure_registries" => self.insecure_registries = list(),
+            "log_level" => self.log_level = value.to_string(),
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_string(),
+                    known: KNOWN_KEYS.join(", "),
+                })
+            }
+        }
+        self.validate()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug") {
+            return Err(ConfigError::BadValue {
+                key: "log_level".into(),
+                value: self.log_level.clone(),
+                why: "expected error, warn, info or debug".into(),
+            });
+        }
+        for (key, path) in [
+            ("store_dir", &self.store_dir),
+            ("runtime_dir", &self.runtime_dir),
+            ("berth_binary", &self.berth_binary),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::BadValue {
+                    key: key.into(),
+                    value: path.display().to_string(),
+                    why: "must be an absolute path".into(),
+                });
+            }
+        }
+        for mount in &self.site_mounts {
+            if !mount.source.is_absolute() || !mount.target.is_absolute() {
+                return Err(ConfigError::BadValue {
+                    key: "site_mounts".into(),
+                    value: format!("{}:{}", mount.source.display(), mount.target.display()),
+                    why: "both paths must be absolute".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether plain HTTP may be used for this registry host (with port, if any).
+    pub fn is_insecure(&self, registry: &str) -> bool {
+        let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
+        matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+            || self.insecure_registries.iter().any(|r| r == registry || r == host)
+    }
+
+    /// Whether the admin lets jobs pull from this registry host.
+    pub fn is_allowed(&self, registry: &str) -> bool {
+        self.allowed_registries.is_empty() || self.allowed_registries.iter().any(|r| r == registry)
+    }
+}
+
+fn absolute(value: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(value);
+    path.is_absolute().then_some(path)
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "true" | "yes" | "1" => Some(true),
+        "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_site_mount(spec: &str) -> Option<SiteMount> {
+    let mut parts = spec.split(':');
+    let source = absolute(parts.next()?)?;
+    let target = absolute(parts.next()?)?;
+    let read_only = match parts.next() {
+        None => false,
+        Some("ro") => true,
+        Some("rw") => false,
+        Some(_) => return None,
+    };
+    parts.next().is_none().then_some(SiteMount { source, target, read_only })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_paths() {
+        let config = Config::default();
+        assert_eq!(config.store_dir, Path::new("/var/lib/berth"));
+        assert_eq!(config.runtime_dir, Path::new("/run/berth"));
+        assert!(config.mount_home);
+    }
+
+    #[test]
+    fn toml_file_overrides_defaults_and_rejects_unknown_keys() {
+        let config = Config::from_toml(
+            "store_dir = \"/scratch/berth\"\ninsecure_registries = [\"10.0.0.1:5000\"]\n\
+             [[site_mounts]]\nsource = \"/scratch\"\ntarget = \"/scratch\"\nread_only = true\n",
+        )
+        .unwrap();
+        assert_eq!(config.store_dir, Path::new("/scratch/berth"));
+        assert!(config.is_insecure("10.0.0.1:5000"));
+        assert!(!config.is_insecure("docker.io"));
+        assert!(config.site_mounts[0].read_only);
+        let err = Config::from_toml("stor_dir = \"/x\"").unwrap_err();
+        assert!(err.contains("stor_dir"), "{err}");
+    }
+
+    #[test]
+    fn plugstack_settings_parse_lists_and_mounts() {
+        let mut config = Config::default();
+        config.set("site_mounts", "/scratch:/scratch:ro,/apps:/opt/apps").unwrap();
+        config.set("allowed_registries", "a.example, b.example").unwrap();
+        config.set("mount_home", "no").unwrap();
+        assert_eq!(config.site_mounts.len(), 2);
+        assert!(config.site_mounts[0].read_only && !config.site_mounts[1].read_only);
+        assert!(config.is_allowed("b.example") && !config.is_allowed("c.example"));
+        assert!(!config.mount_home);
+    }
+
+    #[test]
+    fn plugstack_settings_reject_unknown_keys_and_bad_values() {
+        let mut config = Config::default();
+        let unknown = config.set("storedir", "/x").unwrap_err().to_string();
+        assert!(unknown.contains("unknown berth setting 'storedir'"), "{unknown}");
+        assert!(config.set("store_dir", "relative/path").is_err());
+        assert!(config.set("site_mounts", "/a:/b:rx").is_err());
+        assert!(config.set("log_level", "loud").is_err());
+        assert!(config.is_insecure("localhost:5000"));
+    }
+}

@@ -1,0 +1,6 @@
+//! berth's engine, shared by the Slurm plugin, the Torque/PBS hooks and the `berth`
+//! command. Modules follow an image's way to a running job:
+//! `reference` -> `registry` -> `store` -> `unpack` -> `rootfs` -> `container`
+//! -> `wiring` -> `teardown`. `config` is the admin's settings, read by all of them.
+
+pub mod config;
