@@ -1,0 +1,93 @@
+//! What every end-to-end test needs: the running slurm-test-env cluster, reached only
+//! through its scripts (`slurm-test-env/run`, `on`, `registry`, `push`), and the
+//! berth binaries built from this workspace.
+//!
+//! Tests never bring the cluster up themselves: `tests/run-all` does, once, and tears
+//! it down even when a test fails. A test run without it fails with a line saying so.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The test cluster, as its scripts present it.
+pub struct Cluster {
+    scripts: PathBuf,
+}
+
+/// The cluster brought up by `slurm-test-env/up`; panics with what to do when it is down.
+pub fn cluster() -> Cluster {
+    let scripts = repo_root().join("slurm-test-env");
+    let status = Command::new(scripts.join("status")).output().expect("run slurm-test-env/status");
+    assert!(
+        status.status.success(),
+        "the test cluster is not up ({}): run `slurm-test-env/up` or the README's test command",
+        String::from_utf8_lossy(&status.stderr).trim()
+    );
+    Cluster { scripts }
+}
+
+impl Cluster {
+    fn script(&self, name: &str) -> Command {
+        Command::new(self.scripts.join(name))
+    }
+
+    /// The registry's address as the hosts (and this machine's root namespace) reach it.
+    pub fn registry(&self) -> String {
+        let out = self.script("registry").output().expect("run slurm-test-env/registry");
+        assert!(out.status.success(), "slurm-test-env/registry failed");
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+    }
+
+    /// Runs a shell command line on the head host as the cluster's first regular user.
+    pub fn run(&self, shell: &str) -> Output {
+        self.run_as(&self.users()[0], shell)
+    }
+
+    /// Runs a shell command line on the head host as `user` (or `root`).
+    pub fn run_as(&self, user: &str, shell: &str) -> Output {
+        self.script("run").args(["--as", user, "bash", "-c", shell]).output().expect("run slurm-test-env/run")
+    }
+
+    /// Runs a shell command line as root on one compute host (e.g. `node1`).
+    pub fn on_node(&self, node: &str, shell: &str) -> Output {
+        self.script("on").args([node, "bash", "-c", shell]).output().expect("run slurm-test-env/on")
+    }
+
+    /// The compute hosts' names, `node1`..`nodeN`.
+    pub fn nodes(&self) -> Vec<String> {
+        lines(&self.script("status").arg("--nodes").output().expect("run slurm-test-env/status"))
+    }
+
+    /// The two regular users jobs run as.
+    pub fn users(&self) -> Vec<String> {
+        lines(&self.script("status").arg("--users").output().expect("run slurm-test-env/status"))
+    }
+}
+
+/// The OCI layout that slurm-test-env built for a test image (`minimal`, `mpi`, `layers`).
+pub fn image_layout(name: &str) -> PathBuf {
+    let root = std::env::var_os("BERTH_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/cache/berth-test-env/images".into());
+    root.join(name)
+}
+
+/// A command's stdout, split into lines; panics with its stderr when it failed.
+pub fn lines(out: &Output) -> Vec<String> {
+    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// A command's stdout as text, for assertions; includes stderr in the panic if it failed.
+pub fn stdout_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed ({}): stdout: {} stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
