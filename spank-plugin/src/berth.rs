@@ -77,9 +77,14 @@ fn run(config: &Config, argv: &[String]) -> Result<Vec<u8>, String> {
         .map_err(|err| format!("cannot run {} ({err}); check berth_binary in plugstack.conf", binary.display()))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A config is a few hundred bytes: it fits the pipe, so this cannot block on berth.
-        stdin
-            .write_all(toml.as_bytes())
-            .map_err(|err| format!("cannot pass the config to {}: {err}", binary.display()))?;
+        // A berth that exits before reading it (bad arguments) closes the pipe: its own
+        // message on stderr is the one worth reporting, so a broken pipe is not an error.
+        match stdin.write_all(toml.as_bytes()) {
+            Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(format!("cannot pass the config to {}: {err}", binary.display()))
+            }
+            _ => {}
+        }
     }
     let out = child.wait_with_output().map_err(|err| format!("lost {}: {err}", binary.display()))?;
     if out.status.success() {
@@ -92,7 +97,10 @@ fn run(config: &Config, argv: &[String]) -> Result<Vec<u8>, String> {
 fn failure_line(stderr: &[u8], status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     let text = String::from_utf8_lossy(stderr);
-    if let Some(line) = text.lines().map(str::trim).rev().find(|l| !l.is_empty()) {
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    // berth's own line ("berth: ...") or an argument error ("error: ..."), else the last line.
+    let line = lines.iter().rev().find(|l| l.starts_with("berth: ") || l.starts_with("error: ")).or(lines.last());
+    if let Some(line) = line {
         return line.strip_prefix("berth: ").unwrap_or(line).to_string();
     }
     match (status.code(), status.signal()) {
@@ -129,6 +137,9 @@ mod tests {
     fn failure_line_is_berths_last_line_or_the_way_it_died() {
         let status = ExitStatus::from_raw(1 << 8);
         assert_eq!(failure_line(b"berth: pulling x: manifest unknown\n\n", status), "pulling x: manifest unknown");
+        let clap = b"error: unexpected argument '--readonly' found\n\nUsage: berth container create\n\nFor more information, try '--help'.\n";
+        assert_eq!(failure_line(clap, status), "error: unexpected argument '--readonly' found");
+        assert_eq!(failure_line(b"progress\nlast words\n", status), "last words");
         assert_eq!(failure_line(b"", ExitStatus::from_raw(9)), "berth was killed by signal 9");
         assert_eq!(failure_line(b"", status), "berth exited with status 1 and no message");
     }

@@ -42,7 +42,9 @@ pub static plugin_version: c_uint = ffi::SLURM_VERSION_NUMBER;
 #[no_mangle]
 pub static spank_plugin_version: c_uint = 1;
 
-/// The admin config from plugstack.conf, parsed once per process in `slurm_spank_init`.
+/// The admin config from plugstack.conf, parsed once per process by the first hook that
+/// runs (Slurm does not call `slurm_spank_init` before the job epilog, but every hook
+/// gets the plugstack.conf arguments).
 static CONFIG: OnceLock<Config> = OnceLock::new();
 /// The user's options as Slurm's callbacks deliver them.
 static ARGS: Mutex<Option<Args>> = Mutex::new(None);
@@ -52,8 +54,12 @@ fn with_args<T>(f: impl FnOnce(&mut Args) -> T) -> T {
     f(guard.get_or_insert_with(Args::default))
 }
 
-fn config() -> Result<&'static Config, String> {
-    CONFIG.get().ok_or_else(|| "berth: the plugin was not initialised (slurm_spank_init did not run)".to_string())
+fn config(ac: c_int, av: *mut *mut c_char) -> Result<&'static Config, String> {
+    if let Some(config) = CONFIG.get() {
+        return Ok(config);
+    }
+    let config = config::from_plugstack(&ffi::plugin_args(ac, av)).map_err(|err| format!("berth.so: {err}"))?;
+    Ok(CONFIG.get_or_init(|| config))
 }
 
 /// Runs one hook's work: `Ok` is success; `Err` and panics become one error line and
@@ -84,8 +90,7 @@ unsafe extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote:
 #[no_mangle]
 pub extern "C" fn slurm_spank_init(sp: spank_t, ac: c_int, av: *mut *mut c_char) -> c_int {
     guard("slurm_spank_init", || {
-        let config = config::from_plugstack(&ffi::plugin_args(ac, av)).map_err(|err| format!("berth.so: {err}"))?;
-        let _ = CONFIG.set(config);
+        config(ac, av)?;
         let context = ffi::context();
         if matches!(context, Context::Local | Context::Remote | Context::Allocator) {
             let sp = Spank::new(sp);
@@ -99,11 +104,11 @@ pub extern "C" fn slurm_spank_init(sp: spank_t, ac: c_int, av: *mut *mut c_char)
 }
 
 #[no_mangle]
-pub extern "C" fn slurm_spank_init_post_opt(sp: spank_t, _ac: c_int, _av: *mut *mut c_char) -> c_int {
+pub extern "C" fn slurm_spank_init_post_opt(sp: spank_t, ac: c_int, av: *mut *mut c_char) -> c_int {
     guard("slurm_spank_init_post_opt", || {
         let args = with_args(|args| args.clone());
         match ffi::context() {
-            Context::Local | Context::Allocator => srun::init_post_opt(config()?, &args),
+            Context::Local | Context::Allocator => srun::init_post_opt(config(ac, av)?, &args),
             Context::Remote => slurmstepd::init_post_opt(&Spank::new(sp), args),
             _ => Ok(()),
         }
@@ -111,8 +116,8 @@ pub extern "C" fn slurm_spank_init_post_opt(sp: spank_t, _ac: c_int, _av: *mut *
 }
 
 #[no_mangle]
-pub extern "C" fn slurm_spank_task_init_privileged(sp: spank_t, _ac: c_int, _av: *mut *mut c_char) -> c_int {
-    guard("slurm_spank_task_init_privileged", || slurmstepd::task_init_privileged(&Spank::new(sp), config()?))
+pub extern "C" fn slurm_spank_task_init_privileged(sp: spank_t, ac: c_int, av: *mut *mut c_char) -> c_int {
+    guard("slurm_spank_task_init_privileged", || slurmstepd::task_init_privileged(&Spank::new(sp), config(ac, av)?))
 }
 
 #[no_mangle]
@@ -121,6 +126,6 @@ pub extern "C" fn slurm_spank_task_init(_sp: spank_t, _ac: c_int, _av: *mut *mut
 }
 
 #[no_mangle]
-pub extern "C" fn slurm_spank_job_epilog(sp: spank_t, _ac: c_int, _av: *mut *mut c_char) -> c_int {
-    guard("slurm_spank_job_epilog", || slurmd::job_epilog(&Spank::new(sp), config()?))
+pub extern "C" fn slurm_spank_job_epilog(sp: spank_t, ac: c_int, av: *mut *mut c_char) -> c_int {
+    guard("slurm_spank_job_epilog", || slurmd::job_epilog(&Spank::new(sp), config(ac, av)?))
 }
