@@ -4,8 +4,9 @@
 //! Owns mount targets and flags. Every target is resolved inside the container's root
 //! (`openat2` with RESOLVE_IN_ROOT), so an image's symlinks can never point a mount at
 //! the host; missing mount points are created through the overlay, hence in the
-//! container's upper dir. Must never open a mount source itself: sources arrive as
-//! descriptors already checked by the caller.
+//! container's upper dir. Must never choose a mount source itself: sources arrive as
+//! descriptors already checked by the caller, and are opened again here only to bind
+//! them from the new namespace after checking they are still the same files.
 //!
 //! Every mount is `nosuid,nodev`, except the bind mounts of device nodes and `devpts`,
 //! which must allow device access to work at all (they are `nosuid,noexec`).
@@ -28,12 +29,17 @@ pub enum MountError {
     BadTarget { source_path: PathBuf, target: PathBuf, why: &'static str },
     #[error("cannot open the host's {path}: {source}")]
     Host { path: PathBuf, source: Errno },
+    #[error("{path} changed while it was being mounted (replaced by another file); try again")]
+    Changed { path: PathBuf },
 }
 
 /// One bind mount into the container.
 #[derive(Debug)]
 pub struct Bind {
     /// The host file or directory, already opened (and access-checked) by the caller.
+    /// A mount can only be bound from the caller's own mount namespace, so `populate`
+    /// opens `source_path` again inside the new namespace and refuses to go on unless
+    /// it is the very same file.
     pub source: OwnedFd,
     /// The host path the source was opened from, for messages.
     pub source_path: PathBuf,
@@ -168,6 +174,20 @@ fn bind(root: BorrowedFd<'_>, source: BorrowedFd<'_>, what: &str, target: &Path,
     mount_on(what, None, mounted.as_fd(), target, None, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags | keep, None)
 }
 
+/// Opens `bind.source_path` in the current mount namespace, checking it is the file
+/// the caller opened (same device and inode).
+fn reopen(bind: &Bind) -> Result<OwnedFd, MountError> {
+    let path = bind.source_path.to_str().ok_or_else(|| MountError::Host { path: bind.source_path.clone(), source: Errno::EINVAL })?;
+    let fd = host(path)?;
+    let stat = |fd: BorrowedFd<'_>| nix::sys::stat::fstat(fd.as_raw_fd()).map(|s| (s.st_dev, s.st_ino));
+    let here = stat(fd.as_fd()).map_err(|source| MountError::Host { path: bind.source_path.clone(), source })?;
+    let checked = stat(bind.source.as_fd()).map_err(|source| MountError::Host { path: bind.source_path.clone(), source })?;
+    if here != checked {
+        return Err(MountError::Changed { path: bind.source_path.clone() });
+    }
+    Ok(fd)
+}
+
 fn host(path: &str) -> Result<OwnedFd, MountError> {
     let raw = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|source| MountError::Host { path: path.into(), source })?;
@@ -201,7 +221,7 @@ pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> 
     }
     for device in &layout.devices {
         let what = device.source_path.display().to_string();
-        bind(root, device.source.as_fd(), &what, &device.target, device_flags)?;
+        bind(root, reopen(device)?.as_fd(), &what, &device.target, device_flags)?;
     }
     let pts = Path::new("/dev/pts");
     let fd = ensure(root, pts, true)?;
@@ -236,7 +256,7 @@ pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> 
             why,
         })?;
         let flags = if b.read_only { nosuid_nodev | MsFlags::MS_RDONLY } else { nosuid_nodev };
-        bind(root, b.source.as_fd(), &b.source_path.display().to_string(), &b.target, flags)?;
+        bind(root, reopen(b)?.as_fd(), &b.source_path.display().to_string(), &b.target, flags)?;
     }
 
     if layout.read_only_root {
