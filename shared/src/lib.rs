@@ -4,3 +4,6 @@
 //! -> `wiring` -> `teardown`. `config` is the admin's settings, read by all of them.
 
 pub mod config;
+pub mod container;
+pub mod rootfs;
+pub mod teardown;
