@@ -3,7 +3,7 @@
 //! for the user; never does the container work itself (no HTTP, threads or mounts in
 //! slurmstepd).
 
-use crate::args::{Args, Mount};
+use crate::args::{Args, Mount, Pull};
 use berth_engine::config::Config;
 use std::io::Write;
 use std::path::Path;
@@ -16,7 +16,10 @@ pub struct CreateRequest<'a> {
     pub gid: u32,
     pub groups: &'a [u32],
     pub image: &'a str,
-    pub name: &'a str,
+    /// Per-rank mode: this task's rank; per-node mode: `None`.
+    pub rank: Option<u32>,
+    /// The step's directory on the host: bound in, and the default working directory.
+    pub submit_dir: Option<&'a Path>,
     pub args: &'a Args,
     /// Mounts the plugin adds itself (the batch script's directory).
     pub extra_mounts: &'a [Mount],
@@ -38,8 +41,17 @@ pub fn create_args(req: &CreateRequest<'_>) -> Vec<String> {
         argv.push("--groups".into());
         argv.push(req.groups.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     }
-    argv.extend(["--image".into(), req.image.to_string(), "--name".into(), req.name.to_string()]);
-    argv.extend(["--pull".into(), req.args.pull.as_str().to_string()]);
+    argv.extend(["--image".into(), req.image.to_string()]);
+    if let Some(rank) = req.rank {
+        argv.extend(["--rank".into(), rank.to_string()]);
+    }
+    // The default needs no flag, which keeps the common command line short.
+    if req.args.pull != Pull::Missing {
+        argv.extend(["--pull".into(), req.args.pull.as_str().to_string()]);
+    }
+    if let Some(dir) = req.submit_dir {
+        argv.extend(["--submit-dir".into(), dir.display().to_string()]);
+    }
     for mount in req.args.mounts.iter().chain(req.extra_mounts) {
         argv.push("--mount".into());
         argv.push(mount.to_string());
@@ -113,7 +125,7 @@ fn failure_line(stderr: &[u8], status: std::process::ExitStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::args::{Opt, Pull};
+    use crate::args::Opt;
     use std::os::unix::process::ExitStatusExt;
     use std::process::ExitStatus;
 
@@ -125,11 +137,27 @@ mod tests {
         args.apply(Opt::Readonly, None).unwrap();
         args.pull = Pull::Never;
         let script = [Mount { source: "/var/spool/slurmd/job00042".into(), target: "/var/spool/slurmd/job00042".into(), read_only: true }];
-        let req = CreateRequest { job: 42, uid: 1001, gid: 1001, groups: &[1001, 27], image: "localhost:5000/minimal", name: "node", args: &args, extra_mounts: &script };
+        let req = CreateRequest {
+            job: 42,
+            uid: 1001,
+            gid: 1001,
+            groups: &[1001, 27],
+            image: "localhost:5000/minimal",
+            rank: Some(3),
+            submit_dir: Some(Path::new("/home/alice/run")),
+            args: &args,
+            extra_mounts: &script,
+        };
         assert_eq!(
             create_args(&req).join(" "),
-            "container create --job 42 --user 1001 --gid 1001 --groups 1001,27 --image localhost:5000/minimal --name node \
-             --pull never --mount /data:/in:ro --mount /var/spool/slurmd/job00042:/var/spool/slurmd/job00042:ro --no-home --readonly"
+            "container create --job 42 --user 1001 --gid 1001 --groups 1001,27 --image localhost:5000/minimal --rank 3 \
+             --pull never --submit-dir /home/alice/run --mount /data:/in:ro \
+             --mount /var/spool/slurmd/job00042:/var/spool/slurmd/job00042:ro --no-home --readonly"
+        );
+        let per_node = CreateRequest { rank: None, submit_dir: None, args: &Args::default(), extra_mounts: &[], ..req };
+        assert_eq!(
+            create_args(&per_node).join(" "),
+            "container create --job 42 --user 1001 --gid 1001 --groups 1001,27 --image localhost:5000/minimal"
         );
     }
 

@@ -2,7 +2,8 @@
 //! and the few safe wrappers the rest of the plugin uses. Owns every call into Slurm;
 //! never decides anything about containers.
 
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, CStr, CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
 use std::fmt;
 
 #[allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, clippy::all)]
@@ -78,6 +79,10 @@ fn check(call: &'static str, code: u32) -> Result<(), SpankError> {
 /// A string for C; interior NULs (which no valid value has) become an empty string.
 fn cstring(text: &str) -> CString {
     CString::new(text).unwrap_or_default()
+}
+
+fn os_cstring(text: &OsStr) -> CString {
+    CString::new(text.as_bytes()).unwrap_or_default()
 }
 
 /// The handle Slurm passes to a callback. Slurm checks the handle's magic itself and
@@ -174,8 +179,8 @@ impl Spank {
         }
     }
 
-    pub fn setenv(&self, name: &str, value: &str) -> Result<(), SpankError> {
-        let (name, value) = (cstring(name), cstring(value));
+    pub fn setenv(&self, name: &OsStr, value: &OsStr) -> Result<(), SpankError> {
+        let (name, value) = (os_cstring(name), os_cstring(value));
         // SAFETY: both strings are NUL-terminated and outlive the call (Slurm copies them).
         let code = unsafe { bindings::spank_setenv(self.0, name.as_ptr(), value.as_ptr(), 1) };
         check("spank_setenv", code)

@@ -9,10 +9,11 @@
 //!   `berth container create` (per-node: every task asks for `node`, berth creates it
 //!   once and reuses it; per-rank: `rank-<N>`). Running here rather than in slurmstepd
 //!   itself means the work is charged to the job and killed with it by `scancel`, and a
-//!   failure fails the task with one line in the user's output. Then join the container:
-//!   `setns(CLONE_NEWNS)` on `<runtime_dir>/<job>/<name>/mnt`, `chdir`, and the image's
-//!   environment. Slurm searches `PATH` for a bare command after this hook, inside the
-//!   container and with the image's `PATH`.
+//!   failure fails the task with one line in the user's output. Then join the container
+//!   with the engine's `container::join` (open + `setns` of the namespaces pinned in
+//!   `<runtime_dir>/<job>/<name>/`, `chdir` to its working directory; no threads, no
+//!   HTTP) and set the container's environment. Slurm searches `PATH` for a bare command
+//!   after this hook, inside the container and with the image's `PATH`.
 //! - `task_init` (as the user, just before exec): slurmstepd has `chdir`ed back to the
 //!   job's directory after `task_init_privileged`, so the working directory is set again.
 
@@ -20,8 +21,9 @@ use crate::args::{Args, Mount};
 use crate::berth::{self, CreateRequest};
 use crate::env;
 use crate::ffi::{self, Spank};
-use crate::sys;
 use berth_engine::config::Config;
+use berth_engine::container;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -53,12 +55,12 @@ pub fn choose_image(args_image: Option<&str>, slurm_container: Option<&str>) -> 
     (!value.is_empty() && !is_bundle).then(|| value.to_string())
 }
 
-/// Container name for one task: one per node, or one per rank.
+/// Container name for one task: one per node, or one per rank (the engine's names).
 pub fn container_name(per_rank: bool, global_rank: u32) -> String {
     if per_rank {
-        format!("rank-{global_rank}")
+        container::per_rank(global_rank)
     } else {
-        "node".to_string()
+        container::PER_NODE.to_string()
     }
 }
 
@@ -100,43 +102,36 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     if prepared.args.per_rank && !config.allow_per_rank {
         return Err("berth: this site does not allow --container-per-rank; drop the option".into());
     }
-    let rank = sp.task_global_id().map_err(|e| e.to_string())?;
-    let name = container_name(prepared.args.per_rank, rank);
+    let rank = if prepared.args.per_rank { Some(sp.task_global_id().map_err(|e| e.to_string())?) } else { None };
+    // slurmstepd has already changed to the step's directory: the submit directory.
+    let submit_dir = std::env::current_dir().ok();
     let req = CreateRequest {
         job: prepared.job,
         uid: prepared.uid,
         gid: prepared.gid,
         groups: &prepared.groups,
         image: &prepared.image,
-        name: &name,
+        rank,
+        submit_dir: submit_dir.as_deref(),
         args: &prepared.args,
         extra_mounts: &prepared.extra_mounts,
     };
     berth::create(config, &req)?;
 
-    let dir = config.runtime_dir.join(prepared.job.to_string()).join(&name);
-    // Everything from the host side is read before the task leaves it.
-    let image_env = match std::fs::read(dir.join("env")) {
-        Ok(bytes) => env::parse_env_file(&bytes),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(err) => return Err(format!("berth: cannot read {}: {err}", dir.join("env").display())),
-    };
-    let handle = sys::open_namespace(&dir.join("mnt"))
-        .map_err(|err| format!("berth: the job's container is gone ({}: {err}); was it torn down?", dir.join("mnt").display()))?;
-    let job_cwd = std::env::current_dir().ok();
-    sys::enter_mount_namespace(&handle).map_err(|err| format!("berth: cannot enter the container: {err}"))?;
-
-    let workdir = match &prepared.args.workdir {
-        Some(dir) if dir.is_dir() => dir.clone(),
-        Some(dir) => return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display())),
-        None => job_cwd.filter(|dir| dir.is_dir()).unwrap_or_else(|| PathBuf::from("/")),
-    };
-    std::env::set_current_dir(&workdir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", workdir.display()))?;
-    let _ = WORKDIR.set(workdir);
-
-    let job_has = |name: &str| matches!(sp.getenv(name), Ok(Some(_)));
-    for (name, value) in env::merge(&image_env, &prepared.args.env, job_has) {
-        sp.setenv(&name, &value).map_err(|e| format!("berth: cannot set {name}: {e}"))?;
+    let name = container_name(prepared.args.per_rank, rank.unwrap_or(0));
+    let joined = container::join(config, &prepared.job.to_string(), &name).map_err(|err| format!("berth: {err}"))?;
+    if let Some(dir) = &prepared.args.workdir {
+        if !dir.is_dir() {
+            return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display()));
+        }
+        std::env::set_current_dir(dir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", dir.display()))?;
+    }
+    if let Ok(dir) = std::env::current_dir() {
+        let _ = WORKDIR.set(dir);
+    }
+    let job_has = |name: &OsStr| name.to_str().is_some_and(|name| matches!(sp.getenv(name), Ok(Some(_))));
+    for (name, value) in env::to_set(&joined.env, &prepared.args.env, job_has) {
+        sp.setenv(&name, &value).map_err(|e| format!("berth: cannot set {}: {e}", name.to_string_lossy()))?;
     }
     Ok(())
 }
