@@ -120,15 +120,17 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
 
     let name = container_name(prepared.args.per_rank, rank.unwrap_or(0));
     let joined = container::join(config, &prepared.job.to_string(), &name).map_err(|err| format!("berth: {err}"))?;
-    if let Some(dir) = &prepared.args.workdir {
-        if !dir.is_dir() {
-            return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display()));
-        }
-        std::env::set_current_dir(dir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", dir.display()))?;
-    }
-    if let Ok(dir) = std::env::current_dir() {
-        let _ = WORKDIR.set(dir);
-    }
+    // Slurm's meaning of a step's directory (sbatch -D, srun --chdir, the submit
+    // directory) is kept when the container has it; join chose the container's own
+    // (the image's WorkingDir, else /) for when it does not.
+    let workdir = match (&prepared.args.workdir, submit_dir) {
+        (Some(dir), _) if dir.is_dir() => dir.clone(),
+        (Some(dir), _) => return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display())),
+        (None, Some(dir)) if dir.is_dir() => dir,
+        (None, _) => PathBuf::from(&joined.state.workdir),
+    };
+    std::env::set_current_dir(&workdir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", workdir.display()))?;
+    let _ = WORKDIR.set(workdir);
     let job_has = |name: &OsStr| name.to_str().is_some_and(|name| matches!(sp.getenv(name), Ok(Some(_))));
     for (name, value) in env::to_set(&joined.env, &prepared.args.env, job_has) {
         sp.setenv(&name, &value).map_err(|e| format!("berth: cannot set {}: {e}", name.to_string_lossy()))?;
