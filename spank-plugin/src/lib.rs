@@ -7,8 +7,9 @@
 //! - `slurmd.rs`: slurmd's job epilog: teardown
 //!
 //! `args.rs` holds the user's options, `config.rs` the admin's plugstack.conf keys,
-//! `berth.rs` runs the `berth` binary, `env.rs` picks the task's variables, `ffi.rs` is
-//! the only place with `unsafe`; joining a container is the engine's `container::join`.
+//! `berth.rs` runs the `berth` binary, `env.rs` picks the task's variables; `ffi.rs` and
+//! `sys.rs` are the only places with `unsafe`; joining a container is the engine's
+//! `container::join`.
 //!
 //! Every `extern "C"` entry point runs its work under `catch_unwind` and turns every
 //! error into a SPANK error code plus one line for the user: a panic must never unwind
@@ -22,6 +23,7 @@ mod ffi;
 mod slurmd;
 mod slurmstepd;
 mod srun;
+mod sys;
 
 use args::{Args, Opt};
 use berth_engine::config::Config;

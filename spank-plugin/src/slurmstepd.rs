@@ -15,12 +15,14 @@
 //!   HTTP) and set the container's environment. Slurm searches `PATH` for a bare command
 //!   after this hook, inside the container and with the image's `PATH`.
 //! - `task_init` (as the user, just before exec): slurmstepd has `chdir`ed back to the
-//!   job's directory after `task_init_privileged`, so the working directory is set again.
+//!   job's directory after `task_init_privileged`, so the working directory is set again;
+//!   and `no_new_privs`, so nothing the task execs gains privileges.
 
 use crate::args::{Args, Mount};
 use crate::berth::{self, CreateRequest};
 use crate::env;
 use crate::ffi::{self, Spank};
+use crate::sys;
 use berth_engine::config::Config;
 use berth_engine::container;
 use std::ffi::OsStr;
@@ -139,10 +141,11 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
 }
 
 pub fn task_init() -> Result<(), String> {
-    match WORKDIR.get() {
-        Some(dir) => std::env::set_current_dir(dir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", dir.display())),
-        None => Ok(()),
-    }
+    let Some(dir) = WORKDIR.get() else {
+        return Ok(());
+    };
+    std::env::set_current_dir(dir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", dir.display()))?;
+    sys::no_new_privs().map_err(|err| format!("berth: cannot set no_new_privs: {err}"))
 }
 
 #[cfg(test)]
