@@ -128,6 +128,21 @@ fn steps_of_one_job_share_the_node_container() {
 }
 
 #[test]
+fn tasks_of_a_step_on_one_node_share_one_container() {
+    let cluster = cluster();
+    let out = cluster.run(&format!(
+        "srun -N1 -n4 --container={} sh -c 'echo JOB=$SLURM_JOB_ID; echo ns=$(readlink /proc/self/ns/mnt)'",
+        minimal(&cluster)
+    ));
+    let stdout = stdout_ok(&out);
+    let mut namespaces: Vec<&str> = stdout.lines().filter(|l| l.starts_with("ns=")).collect();
+    assert_eq!(namespaces.len(), 4, "{stdout}");
+    namespaces.dedup();
+    assert_eq!(namespaces.len(), 1, "one mount namespace for the node's tasks: {stdout}");
+    assert_nodes_clean(&cluster, &job_of(&stdout));
+}
+
+#[test]
 fn a_bad_image_fails_the_step_with_one_clear_line() {
     let cluster = cluster();
     let image = format!("{}/no-such-image:1", cluster.registry());
