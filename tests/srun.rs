@@ -100,6 +100,23 @@ fn sbatch_container_runs_the_batch_script_inside_the_image() {
 }
 
 #[test]
+fn a_batch_script_inside_the_image_calls_srun_and_scontrol() {
+    let cluster = cluster();
+    let out = cluster.run(&format!(
+        "rm -f srun-e2e-inner.out && printf '#!/bin/sh\necho JOB=$SLURM_JOB_ID\nsrun -N2 -l grep ^NAME= /etc/os-release\necho inner=$?\n\
+         scontrol show job $SLURM_JOB_ID | grep -o JobState=RUNNING\n' > srun-e2e-inner.sh && \
+         sbatch --wait -N2 -o srun-e2e-inner.out --container={} srun-e2e-inner.sh >/dev/null && cat srun-e2e-inner.out",
+        minimal(&cluster)
+    ));
+    let stdout = stdout_ok(&out);
+    for rank in 0..2 {
+        assert!(stdout.contains(&format!("{rank}: NAME=\"berth minimal\"")), "{stdout}");
+    }
+    assert!(stdout.contains("inner=0") && stdout.contains("JobState=RUNNING"), "{stdout}");
+    assert_nodes_clean(&cluster, &job_of(&stdout));
+}
+
+#[test]
 fn options_given_to_the_allocation_reach_every_srun_unless_it_says_otherwise() {
     let cluster = cluster();
     let out = cluster.run(&format!(

@@ -243,3 +243,9 @@ pub fn log_debug(message: &str) {
     // SAFETY: as in log_error.
     unsafe { bindings::slurm_debug(FORMAT.as_ptr(), message.as_ptr()) }
 }
+
+pub fn log_info(message: &str) {
+    let message = cstring(message);
+    // SAFETY: as in log_error.
+    unsafe { bindings::slurm_info(FORMAT.as_ptr(), message.as_ptr()) }
+}

@@ -7,6 +7,7 @@
 //! - `slurmd.rs`: slurmd's job epilog: teardown
 //!
 //! `args.rs` holds the user's options, `config.rs` the admin's plugstack.conf keys,
+//! `slurm_client.rs` makes `srun` and friends work inside containers,
 //! `berth.rs` runs the `berth` binary, `env.rs` picks the task's variables; `ffi.rs` and
 //! `sys.rs` are the only places with `unsafe`; joining a container is the engine's
 //! `container::join`.
@@ -20,6 +21,7 @@ mod berth;
 mod config;
 mod env;
 mod ffi;
+mod slurm_client;
 mod slurmd;
 mod slurmstepd;
 mod srun;
@@ -110,7 +112,7 @@ pub extern "C" fn slurm_spank_init_post_opt(sp: spank_t, ac: c_int, av: *mut *mu
         let args = with_args(|args| args.clone());
         match ffi::context() {
             Context::Local | Context::Allocator => srun::init_post_opt(config(ac, av)?, &args),
-            Context::Remote => slurmstepd::init_post_opt(&Spank::new(sp), args),
+            Context::Remote => slurmstepd::init_post_opt(&Spank::new(sp), config(ac, av)?, args),
             _ => Ok(()),
         }
     })

@@ -22,6 +22,7 @@ use crate::args::{Args, Mount};
 use crate::berth::{self, CreateRequest};
 use crate::env;
 use crate::ffi::{self, Spank};
+use crate::slurm_client;
 use crate::sys;
 use berth_engine::config::Config;
 use berth_engine::container;
@@ -38,7 +39,7 @@ struct Prepared {
     groups: Vec<u32>,
     image: String,
     args: Args,
-    /// Mounts the plugin adds itself (the batch script's directory).
+    /// Mounts the plugin adds itself: the batch script's directory, Slurm's client.
     extra_mounts: Vec<Mount>,
 }
 
@@ -66,7 +67,7 @@ pub fn container_name(per_rank: bool, global_rank: u32) -> String {
     }
 }
 
-pub fn init_post_opt(sp: &Spank, args: Args) -> Result<(), String> {
+pub fn init_post_opt(sp: &Spank, config: &Config, args: Args) -> Result<(), String> {
     let step = sp.step_id().map_err(|e| e.to_string())?;
     if step == ffi::SLURM_EXTERN_CONT {
         return Ok(());
@@ -82,6 +83,17 @@ pub fn init_post_opt(sp: &Spank, args: Args) -> Result<(), String> {
         if let Some(dir) = argv.first().and_then(|script| Path::new(script).parent()) {
             extra_mounts.push(Mount { source: dir.to_path_buf(), target: dir.to_path_buf(), read_only: true });
         }
+    }
+    // Slurm's commands inside the container; without them the container still works.
+    match slurm_client::HostClient::discover(sys::own_dir().as_deref()) {
+        Some(client) => {
+            let bin_dir = config.runtime_dir.join(".slurm-client");
+            match client.install(&bin_dir) {
+                Ok(()) => extra_mounts.extend(client.mounts(&bin_dir)),
+                Err(err) => ffi::log_info(&format!("berth: no Slurm commands in containers: cannot write {}: {err}", bin_dir.display())),
+            }
+        }
+        None => ffi::log_debug("berth: no Slurm client found on this node to offer inside containers"),
     }
     let prepared = Prepared {
         job: sp.job_id().map_err(|e| e.to_string())?,
@@ -136,6 +148,11 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     let job_has = |name: &OsStr| name.to_str().is_some_and(|name| matches!(sp.getenv(name), Ok(Some(_))));
     for (name, value) in env::to_set(&joined.env, &prepared.args.env, job_has) {
         sp.setenv(&name, &value).map_err(|e| format!("berth: cannot set {}: {e}", name.to_string_lossy()))?;
+    }
+    if prepared.extra_mounts.iter().any(|m| m.target == Path::new(slurm_client::BIN_DIR)) {
+        let path = sp.getenv("PATH").map_err(|e| e.to_string())?;
+        let path = slurm_client::path_with_wrappers(path.as_deref());
+        sp.setenv(OsStr::new("PATH"), OsStr::new(&path)).map_err(|e| format!("berth: cannot set PATH: {e}"))?;
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
-//! The one kernel call the plugin makes itself. Joining a container is the engine's
-//! (`berth_engine::container::join`); this module owns only what is left for the very
-//! last moment before the task's exec.
+//! The few system calls the plugin makes itself. Joining a container is the engine's
+//! (`berth_engine::container::join`); this module owns `no_new_privs` for the task's
+//! exec and finding the plugin's own file.
 
 use std::io;
 
@@ -14,4 +14,21 @@ pub fn no_new_privs() -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The directory this plugin was loaded from (plugstack.conf names it by path, so a
+/// Slurm command run inside a container needs it at the same place).
+pub fn own_dir() -> Option<std::path::PathBuf> {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    let addr = own_dir as *const libc::c_void;
+    // SAFETY: dladdr only writes into `info`, which is valid, zeroed storage.
+    let found = unsafe { libc::dladdr(addr, info.as_mut_ptr()) };
+    // SAFETY: dladdr succeeded (non-zero), so it initialised `info`.
+    let info = unsafe { info.assume_init() };
+    if found == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated path owned by the dynamic loader.
+    let path = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned();
+    std::path::Path::new(&path).parent().map(std::path::Path::to_path_buf)
 }
