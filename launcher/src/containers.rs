@@ -150,6 +150,18 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+/// The exit status of a command that never started: 127 when it is not found, 126 when
+/// it cannot be executed, 125 when berth failed before (as docker and podman do).
+fn not_started(action: &str, err: container::ContainerError) -> ExitCode {
+    let code = match err {
+        container::ContainerError::NoProgram { .. } => 127,
+        container::ContainerError::Exec { .. } => 126,
+        _ => 125,
+    };
+    fail(action, err);
+    ExitCode::from(code)
+}
+
 fn fail(action: &str, err: impl std::fmt::Display) -> ExitCode {
     eprintln!("berth {action}: {err}");
     ExitCode::from(1)
@@ -236,9 +248,7 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 Ok(joined) => container::exec_joined(&joined, &args.command, &args.env),
                 Err(e) => e,
             };
-            let code = if matches!(err, container::ContainerError::NoProgram { .. }) { 127 } else { 126 };
-            fail("container exec", err);
-            ExitCode::from(code)
+            not_started("container exec", err)
         }
         ContainerCommand::Destroy(args) => match container::destroy(config, &args.job) {
             Ok(done) => {
@@ -294,8 +304,5 @@ pub fn run(config: &Config, args: RunArgs) -> ExitCode {
         hostname: None,
         ipc: false,
     };
-    match container::run(config, &spec, &argv, &args.contents.env) {
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
-        Err(e) => fail("run", e),
-    }
+    not_started("run", container::run(config, &spec, &argv, &args.contents.env))
 }

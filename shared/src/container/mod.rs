@@ -367,16 +367,23 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
     Ok(layout)
 }
 
-fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
-    let image_env = env::parse_list(&spec.image.config.env).map_err(|e| ContainerError::BadEnv { entry: e.to_string_lossy().into() })?;
-    let extra_env = env::parse_list(&spec.env).map_err(|e| ContainerError::BadEnv { entry: e.to_string_lossy().into() })?;
-    let container_env = env::merge(&[], &image_env, &extra_env);
+/// The container's environment (image Env, then the spec's) and working directory
+/// (the spec's, the image's WorkingDir, the submit dir, `/`).
+fn env_and_workdir(spec: &Spec) -> Result<(Vec<env::Var>, String)> {
+    let bad = |e: std::ffi::OsString| ContainerError::BadEnv { entry: e.to_string_lossy().into() };
+    let image_env = env::parse_list(&spec.image.config.env).map_err(bad)?;
+    let extra_env = env::parse_list(&spec.env).map_err(bad)?;
     let workdir = spec
         .workdir
         .clone()
         .or_else(|| spec.image.config.working_dir.clone())
         .or_else(|| spec.submit_dir.as_ref().map(|d| d.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "/".to_string());
+    Ok((env::merge(&[], &image_env, &extra_env), workdir))
+}
+
+fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
+    let (container_env, workdir) = env_and_workdir(spec)?;
 
     let layout = open_sources(config, spec)?;
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
@@ -405,7 +412,9 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         .collect::<Result<_>>()?;
 
     nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
-    let inside = enter_new(&overlay, &root, layout, spec.hostname.as_deref(), &namespaces);
+    let inside = assemble(&overlay, &root, layout, spec.hostname.as_deref()).and_then(|()| {
+        namespaces.iter().map(|ns| open_fd(&Path::new("/proc/thread-self/ns").join(ns), OFlag::O_RDONLY)).collect::<Result<Vec<_>>>()
+    });
     // Back to the host's namespaces whatever happened; if that fails this process
     // is stranded in the container and must not go on.
     for (fd, flag) in &home {
@@ -448,12 +457,9 @@ fn ns_flag(ns: &str) -> CloneFlags {
     }
 }
 
-/// Runs inside the new namespaces: mounts the root and its tree, pivots into it and
-/// returns descriptors of the new namespaces (in `namespaces` order).
-fn enter_new(overlay: &Overlay, root: &Path, layout: Layout, hostname: Option<&str>, namespaces: &[String]) -> Result<Vec<OwnedFd>> {
-    // Nothing we mount from here on may propagate back to the host.
-    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(sys_err("make the container's mounts private"))?;
+/// Runs inside a new mount namespace: mounts the root and its tree and pivots into it.
+fn assemble(overlay: &Overlay, root: &Path, layout: Layout, hostname: Option<&str>) -> Result<()> {
+    make_rprivate()?;
     overlay.mount(root)?;
     let root_fd = open_fd(root, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
     mounts::populate(root_fd.as_fd(), layout)?;
@@ -463,14 +469,13 @@ fn enter_new(overlay: &Overlay, root: &Path, layout: Layout, hostname: Option<&s
     nix::unistd::fchdir(root_fd.as_raw_fd()).map_err(sys_err("enter the container's root"))?;
     nix::unistd::pivot_root(".", ".").map_err(sys_err("pivot_root into the container"))?;
     nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(sys_err("detach the host's root"))?;
-    nix::unistd::chdir("/").map_err(sys_err("enter the container's root"))?;
-    namespaces
-        .iter()
-        .map(|ns| {
-            let path = Path::new("/proc/thread-self/ns").join(ns);
-            open_fd(&path, OFlag::O_RDONLY)
-        })
-        .collect()
+    nix::unistd::chdir("/").map_err(sys_err("enter the container's root"))
+}
+
+/// Nothing mounted from here on may propagate back to the host.
+fn make_rprivate() -> Result<()> {
+    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(sys_err("make the container's mounts private"))
 }
 
 /// Reads a container's `state.json`.
@@ -566,41 +571,41 @@ pub fn command_line(config: &ImageConfig, entrypoint: Option<&[String]>, args: &
     Ok(argv)
 }
 
-/// Creates a throwaway container, runs `argv` in it as `spec.user` and destroys it;
-/// returns the command's exit status (128 + signal when killed).
-pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) -> Result<i32> {
-    create(config, spec)?;
-    let status = match sys::fork().map_err(sys_err("fork")) {
-        Ok(sys::Forked::Child) => {
-            let err = match join(config, &spec.job, &spec.name) {
-                Ok(joined) => exec_joined(&joined, argv, overrides),
-                Err(e) => e,
-            };
-            eprintln!("berth: {err}");
-            let code = if matches!(err, ContainerError::NoProgram { .. }) { 127 } else { 126 };
-            sys::exit_now(code)
-        }
-        Ok(sys::Forked::Parent(pid)) => {
-            sys::ignore_interrupts();
-            wait_status(pid)
-        }
-        Err(e) => Err(e),
+/// `berth run`: builds a throwaway container in a new mount namespace of this very
+/// process and execs `argv` in it as `spec.user`, as `ch-run` does: no pins, no
+/// runtime dir entry, no process left to wait. The upper and work dirs sit on a tmpfs
+/// mounted only inside the container, so the writable layer vanishes with the
+/// namespace when the last process in it exits. Returns only on failure.
+pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) -> ContainerError {
+    let attempt = || -> Result<std::convert::Infallible> {
+        require_root()?;
+        let (container_env, workdir) = env_and_workdir(spec)?;
+        let layout = open_sources(config, spec)?;
+        let scratch = &config.runtime_dir;
+        std::fs::create_dir_all(scratch).map_err(io("create", scratch))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys_err("create the container's mount namespace"))?;
+        make_rprivate()?;
+        nix::mount::mount(Some("berth-run"), scratch, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0700"))
+            .map_err(sys_err("mount the container's scratch tmpfs"))?;
+        let overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), scratch);
+        overlay.prepare()?;
+        let root = scratch.join("root");
+        std::fs::create_dir(&root).map_err(io("create", &root))?;
+        assemble(&overlay, &root, layout, spec.hostname.as_deref())?;
+        nix::unistd::chdir(workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: workdir.clone(), source })?;
+        let state = State {
+            job: spec.job.clone(),
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            user: spec.user.clone(),
+            workdir,
+            namespaces: vec!["mnt".into()],
+        };
+        Err(exec_joined(&Joined { state, env: container_env }, argv, overrides))
     };
-    let destroyed = teardown::destroy_job(&config.runtime_dir, &spec.job);
-    let status = status?;
-    destroyed?;
-    Ok(status)
-}
-
-fn wait_status(pid: nix::unistd::Pid) -> Result<i32> {
-    use nix::sys::wait::WaitStatus;
-    loop {
-        match nix::sys::wait::waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) | Err(Errno::EINTR) => continue,
-            Err(e) => return Err(sys_err("wait for the command")(e)),
-        }
+    match attempt() {
+        Ok(never) => match never {},
+        Err(e) => e,
     }
 }
 

@@ -173,16 +173,6 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> nix::Result<(i32, Option<OwnedFd>)> {
     Ok((i32::from_ne_bytes(bytes), fd))
 }
 
-/// Ignores SIGINT and SIGQUIT in a parent that waits for a child on the same
-/// terminal: the child gets them and decides; the parent cleans up after it.
-pub fn ignore_interrupts() {
-    use nix::sys::signal::{signal, SigHandler, Signal};
-    for sig in [Signal::SIGINT, Signal::SIGQUIT] {
-        // SAFETY: SIG_IGN installs no handler code, so no signal-safety rule applies.
-        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
-    }
-}
-
 /// Ends a forked child at once, without running the parent's exit handlers or
 /// flushing buffers the parent also holds.
 pub fn exit_now(code: i32) -> ! {
