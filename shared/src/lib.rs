@@ -4,3 +4,7 @@
 //! -> `wiring` -> `teardown`. `config` is the admin's settings, read by all of them.
 
 pub mod config;
+pub mod reference;
+pub mod registry;
+pub mod store;
+pub mod unpack;
