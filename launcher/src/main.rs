@@ -1,6 +1,8 @@
 //! `berth`: a thin command over the engine. Parses arguments, loads the admin
 //! config, calls one engine action, and turns any error into one line on stderr.
 
+mod images;
+
 use berth_engine::config::Config;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ struct Cli {
 enum Command {
     /// Print the effective admin configuration as TOML-like lines.
     Config,
+    #[command(flatten)]
+    Images(images::ImageCommand),
 }
 
 fn main() -> ExitCode {
@@ -31,13 +35,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(store) = cli.store {
-        config.store_dir = store;
-    }
+    config.store_dir = cli.store.unwrap_or_else(|| berth_engine::store::default_store_dir(&config));
     match cli.command {
         Command::Config => {
             println!("{config:#?}");
             ExitCode::SUCCESS
         }
+        Command::Images(command) => match images::run(command, &config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(line) => {
+                eprintln!("berth: {line}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
