@@ -205,7 +205,7 @@ fn a_forbidden_user_mount_is_refused_with_a_clear_error() {
     let out = f.create(&["--mount", &spec]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("berth container create: user 65534 may not read "), "{err}");
+    assert!(err.starts_with("berth: user 65534 may not read "), "{err}");
     assert!(err.contains("secret") && err.trim_end().lines().count() == 1, "{err}");
     assert!(!f.job_dir().join("node").exists(), "a refused create leaves no container");
 }

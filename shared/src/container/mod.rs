@@ -78,15 +78,7 @@ pub enum ContainerError {
 
 type Result<T, E = ContainerError> = std::result::Result<T, E>;
 
-/// The parts of an OCI image config a container honours (the image store's shape).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    pub env: Vec<String>,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub working_dir: Option<String>,
-    pub user: Option<String>,
-}
+pub use crate::store::ImageConfig;
 
 impl ImageConfig {
     /// Reads an OCI image config (`{"config": {"Env": [...], ...}}`) as registries
@@ -122,6 +114,12 @@ pub struct Image {
     /// Unpacked layers in overlayfs form, lowest first.
     pub layer_dirs: Vec<PathBuf>,
     pub config: ImageConfig,
+}
+
+impl From<crate::store::StoredImage> for Image {
+    fn from(image: crate::store::StoredImage) -> Image {
+        Image { reference: image.reference, layer_dirs: image.layer_dirs, config: image.config }
+    }
 }
 
 /// A bind mount the job's user asked for; its source is checked with the user's rights.
@@ -164,7 +162,7 @@ pub struct Spec {
     pub user: Credentials,
     /// Bind the user's home (from the password database) at the same path.
     pub home: bool,
-    /// Bound at the same path; the default working directory after the image's.
+    /// Bound at the same path; the working directory unless `workdir` is set.
     pub submit_dir: Option<PathBuf>,
     pub mounts: Vec<UserMount>,
     /// Device nodes the job may use, bound at the same path.
@@ -367,8 +365,9 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
     Ok(layout)
 }
 
-/// The container's environment (image Env, then the spec's) and working directory
-/// (the spec's, the image's WorkingDir, the submit dir, `/`).
+/// The container's environment (image Env, then the spec's) and working directory:
+/// the spec's, else the submit dir (bound in, so it exists: `srun ./app` works from
+/// where the user submitted), else the image's WorkingDir, else `/`.
 fn env_and_workdir(spec: &Spec) -> Result<(Vec<env::Var>, String)> {
     let bad = |e: std::ffi::OsString| ContainerError::BadEnv { entry: e.to_string_lossy().into() };
     let image_env = env::parse_list(&spec.image.config.env).map_err(bad)?;
@@ -376,8 +375,8 @@ fn env_and_workdir(spec: &Spec) -> Result<(Vec<env::Var>, String)> {
     let workdir = spec
         .workdir
         .clone()
-        .or_else(|| spec.image.config.working_dir.clone())
         .or_else(|| spec.submit_dir.as_ref().map(|d| d.to_string_lossy().into_owned()))
+        .or_else(|| spec.image.config.working_dir.clone())
         .unwrap_or_else(|| "/".to_string());
     Ok((env::merge(&[], &image_env, &extra_env), workdir))
 }
