@@ -473,3 +473,63 @@ fn on_a_node_destroy_leaves_nothing_and_runs_twice() {
     assert!(lines[2].contains("\"containers\":0"), "{out}");
     assert_eq!(&lines[3..], ["0", "1", "0"], "no mount, no dir, no process left: {out}");
 }
+
+#[test]
+fn a_plain_user_runs_an_image_rootless() {
+    let f = Fixture::new("rootless");
+    let image = f.dir.join("l0");
+    let upper = f.dir.join("l1");
+    let config = f.dir.join("config.json");
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "env", "-i", "PATH=/usr/bin:/bin"])
+            .arg(format!("BERTH_CONFIG={}", f.dir.join("berth.toml").display()))
+            .arg(berth_binary())
+            .args(["run", image.to_str().unwrap(), "--layers", upper.to_str().unwrap(), "--image-config", config.to_str().unwrap()])
+            .args(args)
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let out = text(&as_nobody(&[
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/os-release; id -u; showeuid; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
+         grep -c -v nosuid /proc/self/mountinfo; echo w > /tmp/f && cat /tmp/f",
+    ]));
+    assert!(out.starts_with("NAME=\"berth test\"\nID=berthtest\n65534\neuid=65534\n"), "{out}");
+    assert!(out.ends_with("CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nNoNewPrivs:\t1\n0\nw\n"), "{out}");
+    let out = as_nobody(&["--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = as_nobody(&["--mount", "/root:/r", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("berth: user 65534 may not read /root"), "{err}");
+}
+
+#[test]
+fn a_plain_user_pulls_into_a_store_of_their_own_and_runs_rootless() {
+    let registry = cluster().registry();
+    let f = Fixture::new("rootless-store");
+    let store = f.dir.join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::os::unix::fs::chown(&store, Some(65534), Some(65534)).unwrap();
+    std::fs::write(
+        f.dir.join("berth.toml"),
+        format!("insecure_registries = [\"{registry}\"]\nstore_dir = \"{}\"\nmount_home = false\n", store.display()),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "env", "-i", "PATH=/usr/bin:/bin"])
+        .arg(format!("BERTH_CONFIG={}", f.dir.join("berth.toml").display()))
+        .arg(berth_binary())
+        .args(["run", &format!("{registry}/minimal:latest"), "--", "sh", "-c"])
+        .arg("head -1 /etc/os-release; id -u; echo kept > /etc/new && cat /etc/new")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(text(&out), "NAME=\"berth minimal\"\n65534\nkept\n");
+    let owned = std::fs::read_dir(store.join("layers/sha256")).unwrap().count();
+    assert!(owned >= 1, "the image was unpacked into the user's store");
+}

@@ -193,7 +193,7 @@ fn from_dirs(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>)
     };
     let mut layer_dirs: Vec<PathBuf> = extra_lowest.into_iter().collect();
     layer_dirs.extend(args.layers.iter().cloned());
-    Ok(Image { reference, layer_dirs, config })
+    Ok(Image { reference, layer_dirs, config, userxattr: false })
 }
 
 fn user_credentials(user: &str, gid: Option<u32>, groups: Option<Vec<u32>>) -> Result<Credentials, String> {
@@ -309,7 +309,8 @@ pub fn run(config: &Config, args: RunArgs) -> ExitCode {
         Ok(argv) => argv,
         Err(e) => return fail(e),
     };
-    let cwd = std::env::current_dir().ok();
+    // The current directory is bound in, unless it is the root (nothing to bind).
+    let cwd = std::env::current_dir().ok().filter(|d| d.parent().is_some());
     let image_workdir = image.config.working_dir.clone();
     let spec = Spec {
         job: format!("run-{}", std::process::id()),

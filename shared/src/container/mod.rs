@@ -114,11 +114,14 @@ pub struct Image {
     /// Unpacked layers in overlayfs form, lowest first.
     pub layer_dirs: Vec<PathBuf>,
     pub config: ImageConfig,
+    /// The layers carry `user.overlay.*` xattrs (a store written without root).
+    #[serde(default)]
+    pub userxattr: bool,
 }
 
 impl From<crate::store::StoredImage> for Image {
     fn from(image: crate::store::StoredImage) -> Image {
-        Image { reference: image.reference, layer_dirs: image.layer_dirs, config: image.config }
+        Image { reference: image.reference, layer_dirs: image.layer_dirs, config: image.config, userxattr: image.userxattr }
     }
 }
 
@@ -386,7 +389,9 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
 
     let layout = open_sources(config, spec)?;
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), dir);
+    let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), dir);
+    overlay.userxattr = spec.image.userxattr;
+    overlay.check_layers()?;
     overlay.prepare()?;
     let root = dir.join("root");
     std::fs::create_dir_all(&root).map_err(io("create", &root))?;
@@ -457,9 +462,15 @@ fn ns_flag(ns: &str) -> CloneFlags {
 }
 
 /// Runs inside a new mount namespace: mounts the root and its tree and pivots into it.
-fn assemble(overlay: &Overlay, root: &Path, layout: Layout, hostname: Option<&str>) -> Result<()> {
+fn assemble(overlay: &Overlay, root: &Path, mut layout: Layout, hostname: Option<&str>) -> Result<()> {
     make_rprivate()?;
+    mounts::reopen_sources(&mut layout)?;
     overlay.mount(root)?;
+    finish_root(root, layout, hostname)
+}
+
+/// Mounts the tree into the overlay mounted at `root` and pivots into it.
+fn finish_root(root: &Path, layout: Layout, hostname: Option<&str>) -> Result<()> {
     let root_fd = open_fd(root, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
     mounts::populate(root_fd.as_fd(), layout)?;
     if let Some(name) = hostname {
@@ -529,16 +540,32 @@ fn find_program(program: &str, path: &str) -> Result<PathBuf> {
         .ok_or_else(|| ContainerError::NoProgram { program: program.into(), path: path.into() })
 }
 
+/// How privileges are dropped before exec.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Privileges {
+    /// From root: groups, gid, uid, then no capabilities.
+    FromRoot,
+    /// Inside a user namespace that maps only the caller: ids stay, groups cannot change.
+    InUserNamespace,
+}
+
 /// Becomes the container's user (no capabilities, no_new_privs), closes the host's
 /// descriptors on exec and execs `argv` with the merged environment. Call after
 /// [`join`]; returns only on failure.
 pub fn exec_joined(joined: &Joined, argv: &[String], overrides: &[String]) -> ContainerError {
+    exec_as(joined, argv, overrides, Privileges::FromRoot)
+}
+
+fn exec_as(joined: &Joined, argv: &[String], overrides: &[String], drop: Privileges) -> ContainerError {
     let run = || -> Result<std::convert::Infallible> {
         let overrides = env::parse_list(overrides).map_err(|e| ContainerError::BadEnv { entry: e.to_string_lossy().into() })?;
         let job_env: Vec<env::Var> = std::env::vars_os().collect();
         let vars = env::merge(&job_env, &joined.env, &overrides);
         let program = argv.first().ok_or(ContainerError::NoCommand)?;
-        joined.state.user.become_user()?;
+        match drop {
+            Privileges::FromRoot => joined.state.user.become_user()?,
+            Privileges::InUserNamespace => joined.state.user.drop_capabilities()?,
+        }
         let path = env::get(&vars, "PATH").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         let resolved = find_program(program, &path)?;
         let exec_err = |source| ContainerError::Exec { program: program.clone(), source };
@@ -570,27 +597,57 @@ pub fn command_line(config: &ImageConfig, entrypoint: Option<&[String]>, args: &
     Ok(argv)
 }
 
+/// Where `berth run` mounts its scratch tmpfs inside its own namespace. Anything the
+/// container needs from the host is opened before, so hiding the host's /tmp is safe.
+const RUN_SCRATCH: &str = "/tmp";
+
 /// `berth run`: builds a throwaway container in a new mount namespace of this very
 /// process and execs `argv` in it as `spec.user`, as `ch-run` does: no pins, no
 /// runtime dir entry, no process left to wait. The upper and work dirs sit on a tmpfs
 /// mounted only inside the container, so the writable layer vanishes with the
-/// namespace when the last process in it exits. Returns only on failure.
+/// namespace when the last process in it exits.
+///
+/// As root, `spec.user` may be anyone. As a plain user (rootless), `spec.user` must be
+/// the caller: the process enters a new user namespace mapping only its own uid and
+/// gid, so supplementary groups show as the overflow group and cannot be changed.
+/// Returns only on failure.
 pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) -> ContainerError {
     let attempt = || -> Result<std::convert::Infallible> {
-        require_root()?;
+        let rootless = !nix::unistd::geteuid().is_root();
+        if rootless && !spec.user.is_caller() {
+            return Err(ContainerError::NotRoot);
+        }
         let (container_env, workdir) = env_and_workdir(spec)?;
-        let layout = open_sources(config, spec)?;
-        let scratch = &config.runtime_dir;
-        std::fs::create_dir_all(scratch).map_err(io("create", scratch))?;
-        nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys_err("create the container's mount namespace"))?;
+        let mut layout = open_sources(config, spec)?;
+        layout.in_user_namespace = rootless;
+        // unshare(CLONE_NEWUSER) needs a single-threaded process; a pull may have left
+        // threads behind: go on in a child and pass its exit status on.
+        if rootless && sys::thread_count() > 1 {
+            if let sys::Forked::Parent(pid) = sys::fork().map_err(sys_err("fork"))? {
+                sys::exit_now(wait_status(pid)?);
+            }
+        }
+        let mut flags = CloneFlags::CLONE_NEWNS;
+        if rootless {
+            flags |= CloneFlags::CLONE_NEWUSER;
+        }
+        nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
+        if rootless {
+            map_self(&spec.user)?;
+        }
         make_rprivate()?;
-        nix::mount::mount(Some("berth-run"), scratch, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0700"))
+        mounts::reopen_sources(&mut layout)?;
+        let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), Path::new(RUN_SCRATCH));
+        overlay.userxattr = spec.image.userxattr || rootless;
+        let layers = overlay.open_layers()?;
+        nix::mount::mount(Some("berth-run"), RUN_SCRATCH, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0700"))
             .map_err(sys_err("mount the container's scratch tmpfs"))?;
-        let overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), scratch);
         overlay.prepare()?;
-        let root = scratch.join("root");
+        let root = Path::new(RUN_SCRATCH).join("root");
         std::fs::create_dir(&root).map_err(io("create", &root))?;
-        assemble(&overlay, &root, layout, spec.hostname.as_deref())?;
+        overlay.mount_from(&layers, &root)?;
+        drop(layers);
+        finish_root(&root, layout, spec.hostname.as_deref())?;
         nix::unistd::chdir(workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: workdir.clone(), source })?;
         let state = State {
             job: spec.job.clone(),
@@ -600,11 +657,36 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) 
             workdir,
             namespaces: vec!["mnt".into()],
         };
-        Err(exec_joined(&Joined { state, env: container_env }, argv, overrides))
+        let joined = Joined { state, env: container_env };
+        Err(if rootless { exec_as(&joined, argv, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, overrides) })
     };
     match attempt() {
         Ok(never) => match never {},
         Err(e) => e,
+    }
+}
+
+/// Maps the caller's uid and gid to themselves in the user namespace just entered.
+fn map_self(user: &Credentials) -> Result<()> {
+    for (file, text) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("{0} {0} 1", user.uid)),
+        ("/proc/self/gid_map", format!("{0} {0} 1", user.gid)),
+    ] {
+        std::fs::write(file, text).map_err(io("write", Path::new(file)))?;
+    }
+    Ok(())
+}
+
+fn wait_status(pid: nix::unistd::Pid) -> Result<i32> {
+    use nix::sys::wait::WaitStatus;
+    loop {
+        match nix::sys::wait::waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(sys_err("wait for the container")(e)),
+        }
     }
 }
 

@@ -60,6 +60,16 @@ impl Credentials {
         sys::clear_capabilities().map_err(|e| fail("clearing capabilities", e))
     }
 
+    /// In a user namespace that maps only this user: keeps the ids (and the groups,
+    /// which cannot be set there), empties the bounding set, sets no_new_privs and
+    /// clears every capability set.
+    pub fn drop_capabilities(&self) -> Result<(), UserError> {
+        let fail = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
+        sys::drop_bounding_set().map_err(|e| fail("emptying the capability bounding set", e))?;
+        nix::sys::prctl::set_no_new_privs().map_err(|e| fail("setting no_new_privs", e))?;
+        sys::clear_capabilities().map_err(|e| fail("clearing capabilities", e))
+    }
+
     fn set_ids(&self) -> Result<(), (&'static str, Errno)> {
         let groups: Vec<Gid> = self.groups.iter().copied().map(Gid::from_raw).collect();
         nix::unistd::setgroups(&groups).map_err(|e| ("setgroups", e))?;
@@ -70,7 +80,7 @@ impl Credentials {
     }
 
     /// Whether the calling process already runs with exactly these credentials.
-    fn is_caller(&self) -> bool {
+    pub fn is_caller(&self) -> bool {
         let (uid, euid) = (nix::unistd::getuid().as_raw(), nix::unistd::geteuid().as_raw());
         let (gid, egid) = (nix::unistd::getgid().as_raw(), nix::unistd::getegid().as_raw());
         uid == euid && gid == egid && *self == Credentials::current()
