@@ -1,19 +1,22 @@
 //! End-to-end tests of a job's container on a node: `berth container create|exec|
-//! destroy|list` and `berth run`, run as root on this machine against an image built
-//! from busybox-static (two layers and a setuid test program). Each test has its own
-//! runtime dir and destroys what it made, even when it fails.
+//! destroy|list` and `berth run`. Most run as root on this machine against an image
+//! built from busybox-static (two layers and a setuid test program), each with its own
+//! runtime dir, destroying what they made even when they fail. Those named `on_a_node_`
+//! run on the test cluster's compute hosts with images from its registry.
 
-use berth_e2e::{repo_root, stdout_ok};
+use berth_e2e::{cluster, repo_root, stdout_ok};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const NOBODY: &str = "65534";
 
-/// The berth binary built from this workspace (`cargo build -p berth` first).
+/// The berth binary built from this workspace, in this test build's profile
+/// (`cargo build [--release] -p berth` first), or `$BERTH_BIN`.
 fn berth_binary() -> PathBuf {
-    let path = std::env::var_os("BERTH_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/berth"));
-    assert!(path.exists(), "{} is missing: run `cargo build -p berth` first", path.display());
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let path = std::env::var_os("BERTH_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target").join(profile).join("berth"));
+    assert!(path.exists(), "{} is missing: run `cargo build -p berth` (with --release for a release test run) first", path.display());
     path
 }
 
@@ -205,7 +208,7 @@ fn a_forbidden_user_mount_is_refused_with_a_clear_error() {
     let out = f.create(&["--mount", &spec]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("berth container create: user 65534 may not read "), "{err}");
+    assert!(err.starts_with("berth: user 65534 may not read "), "{err}");
     assert!(err.contains("secret") && err.trim_end().lines().count() == 1, "{err}");
     assert!(!f.job_dir().join("node").exists(), "a refused create leaves no container");
 }
@@ -369,4 +372,164 @@ fn berth_run_honours_the_image_config_and_returns_the_exit_status() {
     let rt = f.dir.join("rt");
     let left: Vec<_> = std::fs::read_dir(&rt).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "berth run left {left:?}");
+}
+
+/// A job on one of the cluster's compute hosts, run with this workspace's berth and a
+/// config that trusts the cluster's plain-HTTP registry; destroyed on drop.
+struct NodeJob {
+    node: String,
+    job: String,
+    config: PathBuf,
+    image: String,
+}
+
+impl NodeJob {
+    fn new(test: &str) -> NodeJob {
+        let cluster = cluster();
+        let registry = cluster.registry();
+        let config = std::env::temp_dir().join(format!("berth-e2e-node-{test}-{}.toml", std::process::id()));
+        std::fs::write(&config, format!("insecure_registries = [\"{registry}\"]\n")).unwrap();
+        NodeJob {
+            node: cluster.nodes()[0].clone(),
+            job: format!("e2e-{test}-{}", std::process::id()),
+            config,
+            image: format!("{registry}/minimal:latest"),
+        }
+    }
+
+    /// Runs a shell line as root on the node, with `$B` the berth command and `$J` the job.
+    fn sh(&self, script: &str) -> Output {
+        let prefix = format!("export BERTH_CONFIG={} J={}; B={};", self.config.display(), self.job, berth_binary().display());
+        cluster().on_node(&self.node, &format!("{prefix} {script}"))
+    }
+}
+
+impl Drop for NodeJob {
+    fn drop(&mut self) {
+        let _ = self.sh("$B container destroy --job $J");
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+#[test]
+fn on_a_node_a_task_sees_the_image_as_the_job_user_with_nothing_more() {
+    let job = NodeJob::new("image");
+    let user = &cluster().users()[0];
+    let out = text(&job.sh(&format!(
+        "$B container create --job $J --user {user} --image {} >/dev/null && \
+         $B container exec --job $J -- sh -c 'cat /etc/os-release; id -u; id -G; grep -E \"^(CapEff|CapBnd|NoNewPrivs)\" /proc/self/status; \
+         grep -c -v nosuid /proc/self/mountinfo || true'",
+        job.image
+    )));
+    let node_os = text(&job.sh("cat /etc/os-release"));
+    assert!(out.contains("berth minimal"), "{out}");
+    assert!(!node_os.contains("berth minimal"), "the node runs its own OS: {node_os}");
+    let uid = text(&job.sh(&format!("id -u {user}")));
+    let gids = text(&job.sh(&format!("id -G {user}")));
+    assert!(out.contains(&format!("\n{uid}{gids}")), "uid and groups of {user}: {out}");
+    assert!(out.contains("CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nNoNewPrivs:\t1\n"), "{out}");
+    assert!(out.ends_with("\n0\n"), "every mount nosuid: {out}");
+    // The image has no /proc, /sys or /dev: they were made in the upper dir only.
+    let made = text(&job.sh("ls -d /var/lib/berth/layers/*/*/proc /var/lib/berth/layers/*/*/dev 2>/dev/null | wc -l; ls -d /run/berth/$J/node/upper/proc"));
+    assert_eq!(made, format!("0\n/run/berth/{}/node/upper/proc\n", job.job));
+}
+
+#[test]
+fn on_a_node_steps_share_the_container_and_ranks_get_their_own() {
+    let job = NodeJob::new("sharing");
+    let create = format!("$B container create --job $J --user {} --image {}", cluster().users()[0], job.image);
+    let out = text(&job.sh(&format!(
+        "{create} >/dev/null && $B container exec --job $J -- sh -c 'echo step1 > /tmp/mark' && \
+         {create} && $B container exec --job $J -- cat /tmp/mark && \
+         {create} --rank 0 >/dev/null && {create} --rank 1 >/dev/null && \
+         $B container exec --job $J --rank 0 -- sh -c 'echo r0 > /tmp/mine' && \
+         $B container exec --job $J --rank 1 -- sh -c 'cat /tmp/mine 2>/dev/null || echo rank1-separate' && \
+         $B container exec --job $J --rank 0 -- readlink /proc/self/ns/mnt && \
+         $B container exec --job $J --rank 1 -- readlink /proc/self/ns/mnt"
+    )));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].contains("\"reused\":true"), "{out}");
+    assert_eq!(lines[1], "step1");
+    assert_eq!(lines[2], "rank1-separate");
+    assert_ne!(lines[3], lines[4], "ranks in different mount namespaces");
+}
+
+#[test]
+fn on_a_node_destroy_leaves_nothing_and_runs_twice() {
+    let job = NodeJob::new("teardown");
+    let out = text(&job.sh(&format!(
+        "$B container create --job $J --user {} --image {} >/dev/null && \
+         $B container exec --job $J -- sh -c 'sleep 300 </dev/null >/dev/null 2>&1 &' && \
+         grep -c /run/berth/$J /proc/mounts; \
+         $B container destroy --job $J; $B container destroy --job $J; \
+         grep -c /run/berth/$J /proc/mounts; ls /run/berth/$J 2>&1 | grep -c 'No such'; \
+         for p in $(pgrep -x sleep); do readlink /proc/$p/root; done | grep -vc '^/$' || true",
+        cluster().users()[0],
+        job.image
+    )));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1", "the pin is the only host mount: {out}");
+    assert!(lines[1].contains("\"containers\":1") && lines[1].contains("\"killed\":1"), "{out}");
+    assert!(lines[2].contains("\"containers\":0"), "{out}");
+    assert_eq!(&lines[3..], ["0", "1", "0"], "no mount, no dir, no process left: {out}");
+}
+
+#[test]
+fn a_plain_user_runs_an_image_rootless() {
+    let f = Fixture::new("rootless");
+    let image = f.dir.join("l0");
+    let upper = f.dir.join("l1");
+    let config = f.dir.join("config.json");
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "env", "-i", "PATH=/usr/bin:/bin"])
+            .arg(format!("BERTH_CONFIG={}", f.dir.join("berth.toml").display()))
+            .arg(berth_binary())
+            .args(["run", image.to_str().unwrap(), "--layers", upper.to_str().unwrap(), "--image-config", config.to_str().unwrap()])
+            .args(args)
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let out = text(&as_nobody(&[
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/os-release; id -u; showeuid; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
+         grep -c -v nosuid /proc/self/mountinfo; echo w > /tmp/f && cat /tmp/f",
+    ]));
+    assert!(out.starts_with("NAME=\"berth test\"\nID=berthtest\n65534\neuid=65534\n"), "{out}");
+    assert!(out.ends_with("CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nNoNewPrivs:\t1\n0\nw\n"), "{out}");
+    let out = as_nobody(&["--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = as_nobody(&["--mount", "/root:/r", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("berth: user 65534 may not read /root"), "{err}");
+}
+
+#[test]
+fn a_plain_user_pulls_into_a_store_of_their_own_and_runs_rootless() {
+    let registry = cluster().registry();
+    let f = Fixture::new("rootless-store");
+    let store = f.dir.join("store");
+    std::fs::create_dir(&store).unwrap();
+    std::os::unix::fs::chown(&store, Some(65534), Some(65534)).unwrap();
+    std::fs::write(
+        f.dir.join("berth.toml"),
+        format!("insecure_registries = [\"{registry}\"]\nstore_dir = \"{}\"\nmount_home = false\n", store.display()),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "env", "-i", "PATH=/usr/bin:/bin"])
+        .arg(format!("BERTH_CONFIG={}", f.dir.join("berth.toml").display()))
+        .arg(berth_binary())
+        .args(["run", &format!("{registry}/minimal:latest"), "--", "sh", "-c"])
+        .arg("head -1 /etc/os-release; id -u; echo kept > /etc/new && cat /etc/new")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(text(&out), "NAME=\"berth minimal\"\n65534\nkept\n");
+    let owned = std::fs::read_dir(store.join("layers/sha256")).unwrap().count();
+    assert!(owned >= 1, "the image was unpacked into the user's store");
 }

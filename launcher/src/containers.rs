@@ -6,7 +6,8 @@
 use berth_engine::config::Config;
 use berth_engine::container::{self, Credentials, Image, ImageConfig, Spec, UserMount};
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
+use berth_engine::store::{Progress, PullPolicy, Store};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Subcommand)]
@@ -24,6 +25,9 @@ pub enum ContainerCommand {
 /// Where the image comes from.
 #[derive(Args)]
 pub struct ImageArgs {
+    /// When to pull the image from its registry into the store: missing, always, never.
+    #[arg(long, default_value = "missing", value_name = "POLICY")]
+    pull: PullPolicy,
     /// The image's unpacked layer directories, lowest first (comma-separated or repeated).
     #[arg(long, value_delimiter = ',', value_name = "DIR")]
     layers: Vec<PathBuf>,
@@ -84,7 +88,8 @@ pub struct CreateArgs {
     /// The job's supplementary group ids (default: the user's groups).
     #[arg(long, value_delimiter = ',')]
     groups: Option<Vec<u32>>,
-    /// The image's name, for messages and `list`.
+    /// The image (e.g. `ubuntu:22.04`), resolved through the node's store and pulled
+    /// as `--pull` says; with `--layers`, only its name for `list`.
     #[arg(long, default_value = "")]
     image: String,
     #[command(flatten)]
@@ -136,8 +141,9 @@ pub struct ListArgs {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The image: a directory holding an unpacked root file system.
-    image: PathBuf,
+    /// The image: a reference (e.g. `ubuntu:22.04`, pulled into the store when missing)
+    /// or a directory holding an unpacked root file system.
+    image: String,
     #[command(flatten)]
     image_args: ImageArgs,
     #[command(flatten)]
@@ -150,19 +156,44 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-fn fail(action: &str, err: impl std::fmt::Display) -> ExitCode {
-    eprintln!("berth {action}: {err}");
+/// The exit status of a command that never started: 127 when it is not found, 126 when
+/// it cannot be executed, 125 when berth failed before (as docker and podman do).
+fn not_started(err: container::ContainerError) -> ExitCode {
+    let code = match err {
+        container::ContainerError::NoProgram { .. } => 127,
+        container::ContainerError::Exec { .. } => 126,
+        _ => 125,
+    };
+    fail(err);
+    ExitCode::from(code)
+}
+
+fn fail(err: impl std::fmt::Display) -> ExitCode {
+    eprintln!("berth: {err}");
     ExitCode::from(1)
 }
 
-fn image(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>) -> Result<Image, container::ContainerError> {
+/// The image from the store (a reference, no `--layers`) or from directories.
+fn image(config: &Config, reference: String, args: &ImageArgs, lowest: Option<PathBuf>, progress: Progress) -> Result<Image, String> {
+    if args.layers.is_empty() && lowest.is_none() {
+        if reference.is_empty() {
+            return Err("no image: give --image REF (or --layers DIR,...)".into());
+        }
+        let store = Store::open(config).map_err(|e| e.to_string())?;
+        let stored = store.resolve(&reference, args.pull, progress).map_err(|e| e.to_string())?;
+        return Ok(stored.into());
+    }
+    from_dirs(reference, args, lowest).map_err(|e| e.to_string())
+}
+
+fn from_dirs(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>) -> Result<Image, container::ContainerError> {
     let config = match &args.image_config {
         Some(path) => ImageConfig::from_oci_json(path)?,
         None => ImageConfig::default(),
     };
     let mut layer_dirs: Vec<PathBuf> = extra_lowest.into_iter().collect();
     layer_dirs.extend(args.layers.iter().cloned());
-    Ok(Image { reference, layer_dirs, config })
+    Ok(Image { reference, layer_dirs, config, userxattr: false })
 }
 
 fn user_credentials(user: &str, gid: Option<u32>, groups: Option<Vec<u32>>) -> Result<Credentials, String> {
@@ -198,15 +229,15 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
         ContainerCommand::Create(args) => {
             let user = match user_credentials(&args.user, args.gid, args.groups.clone()) {
                 Ok(user) => user,
-                Err(e) => return fail("container create", e),
+                Err(e) => return fail(e),
             };
             let mounts = match user_mounts(&args.contents.mounts) {
                 Ok(m) => m,
-                Err(e) => return fail("container create", e),
+                Err(e) => return fail(e),
             };
-            let image = match image(args.image.clone(), &args.image_args, None) {
+            let image = match image(config, args.image.clone(), &args.image_args, None, Progress::Silent) {
                 Ok(i) => i,
-                Err(e) => return fail("container create", e),
+                Err(e) => return fail(e),
             };
             let spec = Spec {
                 job: args.which.job.clone(),
@@ -228,7 +259,7 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                     println!("{}", serde_json::to_string(&created).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail("container create", e),
+                Err(e) => fail(e),
             }
         }
         ContainerCommand::Exec(args) => {
@@ -236,16 +267,14 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 Ok(joined) => container::exec_joined(&joined, &args.command, &args.env),
                 Err(e) => e,
             };
-            let code = if matches!(err, container::ContainerError::NoProgram { .. }) { 127 } else { 126 };
-            fail("container exec", err);
-            ExitCode::from(code)
+            not_started(err)
         }
         ContainerCommand::Destroy(args) => match container::destroy(config, &args.job) {
             Ok(done) => {
                 println!("{{\"job\":{},\"containers\":{},\"killed\":{}}}", serde_json::Value::from(args.job), done.containers, done.killed);
                 ExitCode::SUCCESS
             }
-            Err(e) => fail("container destroy", e),
+            Err(e) => fail(e),
         },
         ContainerCommand::List(args) => match container::list(config, args.job.as_deref()) {
             Ok(list) if args.json => {
@@ -259,26 +288,30 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            Err(e) => fail("container list", e),
+            Err(e) => fail(e),
         },
     }
 }
 
 pub fn run(config: &Config, args: RunArgs) -> ExitCode {
-    let image = match image(args.image.display().to_string(), &args.image_args, Some(args.image.clone())) {
+    let as_dir = Path::new(&args.image);
+    let lowest = ((args.image.starts_with('/') || args.image.starts_with('.')) && as_dir.is_dir()).then(|| as_dir.to_path_buf());
+    let image = match image(config, args.image.clone(), &args.image_args, lowest, Progress::auto()) {
         Ok(i) => i,
-        Err(e) => return fail("run", e),
+        Err(e) => return fail(e),
     };
     let mounts = match user_mounts(&args.contents.mounts) {
         Ok(m) => m,
-        Err(e) => return fail("run", e),
+        Err(e) => return fail(e),
     };
     let entrypoint = args.entrypoint.map(|e| vec![e]);
     let argv = match container::command_line(&image.config, entrypoint.as_deref(), &args.command) {
         Ok(argv) => argv,
-        Err(e) => return fail("run", e),
+        Err(e) => return fail(e),
     };
-    let cwd = std::env::current_dir().ok();
+    // The current directory is bound in, unless it is the root (nothing to bind).
+    let cwd = std::env::current_dir().ok().filter(|d| d.parent().is_some());
+    let image_workdir = image.config.working_dir.clone();
     let spec = Spec {
         job: format!("run-{}", std::process::id()),
         name: container::PER_NODE.to_string(),
@@ -288,14 +321,12 @@ pub fn run(config: &Config, args: RunArgs) -> ExitCode {
         submit_dir: cwd,
         mounts,
         devices: Vec::new(),
-        workdir: args.contents.workdir,
+        // As docker: the image's WorkingDir before the current directory.
+        workdir: args.contents.workdir.or_else(|| image_workdir.clone()),
         env: Vec::new(),
         read_only: args.contents.readonly,
         hostname: None,
         ipc: false,
     };
-    match container::run(config, &spec, &argv, &args.contents.env) {
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(255)),
-        Err(e) => fail("run", e),
-    }
+    not_started(container::run(config, &spec, &argv, &args.contents.env))
 }

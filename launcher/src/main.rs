@@ -1,6 +1,8 @@
 //! `berth`: a thin command over the engine. Parses arguments, loads the admin
 //! config, calls one engine action, and turns any error into one line on stderr.
 
+mod images;
+
 use berth_engine::config::Config;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -27,6 +29,8 @@ enum Command {
     Container(containers::ContainerCommand),
     /// Run a command in an image, as you, in a throwaway container.
     Run(containers::RunArgs),
+    #[command(flatten)]
+    Images(images::ImageCommand),
 }
 
 fn main() -> ExitCode {
@@ -38,9 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(store) = cli.store {
-        config.store_dir = store;
-    }
+    config.store_dir = cli.store.unwrap_or_else(|| berth_engine::store::default_store_dir(&config));
     match cli.command {
         Command::Config => {
             println!("{config:#?}");
@@ -48,5 +50,12 @@ fn main() -> ExitCode {
         }
         Command::Container(command) => containers::container(&config, command),
         Command::Run(args) => containers::run(&config, args),
+        Command::Images(command) => match images::run(command, &config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(line) => {
+                eprintln!("berth: {line}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -5,7 +5,9 @@
 
 use nix::errno::Errno;
 use nix::mount::MsFlags;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -35,12 +37,46 @@ pub struct Overlay {
     pub layers: Vec<PathBuf>,
     pub upper: PathBuf,
     pub work: PathBuf,
+    /// Layers mark whiteouts and opaque dirs with `user.overlay.*` xattrs (a store
+    /// written without root); required for a mount inside a user namespace.
+    pub userxattr: bool,
 }
 
 impl Overlay {
     /// The overlay of `layers` with upper and work directories under `dir`.
     pub fn in_dir(layers: Vec<PathBuf>, dir: &Path) -> Overlay {
-        Overlay { layers, upper: dir.join("upper"), work: dir.join("work") }
+        Overlay { layers, upper: dir.join("upper"), work: dir.join("work"), userxattr: false }
+    }
+
+    /// Opens the layer dirs, so that [`Overlay::mount_from`] can name them after their
+    /// paths are hidden (by a tmpfs mounted over a parent, for instance).
+    pub fn open_layers(&self) -> Result<Vec<OwnedFd>, RootfsError> {
+        self.layers
+            .iter()
+            .map(|layer| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                    .open(layer)
+                    .map(OwnedFd::from)
+                    .map_err(|_| RootfsError::LayerMissing { path: layer.clone() })
+            })
+            .collect()
+    }
+
+    /// Mounts the overlay at `target` with `nosuid,nodev`, naming the layers by the
+    /// descriptors [`Overlay::open_layers`] returned (short options whatever the paths).
+    pub fn mount_from(&self, layers: &[OwnedFd], target: &Path) -> Result<(), RootfsError> {
+        let lower: Vec<String> = layers.iter().rev().map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd())).collect();
+        let mut options = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), checked(&self.upper)?, checked(&self.work)?);
+        if self.userxattr {
+            options.push_str(",userxattr");
+        }
+        if options.len() > MAX_OPTIONS {
+            return Err(RootfsError::TooLong { count: layers.len(), len: options.len() });
+        }
+        nix::mount::mount(Some("overlay"), target, Some("overlay"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(options.as_str()))
+            .map_err(|source| RootfsError::Mount { target: target.to_path_buf(), source })
     }
 
     /// The option string, naming layers relative to `base` when given (every layer must
@@ -58,21 +94,25 @@ impl Overlay {
             };
             lower.push(checked(shown)?);
         }
+        let userxattr = if self.userxattr { ",userxattr" } else { "" };
         Ok(format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={}{userxattr}",
             lower.join(":"),
             checked(&self.upper)?,
             checked(&self.work)?
         ))
     }
 
+    /// Checks that every layer dir exists.
+    pub fn check_layers(&self) -> Result<(), RootfsError> {
+        match self.layers.iter().find(|layer| !layer.is_dir()) {
+            Some(layer) => Err(RootfsError::LayerMissing { path: layer.clone() }),
+            None => Ok(()),
+        }
+    }
+
     /// Creates the upper and work directories (the root directory's mode comes from upper).
     pub fn prepare(&self) -> Result<(), RootfsError> {
-        for layer in &self.layers {
-            if !layer.is_dir() {
-                return Err(RootfsError::LayerMissing { path: layer.clone() });
-            }
-        }
         for dir in [&self.upper, &self.work] {
             std::fs::DirBuilder::new()
                 .mode(0o755)
@@ -86,6 +126,7 @@ impl Overlay {
     /// Mounts the overlay at `target` with `nosuid,nodev`. Long layer lists are named
     /// relative to their common directory, from which the mount is made.
     pub fn mount(&self, target: &Path) -> Result<(), RootfsError> {
+        self.check_layers()?;
         let mut options = self.options(None)?;
         let mut base = None;
         if options.len() > MAX_OPTIONS {
@@ -161,8 +202,8 @@ mod tests {
     }
 
     #[test]
-    fn prepare_refuses_a_missing_layer() {
-        let err = overlay(&["/nonexistent/berth/layer"]).prepare().unwrap_err();
+    fn a_missing_layer_is_named() {
+        let err = overlay(&["/nonexistent/berth/layer"]).check_layers().unwrap_err();
         assert!(err.to_string().contains("/nonexistent/berth/layer"), "{err}");
     }
 }

@@ -78,15 +78,7 @@ pub enum ContainerError {
 
 type Result<T, E = ContainerError> = std::result::Result<T, E>;
 
-/// The parts of an OCI image config a container honours (the image store's shape).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    pub env: Vec<String>,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub working_dir: Option<String>,
-    pub user: Option<String>,
-}
+pub use crate::store::ImageConfig;
 
 impl ImageConfig {
     /// Reads an OCI image config (`{"config": {"Env": [...], ...}}`) as registries
@@ -122,6 +114,15 @@ pub struct Image {
     /// Unpacked layers in overlayfs form, lowest first.
     pub layer_dirs: Vec<PathBuf>,
     pub config: ImageConfig,
+    /// The layers carry `user.overlay.*` xattrs (a store written without root).
+    #[serde(default)]
+    pub userxattr: bool,
+}
+
+impl From<crate::store::StoredImage> for Image {
+    fn from(image: crate::store::StoredImage) -> Image {
+        Image { reference: image.reference, layer_dirs: image.layer_dirs, config: image.config, userxattr: image.userxattr }
+    }
 }
 
 /// A bind mount the job's user asked for; its source is checked with the user's rights.
@@ -164,7 +165,7 @@ pub struct Spec {
     pub user: Credentials,
     /// Bind the user's home (from the password database) at the same path.
     pub home: bool,
-    /// Bound at the same path; the default working directory after the image's.
+    /// Bound at the same path; the working directory unless `workdir` is set.
     pub submit_dir: Option<PathBuf>,
     pub mounts: Vec<UserMount>,
     /// Device nodes the job may use, bound at the same path.
@@ -367,20 +368,30 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
     Ok(layout)
 }
 
-fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
-    let image_env = env::parse_list(&spec.image.config.env).map_err(|e| ContainerError::BadEnv { entry: e.to_string_lossy().into() })?;
-    let extra_env = env::parse_list(&spec.env).map_err(|e| ContainerError::BadEnv { entry: e.to_string_lossy().into() })?;
-    let container_env = env::merge(&[], &image_env, &extra_env);
+/// The container's environment (image Env, then the spec's) and working directory:
+/// the spec's, else the submit dir (bound in, so it exists: `srun ./app` works from
+/// where the user submitted), else the image's WorkingDir, else `/`.
+fn env_and_workdir(spec: &Spec) -> Result<(Vec<env::Var>, String)> {
+    let bad = |e: std::ffi::OsString| ContainerError::BadEnv { entry: e.to_string_lossy().into() };
+    let image_env = env::parse_list(&spec.image.config.env).map_err(bad)?;
+    let extra_env = env::parse_list(&spec.env).map_err(bad)?;
     let workdir = spec
         .workdir
         .clone()
-        .or_else(|| spec.image.config.working_dir.clone())
         .or_else(|| spec.submit_dir.as_ref().map(|d| d.to_string_lossy().into_owned()))
+        .or_else(|| spec.image.config.working_dir.clone())
         .unwrap_or_else(|| "/".to_string());
+    Ok((env::merge(&[], &image_env, &extra_env), workdir))
+}
+
+fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
+    let (container_env, workdir) = env_and_workdir(spec)?;
 
     let layout = open_sources(config, spec)?;
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), dir);
+    let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), dir);
+    overlay.userxattr = spec.image.userxattr;
+    overlay.check_layers()?;
     overlay.prepare()?;
     let root = dir.join("root");
     std::fs::create_dir_all(&root).map_err(io("create", &root))?;
@@ -405,7 +416,9 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         .collect::<Result<_>>()?;
 
     nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
-    let inside = enter_new(&overlay, &root, layout, spec.hostname.as_deref(), &namespaces);
+    let inside = assemble(&overlay, &root, layout, spec.hostname.as_deref()).and_then(|()| {
+        namespaces.iter().map(|ns| open_fd(&Path::new("/proc/thread-self/ns").join(ns), OFlag::O_RDONLY)).collect::<Result<Vec<_>>>()
+    });
     // Back to the host's namespaces whatever happened; if that fails this process
     // is stranded in the container and must not go on.
     for (fd, flag) in &home {
@@ -448,13 +461,16 @@ fn ns_flag(ns: &str) -> CloneFlags {
     }
 }
 
-/// Runs inside the new namespaces: mounts the root and its tree, pivots into it and
-/// returns descriptors of the new namespaces (in `namespaces` order).
-fn enter_new(overlay: &Overlay, root: &Path, layout: Layout, hostname: Option<&str>, namespaces: &[String]) -> Result<Vec<OwnedFd>> {
-    // Nothing we mount from here on may propagate back to the host.
-    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(sys_err("make the container's mounts private"))?;
+/// Runs inside a new mount namespace: mounts the root and its tree and pivots into it.
+fn assemble(overlay: &Overlay, root: &Path, mut layout: Layout, hostname: Option<&str>) -> Result<()> {
+    make_rprivate()?;
+    mounts::reopen_sources(&mut layout)?;
     overlay.mount(root)?;
+    finish_root(root, layout, hostname)
+}
+
+/// Mounts the tree into the overlay mounted at `root` and pivots into it.
+fn finish_root(root: &Path, layout: Layout, hostname: Option<&str>) -> Result<()> {
     let root_fd = open_fd(root, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
     mounts::populate(root_fd.as_fd(), layout)?;
     if let Some(name) = hostname {
@@ -463,14 +479,13 @@ fn enter_new(overlay: &Overlay, root: &Path, layout: Layout, hostname: Option<&s
     nix::unistd::fchdir(root_fd.as_raw_fd()).map_err(sys_err("enter the container's root"))?;
     nix::unistd::pivot_root(".", ".").map_err(sys_err("pivot_root into the container"))?;
     nix::mount::umount2(".", MntFlags::MNT_DETACH).map_err(sys_err("detach the host's root"))?;
-    nix::unistd::chdir("/").map_err(sys_err("enter the container's root"))?;
-    namespaces
-        .iter()
-        .map(|ns| {
-            let path = Path::new("/proc/thread-self/ns").join(ns);
-            open_fd(&path, OFlag::O_RDONLY)
-        })
-        .collect()
+    nix::unistd::chdir("/").map_err(sys_err("enter the container's root"))
+}
+
+/// Nothing mounted from here on may propagate back to the host.
+fn make_rprivate() -> Result<()> {
+    nix::mount::mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(sys_err("make the container's mounts private"))
 }
 
 /// Reads a container's `state.json`.
@@ -525,16 +540,32 @@ fn find_program(program: &str, path: &str) -> Result<PathBuf> {
         .ok_or_else(|| ContainerError::NoProgram { program: program.into(), path: path.into() })
 }
 
+/// How privileges are dropped before exec.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Privileges {
+    /// From root: groups, gid, uid, then no capabilities.
+    FromRoot,
+    /// Inside a user namespace that maps only the caller: ids stay, groups cannot change.
+    InUserNamespace,
+}
+
 /// Becomes the container's user (no capabilities, no_new_privs), closes the host's
 /// descriptors on exec and execs `argv` with the merged environment. Call after
 /// [`join`]; returns only on failure.
 pub fn exec_joined(joined: &Joined, argv: &[String], overrides: &[String]) -> ContainerError {
+    exec_as(joined, argv, overrides, Privileges::FromRoot)
+}
+
+fn exec_as(joined: &Joined, argv: &[String], overrides: &[String], drop: Privileges) -> ContainerError {
     let run = || -> Result<std::convert::Infallible> {
         let overrides = env::parse_list(overrides).map_err(|e| ContainerError::BadEnv { entry: e.to_string_lossy().into() })?;
         let job_env: Vec<env::Var> = std::env::vars_os().collect();
         let vars = env::merge(&job_env, &joined.env, &overrides);
         let program = argv.first().ok_or(ContainerError::NoCommand)?;
-        joined.state.user.become_user()?;
+        match drop {
+            Privileges::FromRoot => joined.state.user.become_user()?,
+            Privileges::InUserNamespace => joined.state.user.drop_capabilities()?,
+        }
         let path = env::get(&vars, "PATH").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         let resolved = find_program(program, &path)?;
         let exec_err = |source| ContainerError::Exec { program: program.clone(), source };
@@ -566,30 +597,85 @@ pub fn command_line(config: &ImageConfig, entrypoint: Option<&[String]>, args: &
     Ok(argv)
 }
 
-/// Creates a throwaway container, runs `argv` in it as `spec.user` and destroys it;
-/// returns the command's exit status (128 + signal when killed).
-pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) -> Result<i32> {
-    create(config, spec)?;
-    let status = match sys::fork().map_err(sys_err("fork")) {
-        Ok(sys::Forked::Child) => {
-            let err = match join(config, &spec.job, &spec.name) {
-                Ok(joined) => exec_joined(&joined, argv, overrides),
-                Err(e) => e,
-            };
-            eprintln!("berth: {err}");
-            let code = if matches!(err, ContainerError::NoProgram { .. }) { 127 } else { 126 };
-            sys::exit_now(code)
+/// Where `berth run` mounts its scratch tmpfs inside its own namespace. Anything the
+/// container needs from the host is opened before, so hiding the host's /tmp is safe.
+const RUN_SCRATCH: &str = "/tmp";
+
+/// `berth run`: builds a throwaway container in a new mount namespace of this very
+/// process and execs `argv` in it as `spec.user`, as `ch-run` does: no pins, no
+/// runtime dir entry, no process left to wait. The upper and work dirs sit on a tmpfs
+/// mounted only inside the container, so the writable layer vanishes with the
+/// namespace when the last process in it exits.
+///
+/// As root, `spec.user` may be anyone. As a plain user (rootless), `spec.user` must be
+/// the caller: the process enters a new user namespace mapping only its own uid and
+/// gid, so supplementary groups show as the overflow group and cannot be changed.
+/// Returns only on failure.
+pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) -> ContainerError {
+    let attempt = || -> Result<std::convert::Infallible> {
+        let rootless = !nix::unistd::geteuid().is_root();
+        if rootless && !spec.user.is_caller() {
+            return Err(ContainerError::NotRoot);
         }
-        Ok(sys::Forked::Parent(pid)) => {
-            sys::ignore_interrupts();
-            wait_status(pid)
+        let (container_env, workdir) = env_and_workdir(spec)?;
+        let mut layout = open_sources(config, spec)?;
+        layout.in_user_namespace = rootless;
+        // unshare(CLONE_NEWUSER) needs a single-threaded process; a pull may have left
+        // threads behind: go on in a child and pass its exit status on.
+        if rootless && sys::thread_count() > 1 {
+            if let sys::Forked::Parent(pid) = sys::fork().map_err(sys_err("fork"))? {
+                sys::exit_now(wait_status(pid)?);
+            }
         }
-        Err(e) => Err(e),
+        let mut flags = CloneFlags::CLONE_NEWNS;
+        if rootless {
+            flags |= CloneFlags::CLONE_NEWUSER;
+        }
+        nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
+        if rootless {
+            map_self(&spec.user)?;
+        }
+        make_rprivate()?;
+        mounts::reopen_sources(&mut layout)?;
+        let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), Path::new(RUN_SCRATCH));
+        overlay.userxattr = spec.image.userxattr || rootless;
+        let layers = overlay.open_layers()?;
+        nix::mount::mount(Some("berth-run"), RUN_SCRATCH, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0700"))
+            .map_err(sys_err("mount the container's scratch tmpfs"))?;
+        overlay.prepare()?;
+        let root = Path::new(RUN_SCRATCH).join("root");
+        std::fs::create_dir(&root).map_err(io("create", &root))?;
+        overlay.mount_from(&layers, &root)?;
+        drop(layers);
+        finish_root(&root, layout, spec.hostname.as_deref())?;
+        nix::unistd::chdir(workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: workdir.clone(), source })?;
+        let state = State {
+            job: spec.job.clone(),
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            user: spec.user.clone(),
+            workdir,
+            namespaces: vec!["mnt".into()],
+        };
+        let joined = Joined { state, env: container_env };
+        Err(if rootless { exec_as(&joined, argv, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, overrides) })
     };
-    let destroyed = teardown::destroy_job(&config.runtime_dir, &spec.job);
-    let status = status?;
-    destroyed?;
-    Ok(status)
+    match attempt() {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+/// Maps the caller's uid and gid to themselves in the user namespace just entered.
+fn map_self(user: &Credentials) -> Result<()> {
+    for (file, text) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("{0} {0} 1", user.uid)),
+        ("/proc/self/gid_map", format!("{0} {0} 1", user.gid)),
+    ] {
+        std::fs::write(file, text).map_err(io("write", Path::new(file)))?;
+    }
+    Ok(())
 }
 
 fn wait_status(pid: nix::unistd::Pid) -> Result<i32> {
@@ -599,7 +685,7 @@ fn wait_status(pid: nix::unistd::Pid) -> Result<i32> {
             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
             Ok(_) | Err(Errno::EINTR) => continue,
-            Err(e) => return Err(sys_err("wait for the command")(e)),
+            Err(e) => return Err(sys_err("wait for the container")(e)),
         }
     }
 }

@@ -57,6 +57,10 @@ pub struct Layout {
     pub devices: Vec<Bind>,
     /// Forbid writes to the container's root (its mounts keep their own modes).
     pub read_only_root: bool,
+    /// Inside a user namespace: fresh proc/sysfs are refused and host mounts with
+    /// submounts can only be bound whole, so bind recursively and fall back to the
+    /// host's /proc.
+    pub in_user_namespace: bool,
 }
 
 const STANDARD_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
@@ -143,7 +147,7 @@ fn mount_on(
 
 /// Bind-mounts `source` at `target` inside `root`, then applies `flags` to the new
 /// mount (a bind mount takes its flags only from a remount).
-fn bind(root: BorrowedFd<'_>, source: BorrowedFd<'_>, what: &str, target: &Path, flags: MsFlags) -> Result<(), MountError> {
+fn bind(root: BorrowedFd<'_>, source: BorrowedFd<'_>, what: &str, target: &Path, flags: MsFlags, recursive: bool) -> Result<(), MountError> {
     let stat = nix::sys::stat::fstat(source.as_raw_fd()).map_err(|source| MountError::Mount {
         what: what.to_string(),
         target: target.to_path_buf(),
@@ -151,12 +155,28 @@ fn bind(root: BorrowedFd<'_>, source: BorrowedFd<'_>, what: &str, target: &Path,
     })?;
     let is_dir = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
     let target_fd = ensure(root, target, is_dir)?;
-    mount_on(what, Some(fd_path(source).as_str()), target_fd.as_fd(), target, None, MsFlags::MS_BIND, None)?;
+    let bind_flags = if recursive { MsFlags::MS_BIND | MsFlags::MS_REC } else { MsFlags::MS_BIND };
+    mount_on(what, Some(fd_path(source).as_str()), target_fd.as_fd(), target, None, bind_flags, None)?;
     // Reopen: the old descriptor names the directory under the new mount.
     let mounted = open_in_root(root, target, OFlag::O_PATH, 0).map_err(|source| MountError::Target {
         target: target.to_path_buf(),
         source,
     })?;
+    if recursive {
+        // Submounts keep their own flags under a remount: restrict the whole tree.
+        let restrictions = super::sys::MountRestrictions {
+            read_only: flags.contains(MsFlags::MS_RDONLY),
+            nosuid: flags.contains(MsFlags::MS_NOSUID),
+            nodev: flags.contains(MsFlags::MS_NODEV),
+            noexec: flags.contains(MsFlags::MS_NOEXEC),
+        };
+        match super::sys::restrict_tree(mounted.as_fd(), &restrictions) {
+            Err(Errno::ENOSYS) => {}
+            other => {
+                return other.map_err(|source| MountError::Mount { what: what.to_string(), target: target.to_path_buf(), source })
+            }
+        }
+    }
     // Keep restrictions the source's own mount has (a remount may not lift them).
     let inherited = nix::sys::statvfs::fstatvfs(source).map(|s| s.flags()).unwrap_or(nix::sys::statvfs::FsFlags::empty());
     let mut keep = MsFlags::empty();
@@ -174,8 +194,17 @@ fn bind(root: BorrowedFd<'_>, source: BorrowedFd<'_>, what: &str, target: &Path,
     mount_on(what, None, mounted.as_fd(), target, None, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags | keep, None)
 }
 
-/// Opens `bind.source_path` in the current mount namespace, checking it is the file
-/// the caller opened (same device and inode).
+/// Opens every source again in the current (new) mount namespace, checking each is
+/// the file the caller opened (same device and inode): the kernel binds only from
+/// mounts of the caller's namespace. Call right after unshare, before anything hides
+/// a source's path.
+pub fn reopen_sources(layout: &mut Layout) -> Result<(), MountError> {
+    for b in layout.binds.iter_mut().chain(layout.devices.iter_mut()) {
+        b.source = reopen(b)?;
+    }
+    Ok(())
+}
+
 fn reopen(bind: &Bind) -> Result<OwnedFd, MountError> {
     let path = bind.source_path.to_str().ok_or_else(|| MountError::Host { path: bind.source_path.clone(), source: Errno::EINVAL })?;
     let fd = host(path)?;
@@ -195,20 +224,28 @@ fn host(path: &str) -> Result<OwnedFd, MountError> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
-/// Builds the whole tree under `root` (the overlay's root, still in the host's view).
+/// Builds the whole tree under `root` (the overlay's root, still in the host's view),
+/// from sources already passed through [`reopen_sources`].
 pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let quiet = nosuid_nodev | MsFlags::MS_NOEXEC;
+    let rec = layout.in_user_namespace;
 
     let proc_dir = Path::new("/proc");
     let fd = ensure(root, proc_dir, true)?;
-    mount_on("proc", Some("proc"), fd.as_fd(), proc_dir, Some("proc"), quiet, None)?;
+    if let Err(e) = mount_on("proc", Some("proc"), fd.as_fd(), proc_dir, Some("proc"), quiet, None) {
+        if !rec {
+            return Err(e);
+        }
+        // A user namespace may mount proc only for a PID namespace it owns.
+        bind(root, host("/proc")?.as_fd(), "/proc", proc_dir, quiet, true)?;
+    }
 
     let sys_dir = Path::new("/sys");
     let fd = ensure(root, sys_dir, true)?;
     if mount_on("sysfs", Some("sysfs"), fd.as_fd(), sys_dir, Some("sysfs"), quiet | MsFlags::MS_RDONLY, None).is_err() {
         // A network namespace we do not own refuses a fresh sysfs: show the host's, read-only.
-        bind(root, host("/sys")?.as_fd(), "/sys", sys_dir, quiet | MsFlags::MS_RDONLY)?;
+        bind(root, host("/sys")?.as_fd(), "/sys", sys_dir, quiet | MsFlags::MS_RDONLY, true)?;
     }
 
     let dev_dir = Path::new("/dev");
@@ -217,11 +254,11 @@ pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> 
     let device_flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     for name in STANDARD_DEVICES {
         let host_path = format!("/dev/{name}");
-        bind(root, host(&host_path)?.as_fd(), &host_path, Path::new(&host_path), device_flags)?;
+        bind(root, host(&host_path)?.as_fd(), &host_path, Path::new(&host_path), device_flags, false)?;
     }
     for device in &layout.devices {
         let what = device.source_path.display().to_string();
-        bind(root, reopen(device)?.as_fd(), &what, &device.target, device_flags)?;
+        bind(root, device.source.as_fd(), &what, &device.target, device_flags, false)?;
     }
     let pts = Path::new("/dev/pts");
     let fd = ensure(root, pts, true)?;
@@ -256,7 +293,7 @@ pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> 
             why,
         })?;
         let flags = if b.read_only { nosuid_nodev | MsFlags::MS_RDONLY } else { nosuid_nodev };
-        bind(root, reopen(b)?.as_fd(), &b.source_path.display().to_string(), &b.target, flags)?;
+        bind(root, b.source.as_fd(), &b.source_path.display().to_string(), &b.target, flags, rec)?;
     }
 
     if layout.read_only_root {

@@ -60,6 +60,16 @@ impl Credentials {
         sys::clear_capabilities().map_err(|e| fail("clearing capabilities", e))
     }
 
+    /// In a user namespace that maps only this user: keeps the ids (and the groups,
+    /// which cannot be set there), empties the bounding set, sets no_new_privs and
+    /// clears every capability set.
+    pub fn drop_capabilities(&self) -> Result<(), UserError> {
+        let fail = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
+        sys::drop_bounding_set().map_err(|e| fail("emptying the capability bounding set", e))?;
+        nix::sys::prctl::set_no_new_privs().map_err(|e| fail("setting no_new_privs", e))?;
+        sys::clear_capabilities().map_err(|e| fail("clearing capabilities", e))
+    }
+
     fn set_ids(&self) -> Result<(), (&'static str, Errno)> {
         let groups: Vec<Gid> = self.groups.iter().copied().map(Gid::from_raw).collect();
         nix::unistd::setgroups(&groups).map_err(|e| ("setgroups", e))?;
@@ -69,12 +79,28 @@ impl Credentials {
         nix::unistd::setresuid(uid, uid, uid).map_err(|e| ("setresuid", e))
     }
 
+    /// Whether the calling process already runs with exactly these credentials.
+    pub fn is_caller(&self) -> bool {
+        let (uid, euid) = (nix::unistd::getuid().as_raw(), nix::unistd::geteuid().as_raw());
+        let (gid, egid) = (nix::unistd::getgid().as_raw(), nix::unistd::getegid().as_raw());
+        uid == euid && gid == egid && *self == Credentials::current()
+    }
+
     /// Opens each path as this user would (in a child that has switched to the user),
     /// and returns the open files, so that what gets mounted is exactly what the user
     /// was allowed to read, with no window for swapping a symlink in between.
     pub fn open_as_user(&self, paths: &[PathBuf]) -> Result<Vec<OwnedFd>, UserError> {
         if paths.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.is_caller() {
+            // The caller is this user, unprivileged or not: its own rights are the user's.
+            return paths
+                .iter()
+                .map(|path| {
+                    open_checked(path).map_err(|source| UserError::Denied { uid: self.uid, path: path.clone(), source })
+                })
+                .collect();
         }
         let check = |path: &Path, source| UserError::Check { uid: self.uid, path: path.to_path_buf(), source };
         let (parent, child) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
@@ -89,13 +115,8 @@ impl Credentials {
                     }
                     Ok(()) => {
                         for path in paths {
-                            let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-                            let sent = match nix::fcntl::open(path.as_path(), flags, Mode::empty()) {
-                                Ok(raw) => {
-                                    // SAFETY: open just returned this descriptor; we own it.
-                                    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                                    sys::send_fd(child.as_fd(), 0, Some(fd.as_fd()))
-                                }
+                            let sent = match open_checked(path) {
+                                Ok(fd) => sys::send_fd(child.as_fd(), 0, Some(fd.as_fd())),
                                 Err(errno) => sys::send_fd(child.as_fd(), errno as i32, None),
                             };
                             if sent.is_err() {
@@ -134,6 +155,14 @@ impl Credentials {
         let _ = nix::sys::wait::waitpid(pid, None);
         result.map(|()| fds)
     }
+}
+
+/// Opens `path` for reading (a directory too), which succeeds only with read access.
+fn open_checked(path: &Path) -> Result<OwnedFd, Errno> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let raw = nix::fcntl::open(path, flags, Mode::empty())?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 
 #[cfg(test)]
