@@ -1,10 +1,14 @@
 //! `berth`: a thin command over the engine. Parses arguments, loads the admin
 //! config, calls one engine action, and turns any error into one line on stderr.
 
+mod images;
+
 use berth_engine::config::Config;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod containers;
 
 #[derive(Parser)]
 #[command(name = "berth", version, about = "Run Docker/OCI images as the environment of HPC batch jobs")]
@@ -20,6 +24,13 @@ struct Cli {
 enum Command {
     /// Print the effective admin configuration as TOML-like lines.
     Config,
+    /// The node-side container actions of the scheduler adapters (root only).
+    #[command(subcommand)]
+    Container(containers::ContainerCommand),
+    /// Run a command in an image, as you, in a throwaway container.
+    Run(containers::RunArgs),
+    #[command(flatten)]
+    Images(images::ImageCommand),
 }
 
 fn main() -> ExitCode {
@@ -31,13 +42,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(store) = cli.store {
-        config.store_dir = store;
-    }
+    config.store_dir = cli.store.unwrap_or_else(|| berth_engine::store::default_store_dir(&config));
     match cli.command {
         Command::Config => {
             println!("{config:#?}");
             ExitCode::SUCCESS
         }
+        Command::Container(command) => containers::container(&config, command),
+        Command::Run(args) => containers::run(&config, args),
+        Command::Images(command) => match images::run(command, &config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(line) => {
+                eprintln!("berth: {line}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

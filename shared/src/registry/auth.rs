@@ -1,0 +1,283 @@
+//! Registry credentials and authentication challenges: the user's Docker
+//! `config.json` (`$DOCKER_CONFIG` or `~/.docker`, read by the calling process with its
+//! own permissions, credential helpers included), the admin's credentials file (same
+//! form), and `WWW-Authenticate` parsing for bearer-token and basic auth.
+//! Owns reading credentials; never sends them anywhere (the client decides where).
+
+use base64::Engine;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read registry credentials {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("registry credentials {path} are not valid JSON: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("credential helper docker-credential-{helper} failed for {registry}: {why}")]
+    Helper { helper: String, registry: String, why: String },
+}
+
+/// A user name and password (or identity token) for one registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Login {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Login({}, <hidden>)", self.username)
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, AuthEntry>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default, rename = "identitytoken")]
+    identity_token: Option<String>,
+}
+
+/// Where credentials come from, in order: the user's Docker config, then the admin's file.
+#[derive(Default)]
+pub struct Credentials {
+    sources: Vec<DockerConfig>,
+}
+
+impl Credentials {
+    /// No credentials at all (anonymous pulls only).
+    pub fn none() -> Credentials {
+        Credentials::default()
+    }
+
+    /// The calling user's Docker config (if any) and the admin's credentials file (if set).
+    pub fn load(admin_file: Option<&Path>) -> Result<Credentials, AuthError> {
+        let mut sources = Vec::new();
+        let user_dir = std::env::var_os("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
+        if let Some(dir) = user_dir {
+            if let Some(c) = read_config(&dir.join("config.json"))? {
+                sources.push(c);
+            }
+        }
+        if let Some(file) = admin_file {
+            if let Some(c) = read_config(file)? {
+                sources.push(c);
+            }
+        }
+        Ok(Credentials { sources })
+    }
+
+    /// Parses one config.json text (for tests and for callers holding the text).
+    pub fn from_json(text: &str) -> Result<Credentials, serde_json::Error> {
+        Ok(Credentials { sources: vec![serde_json::from_str(text)?] })
+    }
+
+    /// The login for a registry name as written in references (`docker.io`, `host:5000`).
+    pub fn lookup(&self, registry: &str) -> Result<Option<Login>, AuthError> {
+        let keys = keys_for(registry);
+        for source in &self.sources {
+            if let Some(helper) = keys.iter().find_map(|k| source.cred_helpers.get(k)) {
+                return run_helper(helper, &keys[0]);
+            }
+            for key in &keys {
+                if let Some(entry) = source.auths.get(key) {
+                    if let Some(login) = entry_login(entry) {
+                        return Ok(Some(login));
+                    }
+                }
+            }
+            if let Some(store) = &source.creds_store {
+                if let Some(login) = run_helper(store, &keys[0])? {
+                    return Ok(Some(login));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn read_config(path: &Path) -> Result<Option<DockerConfig>, AuthError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| AuthError::Parse { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AuthError::Read { path: path.to_path_buf(), source }),
+    }
+}
+
+/// The keys Docker uses in `auths` for a registry: Hub has its historical URL.
+fn keys_for(registry: &str) -> Vec<String> {
+    if registry == crate::reference::DOCKER_HUB || registry == "registry-1.docker.io" || registry == "index.docker.io" {
+        vec![
+            "https://index.docker.io/v1/".into(),
+            "index.docker.io".into(),
+            "docker.io".into(),
+            "registry-1.docker.io".into(),
+        ]
+    } else {
+        vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}"), format!("https://{registry}/v1/")]
+    }
+}
+
+fn entry_login(entry: &AuthEntry) -> Option<Login> {
+    if let Some(token) = &entry.identity_token {
+        let username = entry.username.clone().unwrap_or_else(|| "<token>".into());
+        return Some(Login { username, password: token.clone() });
+    }
+    if let Some(auth) = &entry.auth {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(auth.trim()).ok()?;
+        let text = String::from_utf8(decoded).ok()?;
+        let (u, p) = text.split_once(':')?;
+        return Some(Login { username: u.into(), password: p.into() });
+    }
+    match (&entry.username, &entry.password) {
+        (Some(u), Some(p)) => Some(Login { username: u.clone(), password: p.clone() }),
+        _ => None,
+    }
+}
+
+/// Runs `docker-credential-<helper> get` with the server URL on stdin, as Docker does.
+fn run_helper(helper: &str, server: &str) -> Result<Option<Login>, AuthError> {
+    let err = |why: String| AuthError::Helper { helper: helper.into(), registry: server.into(), why };
+    if !helper.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) {
+        return Err(err("the helper name is not a plain program name".into()));
+    }
+    let mut child = Command::new(format!("docker-credential-{helper}"))
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(server.as_bytes()).map_err(|e| err(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        if text.contains("credentials not found") {
+            return Ok(None);
+        }
+        return Err(err(text.trim().to_string()));
+    }
+    #[derive(serde::Deserialize)]
+    struct HelperOut {
+        #[serde(rename = "Username")]
+        username: String,
+        #[serde(rename = "Secret")]
+        secret: String,
+    }
+    let parsed: HelperOut = serde_json::from_slice(&out.stdout).map_err(|e| err(e.to_string()))?;
+    Ok(Some(Login { username: parsed.username, password: parsed.secret }))
+}
+
+/// The `Authorization` value for basic auth.
+pub fn basic(login: &Login) -> String {
+    let raw = format!("{}:{}", login.username, login.password);
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Basic,
+}
+
+/// Parses `Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut s = rest.trim();
+    while !s.is_empty() {
+        let (key, after) = s.split_once('=')?;
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        params.insert(key, value.to_string());
+        s = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge::Bearer {
+        realm: params.remove("realm")?,
+        service: params.remove("service"),
+        scope: params.remove("scope"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_and_basic_challenges() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/ubuntu:pull""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/ubuntu:pull".into()),
+            }
+        );
+        assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
+    }
+
+    #[test]
+    fn finds_logins_by_registry_key_forms() {
+        let creds = Credentials::from_json(
+            r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},
+                        "reg.example:5000":{"username":"a","password":"b"},
+                        "https://other.example":{"auth":"eDp5OnoK"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(creds.lookup("docker.io").unwrap(), Some(Login { username: "user".into(), password: "pass".into() }));
+        assert_eq!(creds.lookup("reg.example:5000").unwrap().unwrap().username, "a");
+        assert_eq!(creds.lookup("other.example").unwrap().unwrap().password, "y:z\n");
+        assert_eq!(creds.lookup("nobody.example").unwrap(), None);
+        assert_eq!(basic(&Login { username: "user".into(), password: "pass".into() }), "Basic dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn rejects_helper_names_that_are_not_programs() {
+        let creds = Credentials::from_json(r#"{"credHelpers":{"r.example":"../../bin/sh"}}"#).unwrap();
+        assert!(creds.lookup("r.example").is_err());
+    }
+}

@@ -1,0 +1,393 @@
+//! A client for the OCI distribution (Docker registry v2) API: manifests with content
+//! negotiation, blobs as streams, bearer-token and basic auth, redirects to blob
+//! storage (credentials never follow to another host), `HTTPS_PROXY`/`NO_PROXY`,
+//! retries with backoff on transient failures, and plain HTTP only for localhost and
+//! registries the admin lists as insecure.
+//! Owns the network; never writes to disk and never trusts a byte it has not hashed
+//! (digest checks on blobs are the caller's, as it streams them).
+
+pub mod auth;
+pub mod manifest;
+
+use crate::config::Config;
+use crate::reference::Reference;
+use auth::{Challenge, Credentials, Login};
+use sha2::{Digest as _, Sha256};
+use std::io::Read;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Largest manifest or config berth reads into memory.
+const MAX_DOCUMENT: u64 = 8 << 20;
+const ATTEMPTS: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry {registry} is not in the admin's allowed_registries")]
+    NotAllowed { registry: String },
+    #[error("cannot reach registry {registry}: {why} (is the registry up and the address right?)")]
+    Unreachable { registry: String, why: String },
+    #[error("{what} not found on {registry}: check the repository name and tag")]
+    NotFound { registry: String, what: String },
+    #[error("registry {registry} refused the credentials for {repository}: check `docker login` or the admin credentials file")]
+    WrongCredentials { registry: String, repository: String },
+    #[error("registry {registry} denied access to {repository}: the repository may not exist, or needs a login (`docker login {registry}`)")]
+    Denied { registry: String, repository: String },
+    #[error("Docker Hub's pull rate limit is reached ({detail}): log in with `docker login` for a higher limit, use a mirror, or wait")]
+    RateLimited { detail: String },
+    #[error("registry {registry} answered {status} for {url}: {body}")]
+    Status { registry: String, status: u16, url: String, body: String },
+    #[error("registry {registry} sent a bad response for {what}: {why}")]
+    Protocol { registry: String, what: String, why: String },
+    #[error("the digest of {what} from {registry} does not match: expected {expected}, got {actual}")]
+    DigestMismatch { registry: String, what: String, expected: String, actual: String },
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+}
+
+/// One registry and repository, with its authentication state shared by all threads.
+pub struct Client {
+    registry: String,
+    repository: String,
+    base: String,
+    direct: ureq::Agent,
+    proxied: Option<ureq::Agent>,
+    no_proxy: Vec<String>,
+    login: Option<Login>,
+    authorization: Mutex<Option<String>>,
+}
+
+/// A manifest as fetched, with its digest (computed over the exact bytes).
+pub struct Document {
+    pub digest: String,
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Client {
+    /// A client for the reference's registry and repository.
+    pub fn new(config: &Config, reference: &Reference, credentials: &Credentials) -> Result<Client, RegistryError> {
+        let endpoint = reference.endpoint(&config.default_registry).to_string();
+        if !config.is_allowed(&reference.registry) && !config.is_allowed(&endpoint) {
+            return Err(RegistryError::NotAllowed { registry: reference.registry.clone() });
+        }
+        let scheme = if config.is_insecure(&endpoint) || config.is_insecure(&reference.registry) { "http" } else { "https" };
+        let builder = || {
+            ureq::AgentBuilder::new()
+                .redirects(0)
+                .timeout_connect(Duration::from_secs(15))
+                .timeout_read(Duration::from_secs(60))
+                .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+        };
+        let proxy_var = if scheme == "https" { ["HTTPS_PROXY", "https_proxy"] } else { ["HTTP_PROXY", "http_proxy"] };
+        let proxied = proxy_var
+            .iter()
+            .chain(["ALL_PROXY", "all_proxy"].iter())
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+            .map(|url| {
+                ureq::Proxy::new(&url)
+                    .map(|p| builder().proxy(p).build())
+                    .map_err(|e| RegistryError::Unreachable { registry: endpoint.clone(), why: format!("bad proxy {url}: {e}") })
+            })
+            .transpose()?;
+        let no_proxy = ["NO_PROXY", "no_proxy"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok())
+            .map(|s| s.split(',').map(|x| x.trim().to_ascii_lowercase()).filter(|x| !x.is_empty()).collect())
+            .unwrap_or_default();
+        Ok(Client {
+            registry: reference.registry.clone(),
+            repository: reference.repository.clone(),
+            base: format!("{scheme}://{endpoint}"),
+            direct: builder().build(),
+            proxied,
+            no_proxy,
+            login: credentials.lookup(&reference.registry)?,
+            authorization: Mutex::new(None),
+        })
+    }
+
+    /// Fetches a manifest by tag or digest; a digest reference is verified.
+    pub fn manifest(&self, reference: &str) -> Result<Document, RegistryError> {
+        let url = format!("{}/v2/{}/manifests/{}", self.base, self.repository, reference);
+        let what = format!("manifest {}:{}", self.repository, reference);
+        let response = self.get(&url, Some(manifest::ACCEPT), &what)?;
+        let media_type = response.content_type().to_string();
+        let bytes = read_limited(response, &self.registry, &what)?;
+        let digest = sha256_digest(&bytes);
+        if crate::reference::is_sha256_digest(reference) && digest != reference {
+            return Err(RegistryError::DigestMismatch {
+                registry: self.registry.clone(),
+                what,
+                expected: reference.to_string(),
+                actual: digest,
+            });
+        }
+        Ok(Document { digest, media_type, bytes })
+    }
+
+    /// Fetches a small blob (an image config) and verifies its digest.
+    pub fn small_blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        let what = format!("blob {digest}");
+        let bytes = read_limited(self.blob(digest)?, &self.registry, &what)?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch { registry: self.registry.clone(), what, expected: digest.into(), actual });
+        }
+        Ok(bytes)
+    }
+
+    /// Opens a blob as a stream. The caller hashes it and checks the digest.
+    pub fn blob(&self, digest: &str) -> Result<ureq::Response, RegistryError> {
+        let url = format!("{}/v2/{}/blobs/{}", self.base, self.repository, digest);
+        self.get(&url, None, &format!("blob {digest} of {}", self.repository))
+    }
+
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    fn agent_for(&self, url: &str) -> &ureq::Agent {
+        let host = host_of(url).to_ascii_lowercase();
+        let host = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_string();
+        let bypass = self.no_proxy.iter().any(|n| {
+            n == "*" || {
+                let n = n.trim_start_matches('.');
+                host == n || host.ends_with(&format!(".{n}"))
+            }
+        });
+        match (&self.proxied, bypass) {
+            (Some(p), false) => p,
+            _ => &self.direct,
+        }
+    }
+
+    /// GET with auth, manual redirects and retries. Credentials go only to the registry's own host.
+    fn get(&self, url: &str, accept: Option<&str>, what: &str) -> Result<ureq::Response, RegistryError> {
+        let registry_host = host_of(&self.base).to_string();
+        let mut url = url.to_string();
+        let mut authenticated_once = false;
+        let mut redirects = 0;
+        let mut attempt = 0;
+        loop {
+            let same_host = host_of(&url) == registry_host;
+            let mut request = self.agent_for(&url).get(&url);
+            if let Some(a) = accept {
+                request = request.set("Accept", a);
+            }
+            let auth_value = if same_host { self.lock_auth().clone() } else { None };
+            if let Some(value) = &auth_value {
+                request = request.set("Authorization", value);
+            }
+            let result = request.call();
+            let transient = |why: String, attempt: &mut u32| -> Result<(), RegistryError> {
+                *attempt += 1;
+                if *attempt >= ATTEMPTS {
+                    return Err(RegistryError::Unreachable { registry: self.registry.clone(), why });
+                }
+                std::thread::sleep(Duration::from_millis(200 * 3u64.pow(*attempt - 1)));
+                Ok(())
+            };
+            match result {
+                Ok(response) if (300..400).contains(&response.status()) => {
+                    let location = response.header("Location").map(String::from).ok_or_else(|| RegistryError::Protocol {
+                        registry: self.registry.clone(),
+                        what: what.into(),
+                        why: format!("redirect {} without a Location", response.status()),
+                    })?;
+                    redirects += 1;
+                    if redirects > 5 {
+                        return Err(RegistryError::Protocol { registry: self.registry.clone(), what: what.into(), why: "too many redirects".into() });
+                    }
+                    url = join_url(&url, &location);
+                }
+                Ok(response) => return Ok(response),
+                Err(ureq::Error::Status(401, response)) if same_host => {
+                    if authenticated_once {
+                        return Err(if self.login.is_some() {
+                            RegistryError::WrongCredentials { registry: self.registry.clone(), repository: self.repository.clone() }
+                        } else {
+                            RegistryError::Denied { registry: self.registry.clone(), repository: self.repository.clone() }
+                        });
+                    }
+                    authenticated_once = true;
+                    let challenge = response.header("WWW-Authenticate").and_then(auth::parse_challenge);
+                    let value = self.authenticate(challenge)?;
+                    *self.lock_auth() = Some(value);
+                }
+                Err(ureq::Error::Status(status, response)) => {
+                    let body = response.into_string().unwrap_or_default();
+                    let body = body.trim().chars().take(300).collect::<String>();
+                    match status {
+                        404 => return Err(RegistryError::NotFound { registry: self.registry.clone(), what: what.into() }),
+                        403 => return Err(RegistryError::Denied { registry: self.registry.clone(), repository: self.repository.clone() }),
+                        429 if body.contains("toomanyrequests") || self.registry == crate::reference::DOCKER_HUB => {
+                            return Err(RegistryError::RateLimited { detail: body });
+                        }
+                        408 | 429 | 500..=599 => transient(format!("{url} answered {status}"), &mut attempt)?,
+                        _ => return Err(RegistryError::Status { registry: self.registry.clone(), status, url, body }),
+                    }
+                }
+                Err(ureq::Error::Transport(t)) => transient(t.to_string(), &mut attempt)?,
+            }
+        }
+    }
+
+    fn lock_auth(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // A poisoned lock only means another thread panicked while holding a String: the value is still usable.
+        self.authorization.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers a challenge: basic auth with the login, or a bearer token from the realm.
+    fn authenticate(&self, challenge: Option<Challenge>) -> Result<String, RegistryError> {
+        let denied = || RegistryError::Denied { registry: self.registry.clone(), repository: self.repository.clone() };
+        match challenge {
+            Some(Challenge::Basic) => self.login.as_ref().map(auth::basic).ok_or_else(denied),
+            Some(Challenge::Bearer { realm, service, scope }) => {
+                let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+                let mut url = realm.clone();
+                url.push(if realm.contains('?') { '&' } else { '?' });
+                if let Some(s) = &service {
+                    url.push_str(&format!("service={}&", encode(s)));
+                }
+                url.push_str(&format!("scope={}", encode(&scope)));
+                let mut request = self.agent_for(&url).get(&url);
+                if let Some(login) = &self.login {
+                    request = request.set("Authorization", &auth::basic(login));
+                }
+                let response = match request.call() {
+                    Ok(r) => r,
+                    Err(ureq::Error::Status(401 | 403, _)) if self.login.is_some() => {
+                        return Err(RegistryError::WrongCredentials { registry: self.registry.clone(), repository: self.repository.clone() })
+                    }
+                    Err(ureq::Error::Status(status, _)) => {
+                        return Err(RegistryError::Status { registry: self.registry.clone(), status, url: realm, body: "token request refused".into() })
+                    }
+                    Err(ureq::Error::Transport(t)) => {
+                        return Err(RegistryError::Unreachable { registry: self.registry.clone(), why: format!("token service {realm}: {t}") })
+                    }
+                };
+                let bytes = read_limited(response, &self.registry, "token")?;
+                #[derive(serde::Deserialize)]
+                struct Token {
+                    token: Option<String>,
+                    access_token: Option<String>,
+                }
+                let t: Token = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Protocol {
+                    registry: self.registry.clone(),
+                    what: "token".into(),
+                    why: e.to_string(),
+                })?;
+                let token = t.token.or(t.access_token).ok_or_else(|| RegistryError::Protocol {
+                    registry: self.registry.clone(),
+                    what: "token".into(),
+                    why: "no token in the answer".into(),
+                })?;
+                Ok(format!("Bearer {token}"))
+            }
+            None => Err(denied()),
+        }
+    }
+}
+
+fn read_limited(response: ureq::Response, registry: &str, what: &str) -> Result<Vec<u8>, RegistryError> {
+    let mut bytes = Vec::new();
+    response
+        .into_reader()
+        .take(MAX_DOCUMENT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| RegistryError::Unreachable { registry: registry.into(), why: format!("reading {what}: {e}") })?;
+    if bytes.len() as u64 > MAX_DOCUMENT {
+        return Err(RegistryError::Protocol { registry: registry.into(), what: what.into(), why: "larger than 8 MiB".into() });
+    }
+    Ok(bytes)
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+/// `host[:port]` of an absolute URL.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
+}
+
+/// Resolves a `Location` against the URL it came from.
+fn join_url(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("https", base));
+    let host = host_of(base);
+    if let Some(path) = location.strip_prefix("//") {
+        return format!("{scheme}://{path}");
+    }
+    if location.starts_with('/') {
+        return format!("{scheme}://{host}{location}");
+    }
+    let path_start = rest.find('/').map_or(rest.len(), |i| i);
+    let path = &rest[path_start..];
+    let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+    format!("{scheme}://{host}{dir}/{location}")
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_resolve_and_hosts_compare() {
+        assert_eq!(join_url("http://r:5000/v2/a/blobs/x", "/store/x"), "http://r:5000/store/x");
+        assert_eq!(join_url("http://r:5000/v2/a/blobs/x", "https://s3.example/b?sig=1"), "https://s3.example/b?sig=1");
+        assert_eq!(join_url("https://r/v2/a/blobs/x", "//cdn.example/y"), "https://cdn.example/y");
+        assert_eq!(join_url("https://r/v2/a/blobs/x", "y"), "https://r/v2/a/blobs/y");
+        assert_eq!(host_of("https://user@r.example:5000/v2/?x"), "r.example:5000");
+        assert_ne!(host_of("https://s3.example/b"), host_of("https://r.example/v2/"));
+        assert_eq!(encode("repository:library/ubuntu:pull"), "repository%3Alibrary%2Fubuntu%3Apull");
+    }
+
+    #[test]
+    fn plain_http_only_for_localhost_and_insecure_registries() {
+        let mut config = Config::default();
+        config.insecure_registries = vec!["10.1.2.3:5000".into()];
+        let creds = Credentials::none();
+        let c = Client::new(&config, &Reference::parse("localhost:5000/a").unwrap(), &creds).unwrap();
+        assert!(c.base.starts_with("http://"));
+        let c = Client::new(&config, &Reference::parse("10.1.2.3:5000/a").unwrap(), &creds).unwrap();
+        assert!(c.base.starts_with("http://"));
+        let c = Client::new(&config, &Reference::parse("reg.example/a").unwrap(), &creds).unwrap();
+        assert_eq!(c.base, "https://reg.example");
+        let c = Client::new(&config, &Reference::parse("ubuntu").unwrap(), &creds).unwrap();
+        assert_eq!(c.base, "https://registry-1.docker.io");
+        config.allowed_registries = vec!["reg.example".into()];
+        assert!(matches!(
+            Client::new(&config, &Reference::parse("ubuntu").unwrap(), &creds),
+            Err(RegistryError::NotAllowed { .. })
+        ));
+    }
+
+    #[test]
+    fn unreachable_registry_is_one_clear_error() {
+        let config = Config::default();
+        // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+        let r = Reference::parse("127.0.0.1:9/nothing").unwrap();
+        let c = Client::new(&config, &r, &Credentials::none()).unwrap();
+        let err = c.manifest("latest").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with("cannot reach registry 127.0.0.1:9"), "{err}");
+    }
+}

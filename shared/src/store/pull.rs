@@ -1,0 +1,408 @@
+//! Pulling one image into the store: manifest (and platform choice), config, then
+//! every missing layer on its own thread, downloaded, hashed and decompressed while
+//! streaming into a fresh `tmp/` dir, verified (blob digest, size and the config's
+//! diff_id), and only then renamed into `layers/`. Owns the pull pipeline; never
+//! publishes anything unverified.
+
+use super::progress::{LayerBar, Reporter};
+use super::{lock, Progress, Record, Store, StoreError, StoredImage};
+use crate::reference::{is_sha256_digest, Reference};
+use crate::registry::auth::Credentials;
+use crate::registry::manifest::{self, Compression, Fetched, Platform};
+use crate::registry::{Client, RegistryError};
+use crate::unpack::{self, UnpackError};
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageManifest};
+use sha2::{Digest as _, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Attempts per layer when the download itself fails (not when content is wrong).
+const LAYER_ATTEMPTS: u32 = 3;
+
+pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: Progress) -> Result<StoredImage, StoreError> {
+    let key = r.to_string();
+    let reg = |source| StoreError::Registry { reference: key.clone(), source };
+    let credentials = Credentials::load(store.config.credentials_file.as_deref()).map_err(|e| reg(e.into()))?;
+    let client = Client::new(&store.config, r, &credentials).map_err(reg)?;
+    let (manifest_digest, manifest_bytes, manifest) = fetch_manifest(&client, r, platform, &key)?;
+    let bad = |why: String| StoreError::BadImage { reference: key.clone(), why };
+
+    let config_digest = manifest.config().digest().to_string();
+    if !is_sha256_digest(&config_digest) {
+        return Err(bad(format!("config digest {config_digest} is not a sha256 digest")));
+    }
+    let config_path = store.blob_path(&config_digest);
+    let config_bytes = match std::fs::read(&config_path) {
+        Ok(b) if crate::registry::sha256_digest(&b) == config_digest => b,
+        _ => {
+            let b = client.small_blob(&config_digest).map_err(|e| mismatch_or(e, &key, "image config"))?;
+            super::write_atomic(&store.root, &config_path, &b).map_err(|e| io_err(store, &key, &config_path, e))?;
+            b
+        }
+    };
+    let manifest_path = store.blob_path(&manifest_digest);
+    super::write_atomic(&store.root, &manifest_path, &manifest_bytes).map_err(|e| io_err(store, &key, &manifest_path, e))?;
+    let image_config = ImageConfiguration::from_reader(&config_bytes[..]).map_err(|e| bad(format!("the image config is not valid: {e}")))?;
+    let diff_ids = image_config.rootfs().diff_ids().clone();
+    let layers = manifest.layers().clone();
+    if diff_ids.len() != layers.len() {
+        return Err(bad(format!("the manifest has {} layers but the config lists {} diff_ids", layers.len(), diff_ids.len())));
+    }
+    for (d, l) in diff_ids.iter().zip(&layers) {
+        if !is_sha256_digest(d) || !is_sha256_digest(l.digest().as_ref()) {
+            return Err(bad(format!("layer digests must be sha256 (got {d} and {})", l.digest())));
+        }
+        manifest::layer_compression(l.media_type().as_ref()).map_err(|e| bad(e.to_string()))?;
+    }
+    let chain_ids = chain_ids(&diff_ids);
+
+    let reporter = Reporter::new(progress, &key);
+    let present: Vec<Option<String>> = diff_ids.iter().zip(&chain_ids).map(|(d, c)| published(store, d, c)).collect();
+    let missing_bytes: u64 = layers.iter().zip(&present).filter(|(_, p)| p.is_none()).map(|(l, _)| l.size()).sum();
+    reporter.start(present.iter().filter(|p| p.is_none()).count(), layers.len(), missing_bytes);
+
+    let outcomes: Vec<Result<Outcome, StoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = layers
+            .iter()
+            .zip(diff_ids.iter().zip(&chain_ids))
+            .zip(&present)
+            .map(|((layer, (diff_id, chain_id)), present)| {
+                let (client, reporter, key) = (&client, &reporter, &key);
+                scope.spawn(move || match present {
+                    Some(rel) => Ok(Outcome::Published(rel.clone())),
+                    None => fetch_layer(store, client, reporter, key, layer, diff_id, chain_id),
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(StoreError::BadImage { reference: key.clone(), why: "a layer thread panicked".into() })))
+            .collect()
+    });
+
+    let mut rels: Vec<String> = Vec::new();
+    let mut first_error = None;
+    let mut pending: Vec<(usize, PathBuf, Vec<(String, String)>)> = Vec::new();
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(Outcome::Published(rel)) => rels.push(rel),
+            Ok(Outcome::NeedsLowers { tmp, links }) => {
+                pending.push((i, tmp, links));
+                rels.push(String::new());
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+                rels.push(String::new());
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        for (_, tmp, _) in pending {
+            let _ = super::gc::remove_tree(&tmp);
+        }
+        return Err(e);
+    }
+    // Layers with hard links into lower layers, lowest first, now that their lowers are final.
+    for (i, tmp, links) in pending {
+        let hex = chain_ids[i].trim_start_matches("sha256:");
+        let rel = format!("layers/chain/{hex}");
+        let dest = store.root.join(&rel);
+        let _l = lock::acquire(&store.root.join("locks").join(format!("chain-{hex}.lock")), true)
+            .map_err(|e| io_err(store, &key, &store.root.join("locks"), e))?;
+        if dest.is_dir() {
+            let _ = super::gc::remove_tree(&tmp);
+        } else {
+            let lowers: Vec<PathBuf> = rels[..i].iter().map(|r| store.root.join(r)).collect();
+            let linked = unpack::link_from_lowers(&tmp, &lowers, &links, &store.opts);
+            if let Err(source) = linked {
+                let _ = super::gc::remove_tree(&tmp);
+                return Err(unpack_err(store, &key, layers[i].digest().as_ref(), source));
+            }
+            std::fs::rename(&tmp, &dest).map_err(|e| io_err(store, &key, &dest, e))?;
+        }
+        rels[i] = rel;
+    }
+
+    let config = super::ImageConfig {
+        env: image_config.config().as_ref().and_then(|c| c.env().clone()).unwrap_or_default(),
+        entrypoint: image_config.config().as_ref().and_then(|c| c.entrypoint().clone()).unwrap_or_default(),
+        cmd: image_config.config().as_ref().and_then(|c| c.cmd().clone()).unwrap_or_default(),
+        working_dir: image_config.config().as_ref().and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()),
+        user: image_config.config().as_ref().and_then(|c| c.user().clone()).filter(|u| !u.is_empty()),
+    };
+    let record = Record {
+        reference: key.clone(),
+        manifest_digest: manifest_digest.clone(),
+        config_digest,
+        layers: rels.clone(),
+        size: layers.iter().map(|l| l.size()).sum(),
+        config: config.clone(),
+    };
+    store.write_record(&record)?;
+    reporter.finish(&manifest_digest);
+    Ok(StoredImage {
+        reference: key,
+        manifest_digest,
+        layer_dirs: rels.iter().map(|r| store.root.join(r)).collect(),
+        config,
+        userxattr: store.opts.userxattr,
+    })
+}
+
+enum Outcome {
+    /// The layer dir, relative to the store root.
+    Published(String),
+    /// Unpacked into `tmp` but has hard links into lower layers.
+    NeedsLowers { tmp: PathBuf, links: Vec<(String, String)> },
+}
+
+/// Where a layer already is in the store, if it is.
+fn published(store: &Store, diff_id: &str, chain_id: &str) -> Option<String> {
+    let by_diff = format!("layers/sha256/{}", diff_id.trim_start_matches("sha256:"));
+    let by_chain = format!("layers/chain/{}", chain_id.trim_start_matches("sha256:"));
+    [by_diff, by_chain].into_iter().find(|rel| store.root.join(rel).is_dir())
+}
+
+/// OCI chain ids: `chain[0] = diff[0]`, `chain[i] = sha256(chain[i-1] + " " + diff[i])`.
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => format!("sha256:{:x}", Sha256::digest(format!("{prev} {d}").as_bytes())),
+        };
+        out.push(next);
+    }
+    out
+}
+
+fn fetch_manifest(client: &Client, r: &Reference, platform: &Platform, key: &str) -> Result<(String, Vec<u8>, ImageManifest), StoreError> {
+    let man = |source| StoreError::Manifest { reference: key.to_string(), source };
+    let doc = client.manifest(r.manifest_ref()).map_err(|e| mismatch_or(e, key, "manifest"))?;
+    match manifest::parse(&doc.media_type, &doc.bytes).map_err(man)? {
+        Fetched::Image(m) => Ok((doc.digest, doc.bytes, m)),
+        Fetched::Index(index) => {
+            let chosen = manifest::select_platform(&index, platform).map_err(man)?;
+            let digest = chosen.digest().to_string();
+            if !is_sha256_digest(&digest) {
+                return Err(StoreError::BadImage { reference: key.into(), why: format!("index entry {digest} is not a sha256 digest") });
+            }
+            let doc = client.manifest(&digest).map_err(|e| mismatch_or(e, key, "platform manifest"))?;
+            match manifest::parse(&doc.media_type, &doc.bytes).map_err(man)? {
+                Fetched::Image(m) => Ok((doc.digest, doc.bytes, m)),
+                Fetched::Index(_) => Err(StoreError::BadImage { reference: key.into(), why: "the index points to another index".into() }),
+            }
+        }
+    }
+}
+
+fn mismatch_or(e: RegistryError, key: &str, what: &str) -> StoreError {
+    match e {
+        RegistryError::DigestMismatch { expected, actual, .. } => {
+            StoreError::DigestMismatch { reference: key.into(), what: what.into(), expected, actual }
+        }
+        source => StoreError::Registry { reference: key.into(), source },
+    }
+}
+
+fn io_err(store: &Store, key: &str, path: &Path, e: std::io::Error) -> StoreError {
+    if unpack::is_no_space(&e) {
+        return StoreError::NoSpace { reference: key.into(), store: store.root.clone(), detail: format!("writing {}", path.display()) };
+    }
+    StoreError::Io { path: path.to_path_buf(), source: e }
+}
+
+fn unpack_err(store: &Store, key: &str, layer: &str, source: UnpackError) -> StoreError {
+    if source.is_no_space() {
+        return StoreError::NoSpace { reference: key.into(), store: store.root.clone(), detail: format!("unpacking layer {}", super::short(layer)) };
+    }
+    StoreError::Unpack { reference: key.into(), layer: super::short(layer).to_string(), source }
+}
+
+/// Fetches one layer unless another process published it while we waited for its lock.
+fn fetch_layer(
+    store: &Store,
+    client: &Client,
+    reporter: &Reporter,
+    key: &str,
+    layer: &Descriptor,
+    diff_id: &str,
+    chain_id: &str,
+) -> Result<Outcome, StoreError> {
+    let hex = diff_id.trim_start_matches("sha256:");
+    let lock_path = store.root.join("locks").join(format!("{hex}.lock"));
+    let _lock = lock::acquire(&lock_path, true).map_err(|e| io_err(store, key, &lock_path, e))?;
+    if let Some(rel) = published(store, diff_id, chain_id) {
+        return Ok(Outcome::Published(rel));
+    }
+    let digest = layer.digest().to_string();
+    let bar = reporter.layer(&digest, layer.size());
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let tmp = store.tmp_dir("layer")?;
+        match download_and_unpack(store, client, key, layer, diff_id, &tmp, &bar) {
+            Ok(links) if links.is_empty() => {
+                let rel = format!("layers/sha256/{hex}");
+                let dest = store.root.join(&rel);
+                std::fs::rename(&tmp, &dest).map_err(|e| io_err(store, key, &dest, e))?;
+                bar.done("done");
+                return Ok(Outcome::Published(rel));
+            }
+            Ok(links) => {
+                bar.done("done");
+                return Ok(Outcome::NeedsLowers { tmp, links });
+            }
+            Err(e) => {
+                let _ = super::gc::remove_tree(&tmp);
+                let retry = matches!(e, StoreError::Truncated { .. }) && attempt < LAYER_ATTEMPTS;
+                if !retry {
+                    bar.done("failed");
+                    return Err(e);
+                }
+                bar.restart();
+                std::thread::sleep(std::time::Duration::from_millis(500 * u64::from(attempt)));
+            }
+        }
+    }
+}
+
+/// Counts and hashes what passes through; refuses to read past `limit` bytes.
+struct Hashing<'a, R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+    limit: u64,
+    bar: Option<&'a LayerBar>,
+    /// The transport error that ended the stream, if one did.
+    failed: Option<String>,
+}
+
+impl<'a, R: Read> Hashing<'a, R> {
+    fn new(inner: R, limit: u64, bar: Option<&'a LayerBar>) -> Self {
+        Hashing { inner, hasher: Sha256::new(), count: 0, limit, bar, failed: None }
+    }
+
+    fn digest(self) -> (String, u64) {
+        (format!("sha256:{:x}", self.hasher.finalize()), self.count)
+    }
+}
+
+impl<R: Read> Read for Hashing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.count >= self.limit {
+            // Read one byte more than allowed to tell "exactly limit" from "too long".
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the blob is longer than its descriptor says")),
+            };
+        }
+        let max = buf.len().min((self.limit - self.count).min(usize::MAX as u64) as usize);
+        let n = match self.inner.read(&mut buf[..max]) {
+            Ok(n) => n,
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        if let Some(b) = self.bar {
+            b.inc(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// Streams one blob through hash, decompression, diff hash and the unpacker.
+/// Returns the hard links that point into lower layers.
+fn download_and_unpack(
+    store: &Store,
+    client: &Client,
+    key: &str,
+    layer: &Descriptor,
+    diff_id: &str,
+    tmp: &Path,
+    bar: &LayerBar,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let digest = layer.digest().to_string();
+    let compression = manifest::layer_compression(layer.media_type().as_ref())
+        .map_err(|e| StoreError::BadImage { reference: key.into(), why: e.to_string() })?;
+    let response = client.blob(&digest).map_err(|source| match source {
+        RegistryError::Unreachable { why, .. } => {
+            StoreError::Truncated { reference: key.into(), layer: super::short(&digest).into(), got: 0, expected: layer.size(), why }
+        }
+        source => StoreError::Registry { reference: key.into(), source },
+    })?;
+    bar.phase("pulling");
+    let mut blob = Hashing::new(response.into_reader(), layer.size(), Some(bar));
+    let result = {
+        let decoded: Box<dyn Read + '_> = match compression {
+            Compression::None => Box::new(&mut blob),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(&mut blob).map_err(|e| StoreError::BadImage { reference: key.into(), why: e.to_string() })?,
+            ),
+        };
+        let mut diff = Hashing::new(decoded, u64::MAX, None);
+        let unpacked = unpack::unpack(&mut diff, tmp, &store.opts);
+        // The tar end marker may leave padding unread; the diff_id covers it too.
+        let drained = unpacked.is_ok() && std::io::copy(&mut diff, &mut std::io::sink()).is_ok();
+        (unpacked, drained, diff.digest())
+    };
+    let (unpacked, drained, (diff_digest, _)) = result;
+    let rest = std::io::copy(&mut blob, &mut std::io::sink());
+    let transport_failed = blob.failed.clone();
+    let (blob_digest, got) = blob.digest();
+    let short = super::short(&digest).to_string();
+    if let Some(why) = transport_failed.or_else(|| rest.err().map(|e| e.to_string())).or_else(|| (got < layer.size()).then(|| "the stream ended early".to_string())) {
+        if got < layer.size() {
+            return Err(StoreError::Truncated { reference: key.into(), layer: short, got, expected: layer.size(), why });
+        }
+    }
+    let links = match unpacked {
+        Ok(u) => u.external_links,
+        Err(e) if blob_digest != digest && !e.is_no_space() && !matches!(e, UnpackError::Hostile { .. }) => {
+            return Err(StoreError::DigestMismatch { reference: key.into(), what: format!("layer {short}"), expected: digest, actual: blob_digest })
+        }
+        Err(e) => return Err(unpack_err(store, key, &digest, e)),
+    };
+    if blob_digest != digest {
+        return Err(StoreError::DigestMismatch { reference: key.into(), what: format!("layer {short}"), expected: digest, actual: blob_digest });
+    }
+    if !drained || diff_digest != diff_id {
+        return Err(StoreError::DigestMismatch {
+            reference: key.into(),
+            what: format!("uncompressed layer {short} (the config's diff_id)"),
+            expected: diff_id.into(),
+            actual: diff_digest,
+        });
+    }
+    Ok(links)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let d = ["sha256:aa".to_string(), "sha256:bb".to_string()];
+        let c = chain_ids(&d);
+        assert_eq!(c[0], "sha256:aa");
+        assert_eq!(c[1], format!("sha256:{:x}", Sha256::digest(b"sha256:aa sha256:bb")));
+    }
+
+    #[test]
+    fn hashing_reader_refuses_blobs_longer_than_declared() {
+        let data = vec![7u8; 100];
+        let mut r = Hashing::new(&data[..], 99, None);
+        let mut out = Vec::new();
+        assert!(r.read_to_end(&mut out).is_err());
+        let mut r = Hashing::new(&data[..], 100, None);
+        r.read_to_end(&mut out).unwrap();
+        let (digest, count) = r.digest();
+        assert_eq!((digest, count), (format!("sha256:{:x}", Sha256::digest(&data)), 100));
+    }
+}

@@ -1,0 +1,760 @@
+//! Layer application: one tar stream (already decompressed) written into one empty
+//! layer directory in overlayfs form, and the flattening of a stack of such
+//! directories into a plain root filesystem (`berth export`).
+//!
+//! Every layer is hostile input. All paths are resolved here, component by component
+//! from a directory fd with `O_NOFOLLOW`, so nothing is ever written through a symlink;
+//! `..` and absolute paths are refused; hard links may only point inside the layer
+//! (links to files of lower layers are recorded and copied up by [`link_from_lowers`]);
+//! device nodes are dropped; image xattrs that would forge overlay markers are dropped.
+//!
+//! Overlay form: an OCI whiteout `.wh.NAME` becomes a 0/0 character device `NAME`
+//! (allowed without `CAP_MKNOD` since Linux 5.8, so it works for non-root too); an
+//! opaque marker `.wh..wh..opq` becomes the xattr `<prefix>opaque=y` on its directory,
+//! with prefix `trusted.overlay.` when unpacking as root and `user.overlay.` otherwise
+//! (non-root cannot set `trusted.*`; such layers are mounted with overlay's `userxattr`
+//! option, in a user namespace, Linux 5.11+). Ownership is kept only when run as root.
+//!
+//! Never follows a symlink from the image while writing, never writes outside the
+//! directory it was given, never touches the network.
+
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags, CWD};
+use rustix::io::Errno;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Overlay xattr prefix for layers unpacked by root.
+pub const TRUSTED_PREFIX: &str = "trusted.overlay.";
+/// Overlay xattr prefix for layers unpacked without root (mount with `userxattr`).
+pub const USER_PREFIX: &str = "user.overlay.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("hostile layer: entry '{path}' {why}")]
+    Hostile { path: String, why: &'static str },
+    #[error("cannot write '{path}': {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("the layer is not a valid tar stream: {0}")]
+    Tar(std::io::Error),
+}
+
+impl UnpackError {
+    /// Whether the underlying cause is a full file system (so callers can say "free space").
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            UnpackError::Io { source, .. } | UnpackError::Tar(source) => is_no_space(source),
+            UnpackError::Hostile { .. } => false,
+        }
+    }
+}
+
+/// Whether an I/O error (or one it wraps) is ENOSPC or EDQUOT.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    if matches!(e.raw_os_error(), Some(code) if code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error()) {
+        return true;
+    }
+    e.get_ref().and_then(|inner| inner.downcast_ref::<std::io::Error>()).is_some_and(is_no_space)
+}
+
+/// How to write layers.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Keep owners and image xattrs outside `user.*` (needs root).
+    pub as_root: bool,
+    /// Mark opaque directories with `user.overlay.*` instead of `trusted.overlay.*`.
+    pub userxattr: bool,
+}
+
+impl Options {
+    /// Root keeps owners and uses `trusted.overlay.*`; anyone else neither.
+    pub fn for_caller() -> Options {
+        let root = rustix::process::geteuid().is_root();
+        Options { as_root: root, userxattr: !root }
+    }
+
+    pub fn overlay_prefix(&self) -> &'static str {
+        if self.userxattr {
+            USER_PREFIX
+        } else {
+            TRUSTED_PREFIX
+        }
+    }
+}
+
+/// What unpacking a layer found that needs the layers below it.
+#[derive(Debug, Default)]
+pub struct Unpacked {
+    /// Hard links (`link`, `target`) whose target is not in this layer.
+    pub external_links: Vec<(String, String)>,
+}
+
+type Comps = Vec<Vec<u8>>;
+
+/// Splits a tar path into clean components; refuses `..` and absolute paths.
+fn clean(raw: &[u8]) -> Result<Comps, UnpackError> {
+    let shown = || String::from_utf8_lossy(raw).into_owned();
+    if raw.starts_with(b"/") {
+        return Err(UnpackError::Hostile { path: shown(), why: "is an absolute path" });
+    }
+    let mut comps = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(UnpackError::Hostile { path: shown(), why: "contains '..'" }),
+            _ => comps.push(c.to_vec()),
+        }
+    }
+    Ok(comps)
+}
+
+fn show(comps: &[Vec<u8>]) -> String {
+    String::from_utf8_lossy(&comps.join(&b'/')).into_owned()
+}
+
+fn io(path: &[Vec<u8>], e: impl Into<std::io::Error>) -> UnpackError {
+    UnpackError::Io { path: show(path), source: e.into() }
+}
+
+fn os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+
+/// Opens `comps` below `root` without following any symlink; creates missing
+/// directories (mode 0755) when `create`.
+fn open_beneath(root: &OwnedFd, comps: &[Vec<u8>], create: bool) -> Result<OwnedFd, UnpackError> {
+    let mut cur = rustix::fs::openat(root, ".", DIR_FLAGS, Mode::empty()).map_err(|e| io(&[], e))?;
+    for (i, c) in comps.iter().enumerate() {
+        let here = &comps[..=i];
+        let next = match rustix::fs::openat(&cur, os(c), DIR_FLAGS, Mode::empty()) {
+            Err(Errno::NOENT) if create => {
+                match rustix::fs::mkdirat(&cur, os(c), Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(io(here, e)),
+                }
+                rustix::fs::openat(&cur, os(c), DIR_FLAGS, Mode::empty())
+            }
+            other => other,
+        };
+        cur = match next {
+            Ok(fd) => fd,
+            Err(Errno::LOOP | Errno::NOTDIR) => {
+                return Err(UnpackError::Hostile { path: show(here), why: "is a symlink or a file, and entries may not be written through it" })
+            }
+            Err(e) => return Err(io(here, e)),
+        };
+    }
+    Ok(cur)
+}
+
+/// Removes whatever is at `dir/name` unless it is a directory and `keep_dir`.
+/// Returns whether a directory was kept.
+fn clear_slot(dir: &OwnedFd, dir_path: &Path, name: &[u8], keep_dir: bool, shown: &[Vec<u8>]) -> Result<bool, UnpackError> {
+    match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(io(shown, e)),
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+            if keep_dir {
+                return Ok(true);
+            }
+            // std's remove_dir_all never follows symlinks inside the tree.
+            std::fs::remove_dir_all(dir_path.join(os(name))).map_err(|e| io(shown, e))?;
+            Ok(false)
+        }
+        Ok(_) => {
+            rustix::fs::unlinkat(dir, os(name), AtFlags::empty()).map_err(|e| io(shown, e))?;
+            Ok(false)
+        }
+    }
+}
+
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+}
+
+fn times(mtime: i64) -> Timestamps {
+    let t = Timespec { tv_sec: mtime, tv_nsec: 0 };
+    Timestamps { last_access: t, last_modification: t }
+}
+
+/// Writes one layer's tar stream into `dest` (an existing, empty directory).
+pub fn unpack<R: Read>(reader: R, dest: &Path, opts: &Options) -> Result<Unpacked, UnpackError> {
+    let root: OwnedFd = rustix::fs::open(dest, DIR_FLAGS, Mode::empty()).map_err(|e| io(&[], e))?;
+    let prefix = opts.overlay_prefix();
+    let mut out = Unpacked::default();
+    let mut dirs: Vec<(Comps, Meta)> = Vec::new();
+    let mut cached: Option<(Comps, OwnedFd)> = None;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries().map_err(UnpackError::Tar)? {
+        let mut entry = entry.map_err(UnpackError::Tar)?;
+        let comps = clean(&entry.path_bytes())?;
+        let header = entry.header();
+        let kind = header.entry_type();
+        let meta = Meta {
+            mode: header.mode().map_err(UnpackError::Tar)? & 0o7777,
+            uid: header.uid().map_err(UnpackError::Tar)? as u32,
+            gid: header.gid().map_err(UnpackError::Tar)? as u32,
+            mtime: header.mtime().map_err(UnpackError::Tar)? as i64,
+        };
+        let Some((name, parent)) = comps.split_last() else {
+            if kind.is_dir() {
+                dirs.push((Vec::new(), meta));
+            }
+            continue;
+        };
+        if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink) {
+            continue;
+        }
+        let dir = match cached.take() {
+            Some((p, fd)) if p.as_slice() == parent => fd,
+            _ => open_beneath(&root, parent, true)?,
+        };
+        let dir_path = dest.join(os(&parent.join(&b'/')));
+        if name == b".wh..wh..opq" {
+            set_xattr(&dir, &format!("{prefix}opaque"), b"y").map_err(|e| io(&comps, e))?;
+        } else if let Some(hidden) = name.strip_prefix(b".wh.") {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(UnpackError::Hostile { path: show(&comps), why: "is a whiteout of nothing" });
+            }
+            let shown = [parent, &[hidden.to_vec()]].concat();
+            clear_slot(&dir, &dir_path, hidden, false, &shown)?;
+            rustix::fs::mknodat(&dir, os(hidden), FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
+                .map_err(|e| io(&shown, e))?;
+        } else {
+            let xattrs = pax_xattrs(&mut entry, opts)?;
+            match kind {
+                tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                    clear_slot(&dir, &dir_path, name, false, &comps)?;
+                    let fd = rustix::fs::openat(
+                        &dir,
+                        os(name),
+                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(0o600),
+                    )
+                    .map_err(|e| io(&comps, e))?;
+                    let mut file = std::fs::File::from(fd);
+                    loop {
+                        let n = match entry.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(UnpackError::Tar(e)),
+                        };
+                        file.write_all(&buf[..n]).map_err(|e| io(&comps, e))?;
+                    }
+                    let fd = OwnedFd::from(file);
+                    if opts.as_root {
+                        rustix::fs::fchown(&fd, Some(uid(meta.uid)), Some(gid(meta.gid))).map_err(|e| io(&comps, e))?;
+                    }
+                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode)).map_err(|e| io(&comps, e))?;
+                    for (k, v) in &xattrs {
+                        set_xattr(&fd, k, v).map_err(|e| io(&comps, e))?;
+                    }
+                    rustix::fs::futimens(&fd, &times(meta.mtime)).map_err(|e| io(&comps, e))?;
+                }
+                tar::EntryType::Directory => {
+                    if !clear_slot(&dir, &dir_path, name, true, &comps)? {
+                        rustix::fs::mkdirat(&dir, os(name), Mode::from_raw_mode(0o755)).map_err(|e| io(&comps, e))?;
+                    }
+                    if !xattrs.is_empty() {
+                        let fd = open_beneath(&root, &comps, false)?;
+                        for (k, v) in &xattrs {
+                            set_xattr(&fd, k, v).map_err(|e| io(&comps, e))?;
+                        }
+                    }
+                    dirs.push((comps.clone(), meta));
+                }
+                tar::EntryType::Symlink => {
+                    let target = entry.link_name_bytes().ok_or_else(|| UnpackError::Hostile { path: show(&comps), why: "is a symlink without a target" })?;
+                    clear_slot(&dir, &dir_path, name, false, &comps)?;
+                    rustix::fs::symlinkat(os(&target), &dir, os(name)).map_err(|e| io(&comps, e))?;
+                    finish_at(&dir, name, &meta, opts, &comps)?;
+                }
+                tar::EntryType::Link => {
+                    let raw = entry.link_name_bytes().ok_or_else(|| UnpackError::Hostile { path: show(&comps), why: "is a hard link without a target" })?;
+                    let target = clean(&raw)?;
+                    let Some((tname, tparent)) = target.split_last() else {
+                        return Err(UnpackError::Hostile { path: show(&comps), why: "is a hard link to the layer root" });
+                    };
+                    clear_slot(&dir, &dir_path, name, false, &comps)?;
+                    let linked = match open_beneath(&root, tparent, false) {
+                        Ok(tdir) => rustix::fs::linkat(&tdir, os(tname), &dir, os(name), AtFlags::empty()),
+                        Err(UnpackError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Err(Errno::NOENT),
+                        Err(e) => return Err(e),
+                    };
+                    match linked {
+                        Ok(()) => {}
+                        Err(Errno::NOENT) => out.external_links.push((show(&comps), show(&target))),
+                        Err(Errno::PERM) => return Err(UnpackError::Hostile { path: show(&comps), why: "is a hard link to a directory" }),
+                        Err(e) => return Err(io(&comps, e)),
+                    }
+                }
+                tar::EntryType::Fifo => {
+                    clear_slot(&dir, &dir_path, name, false, &comps)?;
+                    rustix::fs::mknodat(&dir, os(name), FileType::Fifo, Mode::from_raw_mode(0o600), 0).map_err(|e| io(&comps, e))?;
+                    finish_at(&dir, name, &meta, opts, &comps)?;
+                    rustix::fs::chmodat(&dir, os(name), Mode::from_raw_mode(meta.mode), AtFlags::empty()).map_err(|e| io(&comps, e))?;
+                }
+                // Device nodes are dropped: a container gets its devices from the runtime, never from an image.
+                _ => {}
+            }
+        }
+        cached = Some((parent.to_vec(), dir));
+    }
+    drop(cached);
+    // Directory modes and times last, deepest first, so that read-only directories
+    // can still be filled and children do not bump their parents' mtimes.
+    dirs.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    for (comps, meta) in dirs {
+        let fd = open_beneath(&root, &comps, false)?;
+        if opts.as_root {
+            rustix::fs::fchown(&fd, Some(uid(meta.uid)), Some(gid(meta.gid))).map_err(|e| io(&comps, e))?;
+        }
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode)).map_err(|e| io(&comps, e))?;
+        rustix::fs::futimens(&fd, &times(meta.mtime)).map_err(|e| io(&comps, e))?;
+    }
+    Ok(out)
+}
+
+fn uid(u: u32) -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(u)
+}
+
+fn gid(g: u32) -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(g)
+}
+
+/// Owner and mtime of a non-regular, non-directory entry, without following it.
+fn finish_at(dir: &OwnedFd, name: &[u8], meta: &Meta, opts: &Options, comps: &[Vec<u8>]) -> Result<(), UnpackError> {
+    if opts.as_root {
+        rustix::fs::chownat(dir, os(name), Some(uid(meta.uid)), Some(gid(meta.gid)), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(comps, e))?;
+    }
+    rustix::fs::utimensat(dir, os(name), &times(meta.mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(comps, e))
+}
+
+fn set_xattr(fd: &impl AsFd, name: &str, value: &[u8]) -> std::io::Result<()> {
+    rustix::fs::fsetxattr(fd, name, value, XattrFlags::empty()).map_err(Into::into)
+}
+
+/// The entry's `SCHILY.xattr.*` PAX records that may be applied: never overlay
+/// markers (an image must not forge whiteouts), and only `user.*` without root.
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, opts: &Options) -> Result<Vec<(String, Vec<u8>)>, UnpackError> {
+    let mut out = Vec::new();
+    let Some(exts) = entry.pax_extensions().map_err(UnpackError::Tar)? else { return Ok(out) };
+    for ext in exts {
+        let ext = ext.map_err(UnpackError::Tar)?;
+        let Ok(key) = ext.key() else { continue };
+        let Some(name) = key.strip_prefix("SCHILY.xattr.") else { continue };
+        let forged = name.starts_with(TRUSTED_PREFIX) || name.starts_with(USER_PREFIX);
+        if forged || (!opts.as_root && !name.starts_with("user.")) {
+            continue;
+        }
+        out.push((name.to_string(), ext.value_bytes().to_vec()));
+    }
+    Ok(out)
+}
+
+/// Completes a layer whose hard links point at files of lower layers: each target is
+/// copied up from the highest lower layer that has it (with the metadata of its parent
+/// directories), then linked, so the layer alone gives the same hard-link group as
+/// applying the layers in order. `lowers` are the layer dirs below, lowest first.
+pub fn link_from_lowers(layer: &Path, lowers: &[PathBuf], links: &[(String, String)], opts: &Options) -> Result<(), UnpackError> {
+    let root: OwnedFd = rustix::fs::open(layer, DIR_FLAGS, Mode::empty()).map_err(|e| io(&[], e))?;
+    for (link, target) in links {
+        let tcomps = clean(target.as_bytes())?;
+        let lcomps = clean(link.as_bytes())?;
+        let (Some((tname, tparent)), Some((lname, lparent))) = (tcomps.split_last(), lcomps.split_last()) else {
+            return Err(UnpackError::Hostile { path: link.clone(), why: "is a hard link to the layer root" });
+        };
+        if open_beneath(&root, &tcomps[..tcomps.len() - 1], false).ok().and_then(|d| rustix::fs::statat(&d, os(tname), AtFlags::SYMLINK_NOFOLLOW).ok()).is_none() {
+            copy_up(&root, lowers, &tcomps, opts)?;
+        }
+        let tdir = open_beneath(&root, tparent, false)?;
+        let ldir = open_beneath(&root, lparent, true)?;
+        rustix::fs::linkat(&tdir, os(tname), &ldir, os(lname), AtFlags::empty()).map_err(|e| io(&lcomps, e))?;
+    }
+    Ok(())
+}
+
+fn copy_up(root: &OwnedFd, lowers: &[PathBuf], comps: &[Vec<u8>], opts: &Options) -> Result<(), UnpackError> {
+    let missing = || UnpackError::Hostile { path: show(comps), why: "is the target of a hard link but exists in no layer" };
+    let (name, parent) = comps.split_last().ok_or_else(missing)?;
+    for lower in lowers.iter().rev() {
+        let lroot: OwnedFd = rustix::fs::open(lower, DIR_FLAGS, Mode::empty()).map_err(|e| io(&[], e))?;
+        let Ok(ldir) = open_beneath(&lroot, parent, false) else { continue };
+        let st = match rustix::fs::statat(&ldir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(io(comps, e)),
+        };
+        let ft = FileType::from_raw_mode(st.st_mode);
+        if ft == FileType::CharacterDevice && st.st_rdev == 0 {
+            return Err(missing());
+        }
+        // Parent directories take the lower layer's metadata: overlay shows the upper's.
+        for depth in 1..=parent.len() {
+            let here = &parent[..depth];
+            let (dname, dparent) = here.split_last().ok_or_else(missing)?;
+            let up = open_beneath(root, dparent, false)?;
+            if rustix::fs::statat(&up, os(dname), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+                continue;
+            }
+            rustix::fs::mkdirat(&up, os(dname), Mode::from_raw_mode(0o755)).map_err(|e| io(here, e))?;
+            let src = open_beneath(&lroot, here, false)?;
+            let sst = rustix::fs::fstat(&src).map_err(|e| io(here, e))?;
+            let dst = open_beneath(root, here, false)?;
+            if opts.as_root {
+                rustix::fs::fchown(&dst, Some(uid(sst.st_uid)), Some(gid(sst.st_gid))).map_err(|e| io(here, e))?;
+            }
+            rustix::fs::fchmod(&dst, Mode::from_raw_mode(sst.st_mode & 0o7777)).map_err(|e| io(here, e))?;
+            rustix::fs::futimens(&dst, &times(sst.st_mtime)).map_err(|e| io(here, e))?;
+        }
+        let up = open_beneath(root, parent, false)?;
+        let meta = Meta { mode: st.st_mode & 0o7777, uid: st.st_uid, gid: st.st_gid, mtime: st.st_mtime };
+        match ft {
+            FileType::RegularFile => {
+                let src = rustix::fs::openat(&ldir, os(name), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io(comps, e))?;
+                let dst = rustix::fs::openat(&up, os(name), OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::from_raw_mode(0o600))
+                    .map_err(|e| io(comps, e))?;
+                let mut dst = std::fs::File::from(dst);
+                std::io::copy(&mut std::fs::File::from(src), &mut dst).map_err(|e| io(comps, e))?;
+                let dst = OwnedFd::from(dst);
+                if opts.as_root {
+                    rustix::fs::fchown(&dst, Some(uid(meta.uid)), Some(gid(meta.gid))).map_err(|e| io(comps, e))?;
+                }
+                rustix::fs::fchmod(&dst, Mode::from_raw_mode(meta.mode)).map_err(|e| io(comps, e))?;
+                rustix::fs::futimens(&dst, &times(meta.mtime)).map_err(|e| io(comps, e))?;
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(&ldir, os(name), Vec::new()).map_err(|e| io(comps, e))?;
+                rustix::fs::symlinkat(os(target.as_bytes()), &up, os(name)).map_err(|e| io(comps, e))?;
+                finish_at(&up, name, &meta, opts, comps)?;
+            }
+            FileType::Fifo => {
+                rustix::fs::mknodat(&up, os(name), FileType::Fifo, Mode::from_raw_mode(meta.mode), 0).map_err(|e| io(comps, e))?;
+                finish_at(&up, name, &meta, opts, comps)?;
+            }
+            _ => return Err(UnpackError::Hostile { path: show(comps), why: "is a hard link to a directory or device" }),
+        }
+        return Ok(());
+    }
+    Err(missing())
+}
+
+/// Whether a layer-dir entry is an overlay whiteout.
+fn is_whiteout(meta: &std::fs::Metadata) -> bool {
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+fn is_opaque(path: &Path) -> bool {
+    let mut buf = [0u8; 4];
+    [TRUSTED_PREFIX, USER_PREFIX]
+        .iter()
+        .any(|p| matches!(rustix::fs::lgetxattr(path, format!("{p}opaque").as_str(), &mut buf), Ok(1) if buf[0] == b'y'))
+}
+
+fn fs_err(path: &Path, e: std::io::Error) -> UnpackError {
+    UnpackError::Io { path: path.display().to_string(), source: e }
+}
+
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Flattens layer dirs (lowest first, in overlay form) into `dest`, the root
+/// filesystem that applying the layers in order gives: whiteouts delete, opaque
+/// directories hide what is below, hard-link groups stay groups.
+/// `dest` must be an existing directory that berth alone writes to while this runs.
+pub fn flatten(layers: &[PathBuf], dest: &Path, opts: &Options) -> Result<(), UnpackError> {
+    let mut state = Flatten { opts: *opts, links: HashMap::new(), dirs: HashMap::new() };
+    for layer in layers {
+        state.links.clear();
+        state.walk(layer, dest, Path::new(""))?;
+    }
+    let mut dirs: Vec<_> = state.dirs.into_iter().collect();
+    dirs.sort_by(|a, b| b.0.components().count().cmp(&a.0.components().count()));
+    for (rel, m) in dirs {
+        let path = dest.join(&rel);
+        match std::fs::symlink_metadata(&path) {
+            Ok(cur) if cur.is_dir() => {}
+            _ => continue,
+        }
+        if opts.as_root {
+            std::os::unix::fs::lchown(&path, Some(m.uid), Some(m.gid)).map_err(|e| fs_err(&path, e))?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m.mode)).map_err(|e| fs_err(&path, e))?;
+        rustix::fs::utimensat(CWD, &path, &times(m.mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fs_err(&path, e.into()))?;
+    }
+    Ok(())
+}
+
+struct Flatten {
+    opts: Options,
+    /// (dev, ino) of a source file in the current layer -> the first dest path written for it.
+    links: HashMap<(u64, u64), PathBuf>,
+    /// Directory metadata to apply at the end (last layer to mention a dir wins).
+    dirs: HashMap<PathBuf, Meta>,
+}
+
+impl Flatten {
+    fn walk(&mut self, src_root: &Path, dest_root: &Path, rel: &Path) -> Result<(), UnpackError> {
+        let src_dir = src_root.join(rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&src_dir)
+            .map_err(|e| fs_err(&src_dir, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| fs_err(&src_dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let rel = rel.join(entry.file_name());
+            let src = src_root.join(&rel);
+            let dest = dest_root.join(&rel);
+            let meta = std::fs::symlink_metadata(&src).map_err(|e| fs_err(&src, e))?;
+            let m = Meta { mode: meta.mode() & 0o7777, uid: meta.uid(), gid: meta.gid(), mtime: meta.mtime() };
+            if is_whiteout(&meta) {
+                remove_any(&dest).map_err(|e| fs_err(&dest, e))?;
+                self.dirs.retain(|p, _| !p.starts_with(&rel));
+                continue;
+            }
+            if meta.is_dir() {
+                let existing = std::fs::symlink_metadata(&dest).ok();
+                if existing.as_ref().is_some_and(|e| !e.is_dir()) {
+                    remove_any(&dest).map_err(|e| fs_err(&dest, e))?;
+                }
+                if existing.as_ref().is_some_and(|e| e.is_dir()) && is_opaque(&src) {
+                    remove_any(&dest).map_err(|e| fs_err(&dest, e))?;
+                    self.dirs.retain(|p, _| !p.starts_with(&rel));
+                }
+                if std::fs::symlink_metadata(&dest).is_err() {
+                    std::fs::create_dir(&dest).map_err(|e| fs_err(&dest, e))?;
+                }
+                self.dirs.insert(rel.clone(), m);
+                self.walk(src_root, dest_root, &rel)?;
+                continue;
+            }
+            remove_any(&dest).map_err(|e| fs_err(&dest, e))?;
+            self.dirs.retain(|p, _| !p.starts_with(&rel));
+            let key = (meta.dev(), meta.ino());
+            if meta.nlink() > 1 {
+                if let Some(first) = self.links.get(&key) {
+                    std::fs::hard_link(first, &dest).map_err(|e| fs_err(&dest, e))?;
+                    continue;
+                }
+            }
+            let ft = meta.file_type();
+            if ft.is_file() {
+                std::fs::copy(&src, &dest).map_err(|e| fs_err(&dest, e))?;
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&src).map_err(|e| fs_err(&src, e))?;
+                std::os::unix::fs::symlink(&target, &dest).map_err(|e| fs_err(&dest, e))?;
+            } else if ft.is_fifo() {
+                rustix::fs::mknodat(CWD, &dest, FileType::Fifo, Mode::from_raw_mode(0o600), 0).map_err(|e| fs_err(&dest, e.into()))?;
+            } else {
+                continue;
+            }
+            if self.opts.as_root {
+                std::os::unix::fs::lchown(&dest, Some(m.uid), Some(m.gid)).map_err(|e| fs_err(&dest, e))?;
+            }
+            if !ft.is_symlink() {
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(m.mode)).map_err(|e| fs_err(&dest, e))?;
+            }
+            rustix::fs::utimensat(CWD, &dest, &times(m.mtime), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fs_err(&dest, e.into()))?;
+            if meta.nlink() > 1 {
+                self.links.insert(key, dest);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    enum E<'a> {
+        File(&'a str, &'a [u8], u32),
+        Dir(&'a str, u32),
+        Sym(&'a str, &'a str),
+        Hard(&'a str, &'a str),
+        Fifo(&'a str),
+        Char(&'a str),
+    }
+
+    fn tar_of(entries: &[E]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for e in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_600_000_000);
+            let (path, data): (&str, &[u8]) = match e {
+                E::File(p, d, m) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(*m);
+                    (p, d)
+                }
+                E::Dir(p, m) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(*m);
+                    (p, b"")
+                }
+                E::Sym(p, t) | E::Hard(p, t) => {
+                    h.set_entry_type(if matches!(e, E::Sym(..)) { tar::EntryType::Symlink } else { tar::EntryType::Link });
+                    h.set_mode(0o777);
+                    // Written raw so hostile link names reach the unpacker unchanged.
+                    let name = h.as_old_mut();
+                    name.linkname[..t.len()].copy_from_slice(t.as_bytes());
+                    (p, b"")
+                }
+                E::Fifo(p) => {
+                    h.set_entry_type(tar::EntryType::Fifo);
+                    h.set_mode(0o644);
+                    (p, b"")
+                }
+                E::Char(p) => {
+                    h.set_entry_type(tar::EntryType::Char);
+                    h.set_mode(0o644);
+                    (p, b"")
+                }
+            };
+            // Raw name too: tar::Builder refuses '..' itself, and we want to test the unpacker.
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn opts() -> Options {
+        Options::for_caller()
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("berth-unpack-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn writes_files_dirs_links_and_overlay_whiteouts() {
+        let d = tmp("basic");
+        let t = tar_of(&[
+            E::Dir("./", 0o755),
+            E::Dir("etc/", 0o755),
+            E::File("etc/a", b"hello", 0o4755),
+            E::Hard("etc/b", "etc/a"),
+            E::Sym("etc/s", "/etc/a"),
+            E::Fifo("etc/f"),
+            E::Char("etc/tty"),
+            E::File("etc/.wh.gone", b"", 0o644),
+            E::Dir("ro/", 0o555),
+            E::File("ro/x", b"x", 0o444),
+            E::File("ro/.wh..wh..opq", b"", 0o644),
+            E::Hard("new", "lower/file"),
+        ]);
+        let out = unpack(&t[..], &d, &opts()).unwrap();
+        let a = std::fs::metadata(d.join("etc/a")).unwrap();
+        assert_eq!(std::fs::read(d.join("etc/a")).unwrap(), b"hello");
+        assert_eq!(a.mode() & 0o7777, 0o4755);
+        assert_eq!(a.ino(), std::fs::metadata(d.join("etc/b")).unwrap().ino());
+        assert_eq!(std::fs::read_link(d.join("etc/s")).unwrap(), Path::new("/etc/a"));
+        assert!(std::fs::symlink_metadata(d.join("etc/f")).unwrap().file_type().is_fifo());
+        assert!(std::fs::symlink_metadata(d.join("etc/tty")).is_err(), "device nodes are dropped");
+        assert!(is_whiteout(&std::fs::symlink_metadata(d.join("etc/gone")).unwrap()));
+        assert!(std::fs::symlink_metadata(d.join("etc/.wh.gone")).is_err());
+        assert!(is_opaque(&d.join("ro")));
+        assert_eq!(std::fs::metadata(d.join("ro")).unwrap().mode() & 0o7777, 0o555);
+        assert_eq!(out.external_links, vec![("new".to_string(), "lower/file".to_string())]);
+        let _ = std::fs::set_permissions(d.join("ro"), std::fs::Permissions::from_mode(0o755));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn refuses_every_path_escape() {
+        let outside = tmp("outside");
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("dotdot", tar_of(&[E::File("../escape", b"x", 0o644)])),
+            ("dotdot-inner", tar_of(&[E::Dir("a/", 0o755), E::File("a/../../escape", b"x", 0o644)])),
+            ("absolute", tar_of(&[E::File("/tmp/escape", b"x", 0o644)])),
+            ("symlink-parent", tar_of(&[E::Sym("l", outside.to_str().unwrap()), E::File("l/escape", b"x", 0o644)])),
+            ("symlink-dotdot", tar_of(&[E::Sym("l", "../../../../"), E::File("l/escape", b"x", 0o644)])),
+            ("hardlink-out", tar_of(&[E::Hard("h", "../../etc/passwd")])),
+            ("hardlink-abs", tar_of(&[E::Hard("h", "/etc/passwd")])),
+            ("hardlink-via-symlink", tar_of(&[E::Sym("l", "/etc"), E::Hard("h", "l/passwd")])),
+            ("whiteout-dotdot", tar_of(&[E::File(".wh..", b"", 0o644)])),
+        ];
+        for (name, t) in cases {
+            let d = tmp(name);
+            let err = unpack(&t[..], &d, &opts()).expect_err(name);
+            assert!(matches!(err, UnpackError::Hostile { .. }), "{name}: {err}");
+            assert!(err.to_string().starts_with("hostile layer: entry '"), "{name}: {err}");
+            assert!(std::fs::read_dir(&outside).unwrap().next().is_none(), "{name} wrote outside");
+            assert!(!Path::new("/tmp/escape").exists() && !d.parent().unwrap().join("escape").exists(), "{name}");
+            std::fs::remove_dir_all(&d).unwrap();
+        }
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn rejects_forged_overlay_xattrs_and_garbage() {
+        let d = tmp("garbage");
+        let err = unpack(&b"this is not a tar archive at all, just text padding it out"[..], &d, &opts());
+        // A short non-tar stream reads as an empty archive or an error; either way nothing is written.
+        assert!(err.is_err() || std::fs::read_dir(&d).unwrap().next().is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn lower_hard_links_are_copied_up_and_layers_flatten_like_applying_them() {
+        let base = tmp("flatten");
+        let (l1, l2, l3, out) = (base.join("l1"), base.join("l2"), base.join("l3"), base.join("out"));
+        for p in [&l1, &l2, &l3, &out] {
+            std::fs::create_dir(p).unwrap();
+        }
+        unpack(
+            &tar_of(&[
+                E::Dir("d/", 0o755),
+                E::File("d/keep", b"k", 0o644),
+                E::File("d/old", b"o", 0o644),
+                E::Dir("opq/", 0o700),
+                E::File("opq/hidden", b"h", 0o644),
+                E::File("bin", b"b", 0o755),
+                E::Sym("link", "bin"),
+            ])[..],
+            &l1,
+            &opts(),
+        )
+        .unwrap();
+        unpack(&tar_of(&[E::Dir("d/", 0o755), E::File("d/.wh.old", b"", 0o644), E::Dir("opq/", 0o750), E::File("opq/.wh..wh..opq", b"", 0o644), E::File("opq/new", b"n", 0o600)])[..], &l2, &opts()).unwrap();
+        let ext = unpack(&tar_of(&[E::Dir("x/", 0o755), E::Hard("x/bin2", "bin")])[..], &l3, &opts()).unwrap();
+        assert_eq!(ext.external_links.len(), 1);
+        link_from_lowers(&l3, &[l1.clone(), l2.clone()], &ext.external_links, &opts()).unwrap();
+        assert_eq!(std::fs::metadata(l3.join("bin")).unwrap().ino(), std::fs::metadata(l3.join("x/bin2")).unwrap().ino());
+        flatten(&[l1, l2, l3], &out, &opts()).unwrap();
+        assert_eq!(std::fs::read(out.join("d/keep")).unwrap(), b"k");
+        assert!(!out.join("d/old").exists());
+        assert!(!out.join("opq/hidden").exists());
+        assert_eq!(std::fs::read(out.join("opq/new")).unwrap(), b"n");
+        assert_eq!(std::fs::metadata(out.join("opq")).unwrap().mode() & 0o7777, 0o750);
+        let (a, b) = (std::fs::metadata(out.join("bin")).unwrap(), std::fs::metadata(out.join("x/bin2")).unwrap());
+        assert_eq!((a.ino(), a.nlink(), a.mode() & 0o777), (b.ino(), 2, 0o755));
+        assert_eq!(std::fs::read_link(out.join("link")).unwrap(), Path::new("bin"));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
