@@ -415,6 +415,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         .map(|ns| Ok((open_fd(&Path::new("/proc/self/ns").join(ns), OFlag::O_RDONLY)?, ns_flag(ns))))
         .collect::<Result<_>>()?;
 
+    let all_cpus = settle_on_pinnable_cpu(&dir.join("mnt"), &home[0].0)?;
     nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
     let inside = assemble(&overlay, &root, layout, spec.hostname.as_deref()).and_then(|()| {
         namespaces.iter().map(|ns| open_fd(&Path::new("/proc/thread-self/ns").join(ns), OFlag::O_RDONLY)).collect::<Result<Vec<_>>>()
@@ -433,6 +434,9 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         nix::mount::mount(Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str()), &pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .map_err(sys_err("pin the container's namespace"))?;
     }
+    // Children started later (an sshd) must not inherit the single CPU.
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all_cpus)
+        .map_err(sys_err("restore the CPU affinity"))?;
 
     let state = State {
         job: spec.job.clone(),
@@ -451,6 +455,48 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     })?;
     write_atomic(&dir.join("state.json"), &json)?;
     Ok(state)
+}
+
+/// Linux (6.18 at least) hands out namespace ids from per-CPU batches, and refuses to
+/// pin (bind-mount) a mount namespace whose id is below that of the namespace doing the
+/// pinning (its loop check, EINVAL). Where berth runs in the boot mount namespace every
+/// new one is younger, but where the node itself is a later namespace (the test
+/// cluster's hosts, a containerised slurmd) a new namespace made on the wrong CPU cannot
+/// be pinned. So: find a CPU whose new namespaces pin, by pinning a throwaway one on
+/// `probe`, and stay on it until the real one is pinned (ids on one CPU only grow).
+/// Returns the affinity to restore afterwards.
+fn settle_on_pinnable_cpu(probe: &Path, home: &OwnedFd) -> Result<nix::sched::CpuSet> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    let this_thread = nix::unistd::Pid::from_raw(0);
+    let all = sched_getaffinity(this_thread).map_err(sys_err("read the CPU affinity"))?;
+    // The CPUs this process may use first, then any other the kernel lets root move to.
+    let allowed = |cpu: &usize| all.is_set(*cpu).unwrap_or(false);
+    let cpus = (0..CpuSet::count()).filter(allowed).chain((0..CpuSet::count()).filter(|cpu| !allowed(cpu)));
+    for cpu in cpus {
+        let mut one = CpuSet::new();
+        one.set(cpu).map_err(sys_err("choose a CPU"))?;
+        if sched_setaffinity(this_thread, &one).is_err() {
+            continue; // offline, absent, or outside this process's cpuset
+        }
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys_err("create a probe namespace"))?;
+        let fresh = open_fd(Path::new("/proc/thread-self/ns/mnt"), OFlag::O_RDONLY);
+        if let Err(e) = nix::sched::setns(home.as_fd(), CloneFlags::CLONE_NEWNS) {
+            eprintln!("berth: cannot return to the host's mount namespace: {e}");
+            std::process::exit(70);
+        }
+        let fresh = fresh?;
+        let source = format!("/proc/self/fd/{}", fresh.as_raw_fd());
+        match nix::mount::mount(Some(source.as_str()), probe, None::<&str>, MsFlags::MS_BIND, None::<&str>) {
+            Ok(()) => {
+                nix::mount::umount2(probe, MntFlags::MNT_DETACH).map_err(sys_err("unpin the probe namespace"))?;
+                return Ok(all);
+            }
+            Err(Errno::EINVAL) => continue,
+            Err(e) => return Err(sys_err("pin the container's namespace")(e)),
+        }
+    }
+    sched_setaffinity(this_thread, &all).map_err(sys_err("restore the CPU affinity"))?;
+    Err(sys_err("pin the container's namespace (on no CPU is a new namespace younger than this node's)")(Errno::EINVAL))
 }
 
 fn ns_flag(ns: &str) -> CloneFlags {
