@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 
 /// Files in a container's dir that may hold a pinned namespace.
 pub const PINS: &[&str] = &["mnt", "uts", "ipc"];
-/// statfs magic of the namespace file system (a pinned namespace file).
-const NSFS_MAGIC: i64 = 0x6e73_6673;
 /// How long processes may take to die after SIGKILL.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,7 +43,7 @@ pub struct Destroyed {
 
 /// Whether `path` is a bind mount of a namespace file.
 pub fn is_pinned(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC).unwrap_or(false)
 }
 
 /// Takes the job's lock (`<job dir>/.lock`), creating the job dir when `create`; `None`

@@ -572,8 +572,7 @@ fn exec_as(joined: &Joined, argv: &[String], overrides: &[String], drop: Privile
         let cpath = CString::new(resolved.as_os_str().as_bytes()).map_err(|_| exec_err(Errno::EINVAL))?;
         let cargs: Vec<CString> = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>().map_err(|_| exec_err(Errno::EINVAL))?;
         sys::cloexec_from(3).map_err(sys_err("mark the host's descriptors close-on-exec"))?;
-        let err = nix::unistd::execve(&cpath, &cargs, &env::to_cstrings(&vars)).map_err(exec_err);
-        err
+        nix::unistd::execve(&cpath, &cargs, &env::to_cstrings(&vars)).map_err(exec_err)
     };
     match run() {
         Ok(never) => match never {},

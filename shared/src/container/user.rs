@@ -189,12 +189,12 @@ mod tests {
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
         let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
-        assert_eq!(nobody.open_as_user(&[public.clone()]).unwrap().len(), 1);
+        assert_eq!(nobody.open_as_user(std::slice::from_ref(&public)).unwrap().len(), 1);
         let err = nobody.open_as_user(&[public.clone(), private.clone()]).unwrap_err();
         assert!(matches!(err, UserError::Denied { source: Errno::EACCES, .. }), "{err}");
         assert!(err.to_string().contains("private"), "{err}");
         let root = Credentials { uid: 0, gid: 0, groups: vec![] };
-        assert_eq!(root.open_as_user(&[private.clone()]).unwrap().len(), 1);
+        assert_eq!(root.open_as_user(std::slice::from_ref(&private)).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
