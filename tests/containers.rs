@@ -296,6 +296,7 @@ fn destroy_leaves_nothing_and_can_run_twice() {
     text(&f.create(&["--rank", "3"]));
     // A process that outlives its step, as a daemon a task left behind would.
     let pid = text(&f.exec(&[], "sleep 300 </dev/null >/dev/null 2>&1 & echo $!"));
+    let ns = std::fs::read_link(format!("/proc/{}/ns/mnt", pid.trim())).unwrap();
     let list = text(&f.berth(&["container", "list", "--json"]));
     assert!(list.contains("\"processes\":1"), "{list}");
     assert!(!mounts_mentioning(&f.job_dir()).is_empty());
@@ -304,14 +305,17 @@ fn destroy_leaves_nothing_and_can_run_twice() {
     assert!(done["killed"].as_u64().unwrap() >= 1, "{done}");
     assert!(mounts_mentioning(&f.job_dir()).is_empty(), "{:?}", mounts_mentioning(&f.job_dir()));
     assert!(!f.job_dir().exists());
-    let _ = pid;
-    let alive = Command::new("pgrep").args(["-f", "sleep 300"]).output().unwrap();
-    let ours: Vec<String> = String::from_utf8_lossy(&alive.stdout)
-        .lines()
-        .filter(|p| std::fs::read_link(format!("/proc/{p}/root")).map(|r| r != Path::new("/")).unwrap_or(false))
-        .map(String::from)
+    let pid = pid.trim();
+    // Gone, or a zombie waiting for an init that does not reap (it runs nothing).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(state.is_empty() || state.contains("State:\tZ"), "process {pid} of the container survived: {state}");
+    let in_ns: Vec<_> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::read_link(e.path().join("ns/mnt")).map(|l| l == ns).unwrap_or(false))
+        .map(|e| e.file_name())
         .collect();
-    assert!(ours.is_empty(), "container processes survived: {ours:?}");
+    assert!(in_ns.is_empty(), "processes left in the container's namespace: {in_ns:?}");
     let again: serde_json::Value = serde_json::from_str(&text(&f.destroy())).unwrap();
     assert_eq!(again["containers"], 0);
 }
@@ -459,11 +463,14 @@ fn on_a_node_destroy_leaves_nothing_and_runs_twice() {
     let job = NodeJob::new("teardown");
     let out = text(&job.sh(&format!(
         "$B container create --job $J --user {} --image {} >/dev/null && \
-         $B container exec --job $J -- sh -c 'sleep 300 </dev/null >/dev/null 2>&1 &' && \
+         pid=$($B container exec --job $J -- sh -c 'sleep 300 </dev/null >/dev/null 2>&1 & echo $!') && \
+         ns=$(readlink /proc/$pid/ns/mnt) && \
          grep -c /run/berth/$J /proc/mounts; \
          $B container destroy --job $J; $B container destroy --job $J; \
          grep -c /run/berth/$J /proc/mounts; ls /run/berth/$J 2>&1 | grep -c 'No such'; \
-         for p in $(pgrep -x sleep); do readlink /proc/$p/root; done | grep -vc '^/$' || true",
+         st=$(awk '/^State:/ {{print $2}}' /proc/$pid/status 2>/dev/null); \
+         [ -n \"$st\" ] && [ \"$st\" != Z ] && echo alive || echo gone; \
+         for p in /proc/[0-9]*; do readlink $p/ns/mnt; done 2>/dev/null | grep -c \"$ns\" || true",
         cluster().users()[0],
         job.image
     )));
@@ -471,7 +478,7 @@ fn on_a_node_destroy_leaves_nothing_and_runs_twice() {
     assert_eq!(lines[0], "1", "the pin is the only host mount: {out}");
     assert!(lines[1].contains("\"containers\":1") && lines[1].contains("\"killed\":1"), "{out}");
     assert!(lines[2].contains("\"containers\":0"), "{out}");
-    assert_eq!(&lines[3..], ["0", "1", "0"], "no mount, no dir, no process left: {out}");
+    assert_eq!(&lines[3..], ["0", "1", "gone", "0"], "no mount, no dir, no process left: {out}");
 }
 
 #[test]
