@@ -433,6 +433,9 @@ fn on_a_node_a_task_sees_the_image_as_the_job_user_with_nothing_more() {
     assert!(out.contains(&format!("\n{uid}{gids}")), "uid and groups of {user}: {out}");
     assert!(out.contains("CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nNoNewPrivs:\t1\n"), "{out}");
     assert!(out.ends_with("\n0\n"), "every mount nosuid: {out}");
+    // The job user's home is bound in (the admin default), nosuid,nodev.
+    let home = text(&job.sh(&format!("$B container exec --job $J -- grep ' /home/{user} ' /proc/self/mountinfo")));
+    assert!(home.split(' ').nth(5).is_some_and(|o| o.starts_with("rw,nosuid,nodev")), "{home}");
     // The image has no /proc, /sys or /dev: they were made in the upper dir only.
     let made = text(&job.sh("ls -d /var/lib/berth/layers/*/*/proc /var/lib/berth/layers/*/*/dev 2>/dev/null | wc -l; ls -d /run/berth/$J/node/upper/proc"));
     assert_eq!(made, format!("0\n/run/berth/{}/node/upper/proc\n", job.job));
@@ -539,4 +542,36 @@ fn a_plain_user_pulls_into_a_store_of_their_own_and_runs_rootless() {
     assert_eq!(text(&out), "NAME=\"berth minimal\"\n65534\nkept\n");
     let owned = std::fs::read_dir(store.join("layers/sha256")).unwrap().count();
     assert!(owned >= 1, "the image was unpacked into the user's store");
+}
+
+#[test]
+fn site_mounts_devices_host_name_and_ipc_namespace_are_as_configured() {
+    let f = Fixture::new("configured");
+    let site = f.dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("tool"), "site tool\n").unwrap();
+    let config = std::fs::read_to_string(f.dir.join("berth.toml")).unwrap();
+    std::fs::write(
+        f.dir.join("berth.toml"),
+        format!("{config}[[site_mounts]]\nsource = \"{}\"\ntarget = \"/opt/site\"\nread_only = true\n", site.display()),
+    )
+    .unwrap();
+    text(&f.create(&["--hostname", "c1", "--ipc", "--device", "/dev/loop-control"]));
+    let out = text(&f.exec(
+        &[],
+        "cat /opt/site/tool; grep ' /opt/site ' /proc/self/mountinfo | cut -d' ' -f6; hostname; \
+         test -c /dev/loop-control && echo device; readlink /proc/self/ns/ipc",
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..4], ["site tool", "ro,nosuid,nodev,relatime", "c1", "device"], "{out}");
+    let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    assert_ne!(Path::new(lines[4]), host_ipc, "own IPC namespace");
+    let host_name = nix::unistd::gethostname().unwrap();
+    assert_ne!(host_name, "c1", "the host keeps its name");
+    let pins: Vec<String> = ["mnt", "uts", "ipc"].iter().map(|p| f.job_dir().join("node").join(p).display().to_string()).collect();
+    assert_eq!(mounts_mentioning(&f.job_dir()).len(), 3, "three pins");
+    text(&f.destroy());
+    for pin in pins {
+        assert!(mounts_mentioning(Path::new(&pin)).is_empty(), "{pin} still mounted");
+    }
 }
