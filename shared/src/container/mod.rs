@@ -353,17 +353,18 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
             source_path: site.source.clone(),
             target: site.target.clone(),
             read_only: site.read_only,
+            as_user: false,
         });
     }
     for ((source_path, target, read_only), source) in checked.into_iter().zip(fds) {
-        layout.binds.push(Bind { source, source_path, target, read_only });
+        layout.binds.push(Bind { source, source_path, target, read_only, as_user: true });
     }
     for device in &spec.devices {
         let target = device.clone();
         if !target.starts_with("/dev/") {
             return Err(MountError::BadTarget { source_path: device.clone(), target, why: "devices must be under /dev" }.into());
         }
-        layout.devices.push(Bind { source: open_fd(device, OFlag::O_PATH)?, source_path: device.clone(), target, read_only: false });
+        layout.devices.push(Bind { source: open_fd(device, OFlag::O_PATH)?, source_path: device.clone(), target, read_only: false, as_user: false });
     }
     Ok(layout)
 }
@@ -416,7 +417,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         .collect::<Result<_>>()?;
 
     nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
-    let inside = assemble(&overlay, &root, layout, spec.hostname.as_deref()).and_then(|()| {
+    let inside = assemble(&overlay, &root, layout, &spec.user, spec.hostname.as_deref()).and_then(|()| {
         namespaces.iter().map(|ns| open_fd(&Path::new("/proc/thread-self/ns").join(ns), OFlag::O_RDONLY)).collect::<Result<Vec<_>>>()
     });
     // Back to the host's namespaces whatever happened; if that fails this process
@@ -462,11 +463,18 @@ fn ns_flag(ns: &str) -> CloneFlags {
 }
 
 /// Runs inside a new mount namespace: mounts the root and its tree and pivots into it.
-fn assemble(overlay: &Overlay, root: &Path, mut layout: Layout, hostname: Option<&str>) -> Result<()> {
+fn assemble(overlay: &Overlay, root: &Path, mut layout: Layout, user: &Credentials, hostname: Option<&str>) -> Result<()> {
     make_rprivate()?;
-    mounts::reopen_sources(&mut layout)?;
+    reopen_sources(&mut layout, user)?;
     overlay.mount(root)?;
     finish_root(root, layout, hostname)
+}
+
+/// Opens the bind sources again in the new namespace: the user's with the user's
+/// file-system identity, the admin's (site mounts, devices) as root.
+fn reopen_sources(layout: &mut Layout, user: &Credentials) -> Result<()> {
+    user.with_fs_identity(|| mounts::reopen_sources(layout, true))??;
+    Ok(mounts::reopen_sources(layout, false)?)
 }
 
 /// Mounts the tree into the overlay mounted at `root` and pivots into it.
@@ -635,7 +643,7 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) 
             map_self(&spec.user)?;
         }
         make_rprivate()?;
-        mounts::reopen_sources(&mut layout)?;
+        reopen_sources(&mut layout, &spec.user)?;
         let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), Path::new(RUN_SCRATCH));
         overlay.userxattr = spec.image.userxattr || rootless;
         let layers = overlay.open_layers()?;
