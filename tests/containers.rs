@@ -478,8 +478,10 @@ fn on_a_node_destroy_leaves_nothing_and_runs_twice() {
         job.image
     )));
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "1", "the pin is the only host mount: {out}");
-    assert!(lines[1].contains("\"containers\":1") && lines[1].contains("\"killed\":1"), "{out}");
+    // The pin is the only host mount (none when the kernel refused the bind and an
+    // anchor process holds the namespace instead; destroy then kills it too).
+    assert!(lines[0] == "1" || lines[0] == "0", "{out}");
+    assert!(lines[1].contains("\"containers\":1") && !lines[1].contains("\"killed\":0"), "{out}");
     assert!(lines[2].contains("\"containers\":0"), "{out}");
     assert_eq!(&lines[3..], ["0", "1", "gone", "0"], "no mount, no dir, no process left: {out}");
 }

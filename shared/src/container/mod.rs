@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 pub use user::{Credentials, UserError};
 
@@ -190,6 +191,10 @@ pub struct State {
     pub user: Credentials,
     pub workdir: String,
     pub namespaces: Vec<String>,
+    /// Inode of the container's mount namespace, checked by `join` so that a pin
+    /// never leads anywhere else.
+    #[serde(default)]
+    pub mnt_inode: u64,
 }
 
 /// A created (or reused) container, as `create` prints it.
@@ -429,11 +434,8 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         }
     }
     let pinned = inside?;
-    for (ns, fd) in namespaces.iter().zip(&pinned) {
-        let pin = dir.join(ns);
-        nix::mount::mount(Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str()), &pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(sys_err("pin the container's namespace"))?;
-    }
+    let mnt_inode = nix::sys::stat::fstat(pinned[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
+    pin(dir, &namespaces, &pinned)?;
 
     let state = State {
         job: spec.job.clone(),
@@ -442,6 +444,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         user: spec.user.clone(),
         workdir,
         namespaces,
+        mnt_inode,
     };
     write_atomic(&dir.join("env"), &env::encode(&container_env))?;
     write_atomic(&dir.join("workdir"), state.workdir.as_bytes())?;
@@ -452,6 +455,60 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     })?;
     write_atomic(&dir.join("state.json"), &json)?;
     Ok(state)
+}
+
+/// Pins the new namespaces at `<dir>/<ns>`: a bind mount of each nsfs file. Some
+/// kernels refuse that bind now and then with EINVAL (seen on 6.18 inside the test
+/// cluster's node namespaces, never in the initial one); then a small anchor process
+/// joins the namespaces and idles, and each pin becomes a symlink to its
+/// `/proc/<pid>/ns/<ns>`. Either way, opening the pin opens the namespace; destroy
+/// kills the anchor with everything else inside.
+fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<()> {
+    let mut bound = Vec::new();
+    for (ns, fd) in namespaces.iter().zip(fds) {
+        let target = dir.join(ns);
+        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        match nix::mount::mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>) {
+            Ok(()) => bound.push(target),
+            Err(Errno::EINVAL) => {
+                for done in &bound {
+                    let _ = nix::mount::umount2(done, MntFlags::MNT_DETACH);
+                }
+                return pin_with_anchor(dir, namespaces, fds);
+            }
+            Err(e) => return Err(sys_err("pin the container's namespace")(e)),
+        }
+    }
+    Ok(())
+}
+
+fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<()> {
+    let anchor = match sys::fork().map_err(sys_err("start the container's anchor"))? {
+        sys::Forked::Child => {
+            for (ns, fd) in namespaces.iter().zip(fds) {
+                if nix::sched::setns(fd.as_fd(), ns_flag(ns)).is_err() {
+                    sys::exit_now(1);
+                }
+            }
+            sys::become_anchor()
+        }
+        sys::Forked::Parent(pid) => pid,
+    };
+    for ns in namespaces {
+        let target = dir.join(ns);
+        std::fs::remove_file(&target).map_err(io("replace", &target))?;
+        std::os::unix::fs::symlink(format!("/proc/{anchor}/ns/{ns}"), &target).map_err(io("create", &target))?;
+    }
+    // The anchor has joined once its namespace shows up behind the pin.
+    let mnt = dir.join("mnt");
+    let want = nix::sys::stat::fstat(fds[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
+    for _ in 0..1000 {
+        if std::fs::metadata(&mnt).map(|m| m.ino()).ok() == Some(want) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Err(ContainerError::Sys { action: "start the container's anchor", source: Errno::ETIMEDOUT })
 }
 
 fn ns_flag(ns: &str) -> CloneFlags {
@@ -528,6 +585,12 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
         .iter()
         .map(|ns| Ok((open_fd(&dir.join(ns), OFlag::O_RDONLY)?, ns_flag(ns))))
         .collect::<Result<_>>()?;
+    if state.mnt_inode != 0 {
+        let inode = nix::sys::stat::fstat(fds[0].0.as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
+        if inode != state.mnt_inode {
+            return Err(ContainerError::NotFound { job: job.into(), name: name.into() });
+        }
+    }
     for (fd, flag) in &fds {
         nix::sched::setns(fd.as_fd(), *flag).map_err(sys_err("join the container's namespaces"))?;
     }
@@ -663,6 +726,7 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) 
             user: spec.user.clone(),
             workdir,
             namespaces: vec!["mnt".into()],
+            mnt_inode: 0,
         };
         let joined = Joined { state, env: container_env };
         Err(if rootless { exec_as(&joined, argv, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, overrides) })
