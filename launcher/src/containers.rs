@@ -10,6 +10,8 @@ use berth_engine::store::{Progress, PullPolicy, Store};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum ContainerCommand {
     /// Create the container of a job on this node (or reuse it), print it as JSON.

@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 
 /// Files in a container's dir that may hold a pinned namespace.
 pub const PINS: &[&str] = &["mnt", "uts", "ipc"];
-/// statfs magic of the namespace file system (a pinned namespace file).
-const NSFS_MAGIC: i64 = 0x6e73_6673;
 /// How long processes may take to die after SIGKILL.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,7 +43,7 @@ pub struct Destroyed {
 
 /// Whether `path` is a bind mount of a namespace file.
 pub fn is_pinned(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC).unwrap_or(false)
 }
 
 /// Takes the job's lock (`<job dir>/.lock`), creating the job dir when `create`; `None`
@@ -106,16 +104,33 @@ pub fn destroy_container(dir: &Path) -> Result<usize, TeardownError> {
     let mnt = dir.join("mnt");
     if is_pinned(&mnt) {
         let meta = std::fs::metadata(&mnt).map_err(|source| TeardownError::Read { path: mnt.clone(), source })?;
-        killed = kill_members(dir, (meta.dev(), meta.ino()))?;
+        // A pin that is a symlink to an anchor's /proc entry could, after the anchor
+        // died, name a reused pid's namespace: kill only what matches the record.
+        let is_link = std::fs::symlink_metadata(&mnt).map(|m| m.file_type().is_symlink()).unwrap_or(false);
+        let matches = match recorded_inode(dir) {
+            Some(inode) => inode == meta.ino(),
+            None => !is_link,
+        };
+        if matches {
+            killed = kill_members(dir, (meta.dev(), meta.ino()))?;
+        }
     }
     for pin in PINS {
         let path = dir.join(pin);
-        while is_pinned(&path) {
+        let is_link = std::fs::symlink_metadata(&path).map(|m| m.file_type().is_symlink()).unwrap_or(false);
+        while !is_link && is_pinned(&path) {
             nix::mount::umount2(&path, MntFlags::MNT_DETACH).map_err(|source| TeardownError::Unmount { path: path.clone(), source })?;
         }
     }
     remove_all(dir)?;
     Ok(killed)
+}
+
+/// The container's mount namespace inode as create recorded it in `state.json`.
+fn recorded_inode(dir: &Path) -> Option<u64> {
+    let text = std::fs::read(dir.join("state.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    value.get("mnt_inode")?.as_u64().filter(|i| *i != 0)
 }
 
 fn remove_all(path: &Path) -> Result<(), TeardownError> {

@@ -401,24 +401,7 @@ fn copy_up(root: &OwnedFd, lowers: &[PathBuf], comps: &[Vec<u8>], opts: &Options
         if ft == FileType::CharacterDevice && st.st_rdev == 0 {
             return Err(missing());
         }
-        // Parent directories take the lower layer's metadata: overlay shows the upper's.
-        for depth in 1..=parent.len() {
-            let here = &parent[..depth];
-            let (dname, dparent) = here.split_last().ok_or_else(missing)?;
-            let up = open_beneath(root, dparent, false)?;
-            if rustix::fs::statat(&up, os(dname), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-                continue;
-            }
-            rustix::fs::mkdirat(&up, os(dname), Mode::from_raw_mode(0o755)).map_err(|e| io(here, e))?;
-            let src = open_beneath(&lroot, here, false)?;
-            let sst = rustix::fs::fstat(&src).map_err(|e| io(here, e))?;
-            let dst = open_beneath(root, here, false)?;
-            if opts.as_root {
-                rustix::fs::fchown(&dst, Some(uid(sst.st_uid)), Some(gid(sst.st_gid))).map_err(|e| io(here, e))?;
-            }
-            rustix::fs::fchmod(&dst, Mode::from_raw_mode(sst.st_mode & 0o7777)).map_err(|e| io(here, e))?;
-            rustix::fs::futimens(&dst, &times(sst.st_mtime)).map_err(|e| io(here, e))?;
-        }
+        ensure_parents(root, &lroot, parent)?;
         let up = open_beneath(root, parent, false)?;
         let meta = Meta { mode: st.st_mode & 0o7777, uid: st.st_uid, gid: st.st_gid, mtime: st.st_mtime };
         match ft {
@@ -446,9 +429,83 @@ fn copy_up(root: &OwnedFd, lowers: &[PathBuf], comps: &[Vec<u8>], opts: &Options
             }
             _ => return Err(UnpackError::Hostile { path: show(comps), why: "is a hard link to a directory or device" }),
         }
+        if ft == FileType::RegularFile && st.st_nlink > 1 {
+            let above = &lowers[lowers.iter().position(|l| l == lower).map_or(lowers.len(), |i| i + 1)..];
+            copy_up_siblings(root, lower, &lroot, above, comps, (st.st_dev, st.st_ino))?;
+        }
         return Ok(());
     }
     Err(missing())
+}
+
+/// Creates missing parent directories in the layer with the metadata the lower layer
+/// gives them: overlay shows the upper directory's owner and mode.
+fn ensure_parents(root: &OwnedFd, lroot: &OwnedFd, parent: &[Vec<u8>]) -> Result<(), UnpackError> {
+    for depth in 1..=parent.len() {
+        let here = &parent[..depth];
+        let Some((dname, dparent)) = here.split_last() else { continue };
+        let up = open_beneath(root, dparent, false)?;
+        if rustix::fs::statat(&up, os(dname), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+            continue;
+        }
+        rustix::fs::mkdirat(&up, os(dname), Mode::from_raw_mode(0o755)).map_err(|e| io(here, e))?;
+        let dst = open_beneath(root, here, false)?;
+        if let Ok(src) = open_beneath(lroot, here, false) {
+            let sst = rustix::fs::fstat(&src).map_err(|e| io(here, e))?;
+            if rustix::process::geteuid().is_root() {
+                rustix::fs::fchown(&dst, Some(uid(sst.st_uid)), Some(gid(sst.st_gid))).map_err(|e| io(here, e))?;
+            }
+            rustix::fs::fchmod(&dst, Mode::from_raw_mode(sst.st_mode & 0o7777)).map_err(|e| io(here, e))?;
+            rustix::fs::futimens(&dst, &times(sst.st_mtime)).map_err(|e| io(here, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A copied-up file keeps its whole hard-link group: every other path of the lower
+/// layer with the same inode, unless a layer above it (or this one) has that path.
+fn copy_up_siblings(
+    root: &OwnedFd,
+    lower: &Path,
+    lroot: &OwnedFd,
+    above: &[PathBuf],
+    target: &[Vec<u8>],
+    inode: (u64, u64),
+) -> Result<(), UnpackError> {
+    let mut siblings = Vec::new();
+    find_inode(lower, Path::new(""), inode, &mut siblings).map_err(|e| io(target, e))?;
+    let (tname, tparent) = target.split_last().ok_or_else(|| io(target, std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    for rel in siblings {
+        let comps = clean(rel.as_os_str().as_bytes())?;
+        if comps == target {
+            continue;
+        }
+        let shadowed = |layer_root: &Path| (1..=comps.len()).any(|n| std::fs::symlink_metadata(layer_root.join(os(&comps[..n].join(&b'/')))).is_ok_and(|m| n == comps.len() || !m.is_dir()));
+        let Some((name, parent)) = comps.split_last() else { continue };
+        let in_layer = open_beneath(root, parent, false).ok().is_some_and(|d| rustix::fs::statat(&d, os(name), AtFlags::SYMLINK_NOFOLLOW).is_ok());
+        if in_layer || above.iter().any(|l| shadowed(l)) {
+            continue;
+        }
+        ensure_parents(root, lroot, parent)?;
+        let tdir = open_beneath(root, tparent, false)?;
+        let ldir = open_beneath(root, parent, false)?;
+        rustix::fs::linkat(&tdir, os(tname), &ldir, os(name), AtFlags::empty()).map_err(|e| io(&comps, e))?;
+    }
+    Ok(())
+}
+
+fn find_inode(root: &Path, rel: &Path, inode: (u64, u64), out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(root.join(rel))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let here = rel.join(entry.file_name());
+        if meta.is_dir() {
+            find_inode(root, &here, inode, out)?;
+        } else if (meta.dev(), meta.ino()) == inode {
+            out.push(here);
+        }
+    }
+    Ok(())
 }
 
 /// Whether a layer-dir entry is an overlay whiteout.

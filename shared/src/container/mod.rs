@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 pub use user::{Credentials, UserError};
 
@@ -190,6 +191,10 @@ pub struct State {
     pub user: Credentials,
     pub workdir: String,
     pub namespaces: Vec<String>,
+    /// Inode of the container's mount namespace, checked by `join` so that a pin
+    /// never leads anywhere else.
+    #[serde(default)]
+    pub mnt_inode: u64,
 }
 
 /// A created (or reused) container, as `create` prints it.
@@ -353,17 +358,18 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
             source_path: site.source.clone(),
             target: site.target.clone(),
             read_only: site.read_only,
+            as_user: false,
         });
     }
     for ((source_path, target, read_only), source) in checked.into_iter().zip(fds) {
-        layout.binds.push(Bind { source, source_path, target, read_only });
+        layout.binds.push(Bind { source, source_path, target, read_only, as_user: true });
     }
     for device in &spec.devices {
         let target = device.clone();
         if !target.starts_with("/dev/") {
             return Err(MountError::BadTarget { source_path: device.clone(), target, why: "devices must be under /dev" }.into());
         }
-        layout.devices.push(Bind { source: open_fd(device, OFlag::O_PATH)?, source_path: device.clone(), target, read_only: false });
+        layout.devices.push(Bind { source: open_fd(device, OFlag::O_PATH)?, source_path: device.clone(), target, read_only: false, as_user: false });
     }
     Ok(layout)
 }
@@ -415,9 +421,8 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         .map(|ns| Ok((open_fd(&Path::new("/proc/self/ns").join(ns), OFlag::O_RDONLY)?, ns_flag(ns))))
         .collect::<Result<_>>()?;
 
-    let all_cpus = settle_on_pinnable_cpu(&dir.join("mnt"), &home[0].0)?;
     nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
-    let inside = assemble(&overlay, &root, layout, spec.hostname.as_deref()).and_then(|()| {
+    let inside = assemble(&overlay, &root, layout, &spec.user, spec.hostname.as_deref()).and_then(|()| {
         namespaces.iter().map(|ns| open_fd(&Path::new("/proc/thread-self/ns").join(ns), OFlag::O_RDONLY)).collect::<Result<Vec<_>>>()
     });
     // Back to the host's namespaces whatever happened; if that fails this process
@@ -429,14 +434,8 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         }
     }
     let pinned = inside?;
-    for (ns, fd) in namespaces.iter().zip(&pinned) {
-        let pin = dir.join(ns);
-        nix::mount::mount(Some(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str()), &pin, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(sys_err("pin the container's namespace"))?;
-    }
-    // Children started later (an sshd) must not inherit the single CPU.
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all_cpus)
-        .map_err(sys_err("restore the CPU affinity"))?;
+    let mnt_inode = nix::sys::stat::fstat(pinned[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
+    pin(dir, &namespaces, &pinned)?;
 
     let state = State {
         job: spec.job.clone(),
@@ -445,6 +444,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         user: spec.user.clone(),
         workdir,
         namespaces,
+        mnt_inode,
     };
     write_atomic(&dir.join("env"), &env::encode(&container_env))?;
     write_atomic(&dir.join("workdir"), state.workdir.as_bytes())?;
@@ -457,46 +457,58 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     Ok(state)
 }
 
-/// Linux (6.18 at least) hands out namespace ids from per-CPU batches, and refuses to
-/// pin (bind-mount) a mount namespace whose id is below that of the namespace doing the
-/// pinning (its loop check, EINVAL). Where berth runs in the boot mount namespace every
-/// new one is younger, but where the node itself is a later namespace (the test
-/// cluster's hosts, a containerised slurmd) a new namespace made on the wrong CPU cannot
-/// be pinned. So: find a CPU whose new namespaces pin, by pinning a throwaway one on
-/// `probe`, and stay on it until the real one is pinned (ids on one CPU only grow).
-/// Returns the affinity to restore afterwards.
-fn settle_on_pinnable_cpu(probe: &Path, home: &OwnedFd) -> Result<nix::sched::CpuSet> {
-    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
-    let this_thread = nix::unistd::Pid::from_raw(0);
-    let all = sched_getaffinity(this_thread).map_err(sys_err("read the CPU affinity"))?;
-    // The CPUs this process may use first, then any other the kernel lets root move to.
-    let allowed = |cpu: &usize| all.is_set(*cpu).unwrap_or(false);
-    let cpus = (0..CpuSet::count()).filter(allowed).chain((0..CpuSet::count()).filter(|cpu| !allowed(cpu)));
-    for cpu in cpus {
-        let mut one = CpuSet::new();
-        one.set(cpu).map_err(sys_err("choose a CPU"))?;
-        if sched_setaffinity(this_thread, &one).is_err() {
-            continue; // offline, absent, or outside this process's cpuset
-        }
-        nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(sys_err("create a probe namespace"))?;
-        let fresh = open_fd(Path::new("/proc/thread-self/ns/mnt"), OFlag::O_RDONLY);
-        if let Err(e) = nix::sched::setns(home.as_fd(), CloneFlags::CLONE_NEWNS) {
-            eprintln!("berth: cannot return to the host's mount namespace: {e}");
-            std::process::exit(70);
-        }
-        let fresh = fresh?;
-        let source = format!("/proc/self/fd/{}", fresh.as_raw_fd());
-        match nix::mount::mount(Some(source.as_str()), probe, None::<&str>, MsFlags::MS_BIND, None::<&str>) {
-            Ok(()) => {
-                nix::mount::umount2(probe, MntFlags::MNT_DETACH).map_err(sys_err("unpin the probe namespace"))?;
-                return Ok(all);
+/// Pins the new namespaces at `<dir>/<ns>`: a bind mount of each nsfs file. Some
+/// kernels refuse that bind now and then with EINVAL (seen on 6.18 inside the test
+/// cluster's node namespaces, never in the initial one); then a small anchor process
+/// joins the namespaces and idles, and each pin becomes a symlink to its
+/// `/proc/<pid>/ns/<ns>`. Either way, opening the pin opens the namespace; destroy
+/// kills the anchor with everything else inside.
+fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<()> {
+    let mut bound = Vec::new();
+    for (ns, fd) in namespaces.iter().zip(fds) {
+        let target = dir.join(ns);
+        let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        match nix::mount::mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>) {
+            Ok(()) => bound.push(target),
+            Err(Errno::EINVAL) => {
+                for done in &bound {
+                    let _ = nix::mount::umount2(done, MntFlags::MNT_DETACH);
+                }
+                return pin_with_anchor(dir, namespaces, fds);
             }
-            Err(Errno::EINVAL) => continue,
             Err(e) => return Err(sys_err("pin the container's namespace")(e)),
         }
     }
-    sched_setaffinity(this_thread, &all).map_err(sys_err("restore the CPU affinity"))?;
-    Err(sys_err("pin the container's namespace (on no CPU is a new namespace younger than this node's)")(Errno::EINVAL))
+    Ok(())
+}
+
+fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<()> {
+    let anchor = match sys::fork().map_err(sys_err("start the container's anchor"))? {
+        sys::Forked::Child => {
+            for (ns, fd) in namespaces.iter().zip(fds) {
+                if nix::sched::setns(fd.as_fd(), ns_flag(ns)).is_err() {
+                    sys::exit_now(1);
+                }
+            }
+            sys::become_anchor()
+        }
+        sys::Forked::Parent(pid) => pid,
+    };
+    for ns in namespaces {
+        let target = dir.join(ns);
+        std::fs::remove_file(&target).map_err(io("replace", &target))?;
+        std::os::unix::fs::symlink(format!("/proc/{anchor}/ns/{ns}"), &target).map_err(io("create", &target))?;
+    }
+    // The anchor has joined once its namespace shows up behind the pin.
+    let mnt = dir.join("mnt");
+    let want = nix::sys::stat::fstat(fds[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
+    for _ in 0..1000 {
+        if std::fs::metadata(&mnt).map(|m| m.ino()).ok() == Some(want) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Err(ContainerError::Sys { action: "start the container's anchor", source: Errno::ETIMEDOUT })
 }
 
 fn ns_flag(ns: &str) -> CloneFlags {
@@ -508,11 +520,18 @@ fn ns_flag(ns: &str) -> CloneFlags {
 }
 
 /// Runs inside a new mount namespace: mounts the root and its tree and pivots into it.
-fn assemble(overlay: &Overlay, root: &Path, mut layout: Layout, hostname: Option<&str>) -> Result<()> {
+fn assemble(overlay: &Overlay, root: &Path, mut layout: Layout, user: &Credentials, hostname: Option<&str>) -> Result<()> {
     make_rprivate()?;
-    mounts::reopen_sources(&mut layout)?;
+    reopen_sources(&mut layout, user)?;
     overlay.mount(root)?;
     finish_root(root, layout, hostname)
+}
+
+/// Opens the bind sources again in the new namespace: the user's with the user's
+/// file-system identity, the admin's (site mounts, devices) as root.
+fn reopen_sources(layout: &mut Layout, user: &Credentials) -> Result<()> {
+    user.with_fs_identity(|| mounts::reopen_sources(layout, true))??;
+    Ok(mounts::reopen_sources(layout, false)?)
 }
 
 /// Mounts the tree into the overlay mounted at `root` and pivots into it.
@@ -566,6 +585,12 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
         .iter()
         .map(|ns| Ok((open_fd(&dir.join(ns), OFlag::O_RDONLY)?, ns_flag(ns))))
         .collect::<Result<_>>()?;
+    if state.mnt_inode != 0 {
+        let inode = nix::sys::stat::fstat(fds[0].0.as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
+        if inode != state.mnt_inode {
+            return Err(ContainerError::NotFound { job: job.into(), name: name.into() });
+        }
+    }
     for (fd, flag) in &fds {
         nix::sched::setns(fd.as_fd(), *flag).map_err(sys_err("join the container's namespaces"))?;
     }
@@ -618,8 +643,7 @@ fn exec_as(joined: &Joined, argv: &[String], overrides: &[String], drop: Privile
         let cpath = CString::new(resolved.as_os_str().as_bytes()).map_err(|_| exec_err(Errno::EINVAL))?;
         let cargs: Vec<CString> = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>().map_err(|_| exec_err(Errno::EINVAL))?;
         sys::cloexec_from(3).map_err(sys_err("mark the host's descriptors close-on-exec"))?;
-        let err = nix::unistd::execve(&cpath, &cargs, &env::to_cstrings(&vars)).map_err(exec_err);
-        err
+        nix::unistd::execve(&cpath, &cargs, &env::to_cstrings(&vars)).map_err(exec_err)
     };
     match run() {
         Ok(never) => match never {},
@@ -682,7 +706,7 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) 
             map_self(&spec.user)?;
         }
         make_rprivate()?;
-        mounts::reopen_sources(&mut layout)?;
+        reopen_sources(&mut layout, &spec.user)?;
         let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), Path::new(RUN_SCRATCH));
         overlay.userxattr = spec.image.userxattr || rootless;
         let layers = overlay.open_layers()?;
@@ -702,6 +726,7 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) 
             user: spec.user.clone(),
             workdir,
             namespaces: vec!["mnt".into()],
+            mnt_inode: 0,
         };
         let joined = Joined { state, env: container_env };
         Err(if rootless { exec_as(&joined, argv, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, overrides) })

@@ -46,6 +46,9 @@ pub struct Bind {
     /// An absolute path inside the container.
     pub target: PathBuf,
     pub read_only: bool,
+    /// Opened with the job user's rights (home, submit dir, user mounts), so it must be
+    /// opened again with them: a root-squashed NFS home refuses root.
+    pub as_user: bool,
 }
 
 /// What goes into a container besides its image.
@@ -198,8 +201,10 @@ fn bind(root: BorrowedFd<'_>, source: BorrowedFd<'_>, what: &str, target: &Path,
 /// the file the caller opened (same device and inode): the kernel binds only from
 /// mounts of the caller's namespace. Call right after unshare, before anything hides
 /// a source's path.
-pub fn reopen_sources(layout: &mut Layout) -> Result<(), MountError> {
-    for b in layout.binds.iter_mut().chain(layout.devices.iter_mut()) {
+/// Only the sources whose `as_user` is `as_user` are opened: the caller runs this once
+/// with the user's file-system identity and once with its own.
+pub fn reopen_sources(layout: &mut Layout, as_user: bool) -> Result<(), MountError> {
+    for b in layout.binds.iter_mut().chain(layout.devices.iter_mut()).filter(|b| b.as_user == as_user) {
         b.source = reopen(b)?;
     }
     Ok(())

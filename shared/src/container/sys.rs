@@ -233,3 +233,21 @@ pub fn restrict_tree(mount: BorrowedFd<'_>, r: &MountRestrictions) -> nix::Resul
         Err(Errno::last())
     }
 }
+
+/// Turns a forked child into a namespace anchor: a new session, stdin/stdout/stderr on
+/// /dev/null (so nobody waiting for the parent's output waits for it), every other
+/// descriptor closed, then idle until killed.
+pub fn become_anchor() -> ! {
+    let _ = nix::unistd::setsid();
+    let _ = nix::unistd::chdir("/");
+    if let Ok(null) = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty()) {
+        for fd in 0..3 {
+            let _ = nix::unistd::dup2(null, fd);
+        }
+    }
+    // SAFETY: close_range only closes descriptors; nothing here uses them any more.
+    unsafe { libc::close_range(3, u32::MAX, 0) };
+    loop {
+        nix::unistd::pause();
+    }
+}

@@ -79,6 +79,26 @@ impl Credentials {
         nix::unistd::setresuid(uid, uid, uid).map_err(|e| ("setresuid", e))
     }
 
+    /// Runs `f` with this user's file-system identity (fsuid, fsgid, groups), then
+    /// restores the caller's. For opening the user's files as the user inside a
+    /// namespace where forking a checker is not possible. Needs root; single-threaded.
+    pub fn with_fs_identity<T>(&self, f: impl FnOnce() -> T) -> Result<T, UserError> {
+        if self.is_caller() {
+            return Ok(f());
+        }
+        let fail = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
+        let saved = nix::unistd::getgroups().map_err(|e| fail("getgroups", e))?;
+        let groups: Vec<Gid> = self.groups.iter().copied().map(Gid::from_raw).collect();
+        nix::unistd::setgroups(&groups).map_err(|e| fail("setgroups", e))?;
+        let old_gid = nix::unistd::setfsgid(Gid::from_raw(self.gid));
+        let old_uid = nix::unistd::setfsuid(Uid::from_raw(self.uid));
+        let result = f();
+        nix::unistd::setfsuid(old_uid);
+        nix::unistd::setfsgid(old_gid);
+        nix::unistd::setgroups(&saved).map_err(|e| fail("restoring groups", e))?;
+        Ok(result)
+    }
+
     /// Whether the calling process already runs with exactly these credentials.
     pub fn is_caller(&self) -> bool {
         let (uid, euid) = (nix::unistd::getuid().as_raw(), nix::unistd::geteuid().as_raw());
@@ -189,12 +209,31 @@ mod tests {
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
         let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
-        assert_eq!(nobody.open_as_user(&[public.clone()]).unwrap().len(), 1);
+        assert_eq!(nobody.open_as_user(std::slice::from_ref(&public)).unwrap().len(), 1);
         let err = nobody.open_as_user(&[public.clone(), private.clone()]).unwrap_err();
         assert!(matches!(err, UserError::Denied { source: Errno::EACCES, .. }), "{err}");
         assert!(err.to_string().contains("private"), "{err}");
         let root = Credentials { uid: 0, gid: 0, groups: vec![] };
-        assert_eq!(root.open_as_user(&[private.clone()]).unwrap().len(), 1);
+        assert_eq!(root.open_as_user(std::slice::from_ref(&private)).unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_opened_with_the_users_fs_identity_are_the_users_and_root_comes_back() {
+        use std::os::unix::fs::MetadataExt;
+        if !is_root() {
+            eprintln!("skipped: needs root to switch identities");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("berth-fsid-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
+        let made = nobody.with_fs_identity(|| std::fs::write(dir.join("as-user"), b"x")).unwrap();
+        made.unwrap();
+        std::fs::write(dir.join("as-root"), b"x").unwrap();
+        assert_eq!(std::fs::metadata(dir.join("as-user")).unwrap().uid(), 65534);
+        assert_eq!(std::fs::metadata(dir.join("as-root")).unwrap().uid(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -230,7 +230,13 @@ impl Client {
                         _ => return Err(RegistryError::Status { registry: self.registry.clone(), status, url, body }),
                     }
                 }
-                Err(ureq::Error::Transport(t)) => transient(t.to_string(), &mut attempt)?,
+                Err(ureq::Error::Transport(t)) => {
+                    let mut why = t.to_string();
+                    if url.starts_with("https://") && why.contains("InvalidContentType") {
+                        why.push_str("; if this registry speaks plain HTTP, the admin lists it in insecure_registries");
+                    }
+                    transient(why, &mut attempt)?
+                }
             }
         }
     }

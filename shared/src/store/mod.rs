@@ -22,6 +22,10 @@ mod gc;
 pub mod lock;
 mod progress;
 mod pull;
+#[cfg(test)]
+mod pull_tests;
+#[cfg(test)]
+mod testreg;
 
 pub use gc::GcReport;
 pub use progress::{human_bytes, short, Progress};
