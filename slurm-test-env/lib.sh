@@ -6,15 +6,23 @@ set -euo pipefail
 
 ENV_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$ENV_DIR")
-STATE=${BERTH_TEST_STATE:-/var/lib/berth-test-env}      # removed by down
-CACHE=${BERTH_TEST_CACHE:-/var/cache/berth-test-env}    # built images; kept across down
+# Clusters 0..9 can run side by side (say, two developers' test runs); 0 by default.
+CLUSTER=${BERTH_TEST_CLUSTER:-0}
+[[ "$CLUSTER" =~ ^[0-9]$ ]] || { echo "slurm-test-env: error: BERTH_TEST_CLUSTER must be 0..9" >&2; exit 1; }
+if [ "$CLUSTER" = 0 ]; then suffix=; else suffix=-$CLUSTER; fi
+STATE=${BERTH_TEST_STATE:-/var/lib/berth-test-env$suffix}   # removed by down
+CACHE=${BERTH_TEST_CACHE:-/var/cache/berth-test-env}        # built images; kept, shared
 IMAGES=${BERTH_TEST_IMAGES:-$CACHE/images}
-BRIDGE=berth-tb0
-SUBNET=10.203.77
+BRIDGE=berth-tb$CLUSTER
+NS_PREFIX=berth$CLUSTER-       # network namespaces: berth0-head, berth0-node1, ...
+VETH_PREFIX=bt$CLUSTER-        # host ends of the veth pairs (names up to 15 characters)
+SUBNET=10.203.$((77 + CLUSTER))
 HEAD_ADDR=$SUBNET.10
 REGISTRY_ADDR=$HEAD_ADDR:5000
 TEST_USERS=(alice bob)
 MAX_NODES=4
+# Slurm 24.11 runs from a Debian trixie root (Debian 12 ships 22.05): see trixie-root.
+TRIXIE_ROOT=$CACHE/trixie
 
 step() { printf 'slurm-test-env: %s\n' "$*"; }
 die() { printf 'slurm-test-env: error: %s\n' "$*" >&2; exit 1; }
@@ -34,12 +42,25 @@ anchor_pid() {
   echo "$pid"
 }
 
-# Runs a command as root on host $1 (in its network, UTS and mount namespaces).
+# Runs a command as root on host $1 (in its network, UTS and mount namespaces, under
+# its root: the machine's own for Slurm 22.05, the trixie root for 24.11).
 in_host() {
+  local host=$1 pid
+  shift
+  pid=$(anchor_pid "$host") || die "host $host is not up (run slurm-test-env/up)"
+  nsenter --target "$pid" --net --uts --mount --root --wd -- "$@"
+}
+
+# The same, but with this machine's root file system, for the tools that only it has
+# (docker-registry) whichever Slurm the hosts run.
+in_host_machine_root() {
   local host=$1 pid
   shift
   pid=$(anchor_pid "$host") || die "host $host is not up (run slurm-test-env/up)"
   nsenter --target "$pid" --net --uts --mount -- "$@"
 }
+
+# The Slurm version the running cluster was brought up with (22.05 or 24.11).
+cluster_slurm() { cat "$STATE/slurm-version" 2>/dev/null || echo 22.05; }
 
 is_up() { [ -f "$STATE/nodes" ] && anchor_pid head >/dev/null; }
