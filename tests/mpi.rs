@@ -8,7 +8,9 @@
 use berth_e2e::{cluster, repo_root, stdout_ok, Cluster};
 use std::path::PathBuf;
 
-const IMAGE: &str = "registry:5000/mpi:latest";
+const MPI: &str = "registry:5000/mpi:latest";
+/// busybox only: no ssh, no sshd, no bash, no glibc, no entry for the job user.
+const MINIMAL: &str = "registry:5000/minimal:latest";
 
 /// The berth binary built from this workspace; every test host sees this path.
 fn berth() -> String {
@@ -32,6 +34,10 @@ struct Job {
 
 impl Job {
     fn start(user: &str, test: u32, slots: u32) -> Job {
+        Job::start_image(MPI, user, test, slots)
+    }
+
+    fn start_image(image: &str, user: &str, test: u32, slots: u32) -> Job {
         let cluster = cluster();
         let nodes: Vec<String> = cluster.nodes().into_iter().take(2).collect();
         assert_eq!(nodes.len(), 2, "these tests need 2 compute hosts");
@@ -41,7 +47,7 @@ impl Job {
             // Pinning a new mount namespace fails now and then with EINVAL on this
             // machine's kernel, depending on the CPU create runs on: retry on both.
             let create = format!(
-                "for i in 0 1 2 3 4 5; do err=$(taskset -c $((i % $(nproc))) {b} container create --job {j} --user {user} --image {IMAGE} --no-home 2>&1 >/dev/null) && exit 0; done; echo \"$err\" >&2; exit 1",
+                "for i in 0 1 2 3 4 5; do err=$(taskset -c $((i % $(nproc))) {b} container create --job {j} --user {user} --image {image} --no-home 2>&1 >/dev/null) && exit 0; done; echo \"$err\" >&2; exit 1",
                 b = berth(),
                 j = job.id
             );
@@ -206,6 +212,19 @@ fn wiring_twice_returns_the_running_sshd() {
     let again: serde_json::Value = serde_json::from_str(&stdout_ok(&job.cluster.on_node(&job.nodes[0], &wire))).expect("JSON");
     assert_eq!(again["reused"], true);
     assert_eq!(again["port"].as_u64(), Some(u64::from(job.port)));
+    job.destroy();
+    job.assert_gone();
+}
+
+#[test]
+fn ssh_works_in_an_image_without_ssh_bash_or_the_user() {
+    let job = Job::start_image(MINIMAL, "bob", 8, 1);
+    let out = job.exec("grep ^bob: /etc/passwd; ssh node2 'id -un; grep ^ID= /etc/os-release; echo $BERTH_HOSTFILE'");
+    let text = stdout_ok(&out);
+    let uid = nix::unistd::User::from_name("bob").expect("passwd").expect("bob exists").uid;
+    assert!(text.starts_with(&format!("bob:x:{uid}:")), "{text}");
+    assert!(text.contains(":/bin/sh\n"), "bash is not in the image, so the shell is /bin/sh: {text}");
+    assert!(text.ends_with("bob\nID=busybox\n/.berth/wiring/hostfile\n"), "{text}");
     job.destroy();
     job.assert_gone();
 }
