@@ -28,7 +28,7 @@ pub fn host_alias(job: &str) -> String {
 
 /// The PBS_NODEFILE form: one line per slot, node names in allocation order.
 pub fn hostfile(nodes: &[Node]) -> String {
-    nodes.iter().flat_map(|n| std::iter::repeat(format!("{}\n", n.name)).take(n.slots as usize)).collect()
+    nodes.iter().map(|n| format!("{}\n", n.name).repeat(n.slots as usize)).collect()
 }
 
 /// The ssh client config (read through `ssh -F`, so no other config interferes):
