@@ -22,6 +22,8 @@ pub enum ContainerCommand {
     Destroy(DestroyArgs),
     /// List the containers on this node.
     List(ListArgs),
+    /// Start the job's MPI wiring in its container on this node (sshd, ssh config, hostfile).
+    Wire(crate::wiring::WireArgs),
 }
 
 /// Where the image comes from.
@@ -228,6 +230,7 @@ fn user_mounts(specs: &[String]) -> Result<Vec<UserMount>, String> {
 
 pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
     match command {
+        ContainerCommand::Wire(args) => crate::wiring::wire(config, args),
         ContainerCommand::Create(args) => {
             let user = match user_credentials(&args.user, args.gid, args.groups.clone()) {
                 Ok(user) => user,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod containers;
+mod wiring;
 
 #[derive(Parser)]
 #[command(name = "berth", version, about = "Run Docker/OCI images as the environment of HPC batch jobs")]

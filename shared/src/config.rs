@@ -62,6 +62,11 @@ pub struct Config {
     pub credentials_file: Option<PathBuf>,
     /// error, warn, info, debug.
     pub log_level: String,
+    /// Root-only file, identical on every node, that keys the per-job secrets of MPI
+    /// wiring (ssh keys, port); the munge key by default.
+    pub wiring_secret_file: PathBuf,
+    /// The ports jobs' in-container sshds listen on, `LO-HI`.
+    pub wiring_ports: String,
 }
 
 impl Default for Config {
@@ -78,6 +83,8 @@ impl Default for Config {
             allow_per_rank: true,
             credentials_file: None,
             log_level: "info".to_string(),
+            wiring_secret_file: PathBuf::from("/etc/munge/munge.key"),
+            wiring_ports: "20000-29999".to_string(),
         }
     }
 }
@@ -94,6 +101,8 @@ const KNOWN_KEYS: &[&str] = &[
     "allow_per_rank",
     "credentials_file",
     "log_level",
+    "wiring_secret_file",
+    "wiring_ports",
 ];
 
 impl Config {
@@ -164,6 +173,10 @@ impl Config {
             "allowed_registries" => self.allowed_registries = list(),
             "insecure_registries" => self.insecure_registries = list(),
             "log_level" => self.log_level = value.to_string(),
+            "wiring_secret_file" => {
+                self.wiring_secret_file = absolute(value).ok_or_else(|| bad("must be an absolute path"))?
+            }
+            "wiring_ports" => self.wiring_ports = value.to_string(),
             _ => {
                 return Err(ConfigError::UnknownKey {
                     key: key.to_string(),
@@ -186,6 +199,7 @@ impl Config {
             ("store_dir", &self.store_dir),
             ("runtime_dir", &self.runtime_dir),
             ("berth_binary", &self.berth_binary),
+            ("wiring_secret_file", &self.wiring_secret_file),
         ] {
             if !path.is_absolute() {
                 return Err(ConfigError::BadValue {
@@ -195,6 +209,7 @@ impl Config {
                 });
             }
         }
+        self.wiring_port_range()?;
         for mount in &self.site_mounts {
             if !mount.source.is_absolute() || !mount.target.is_absolute() {
                 return Err(ConfigError::BadValue {
@@ -205,6 +220,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `wiring_ports` as an inclusive range of unprivileged ports.
+    pub fn wiring_port_range(&self) -> Result<(u16, u16), ConfigError> {
+        let bad = || ConfigError::BadValue {
+            key: "wiring_ports".into(),
+            value: self.wiring_ports.clone(),
+            why: "expected LO-HI, two ports from 1024 to 65535 with LO <= HI".into(),
+        };
+        let (lo, hi) = self.wiring_ports.split_once('-').ok_or_else(bad)?;
+        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        if lo < 1024 || lo > hi {
+            return Err(bad());
+        }
+        Ok((lo, hi))
     }
 
     /// Whether plain HTTP may be used for this registry host (with port, if any).
@@ -293,6 +324,13 @@ mod tests {
         assert!(config.set("store_dir", "relative/path").is_err());
         assert!(config.set("site_mounts", "/a:/b:rx").is_err());
         assert!(config.set("log_level", "loud").is_err());
+        let mut config = Config::default();
+        assert!(config.set("wiring_ports", "900-2000").is_err());
+        let mut config = Config::default();
+        assert!(config.set("wiring_ports", "3000-2000").is_err());
+        let mut config = Config::default();
+        config.set("wiring_ports", "30000-30099").unwrap();
+        assert_eq!(config.wiring_port_range().unwrap(), (30000, 30099));
         assert!(config.is_insecure("localhost:5000"));
     }
 }

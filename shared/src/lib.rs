@@ -7,6 +7,7 @@ pub mod config;
 pub mod container;
 pub mod rootfs;
 pub mod teardown;
+pub mod wiring;
 pub mod reference;
 pub mod registry;
 pub mod store;

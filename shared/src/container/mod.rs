@@ -14,7 +14,7 @@
 
 pub mod env;
 pub mod mounts;
-mod sys;
+pub(crate) mod sys;
 pub mod user;
 
 use crate::config::Config;

@@ -1,0 +1,208 @@
+//! The part of wiring that runs in a job's container's mount namespace, in a forked
+//! child of `berth`: adds the job user, group and nodes to the container's
+//! /etc/passwd, /etc/group and /etc/hosts (in its upper dir, through the overlay),
+//! attaches the wiring dir read-only at /.berth/wiring, and starts sshd as the job user
+//! (no capabilities, no_new_privs, in its own session). Every path is resolved inside
+//! the container's root. Must never run anything as root inside the container, nor
+//! leave the host's mount namespace changed.
+
+use super::files::{self, Node};
+use crate::container::sys::{self, open_in_root};
+use crate::container::Credentials;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+const OPEN_TREE_CLONE: u32 = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// A detached, read-only copy of the mount at `dir` (open_tree + mount_setattr), to be
+/// attached inside a container: the kernel binds nothing across mount namespaces
+/// otherwise.
+pub fn detached_read_only(dir: &Path) -> nix::Result<OwnedFd> {
+    let cpath = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: cpath is a valid NUL-terminated string; open_tree returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, cpath.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as u32) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nobody else owns it.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let empty = c"";
+    // SAFETY: `attr` is a fully initialised mount_attr (size passed), `empty` a valid
+    // C string; the kernel only reads both.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_mount_setattr, tree.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
+    };
+    if rc != 0 {
+        return Err(Errno::last());
+    }
+    Ok(tree)
+}
+
+/// What the child needs to know.
+pub struct Inside<'a> {
+    pub user: &'a Credentials,
+    pub user_name: &'a str,
+    pub group_name: &'a str,
+    pub home: &'a str,
+    pub shell: &'a str,
+    pub nodes: &'a [Node],
+    /// From [`detached_read_only`].
+    pub tree: BorrowedFd<'a>,
+    /// sshd's stdout and stderr.
+    pub log: BorrowedFd<'a>,
+    /// The loader's file name in `openssh/lib`.
+    pub loader: &'a str,
+}
+
+/// Runs in the forked child, already in the container's mount namespace: prepares
+/// the container and forks sshd; returns sshd's pid.
+pub fn prepare_and_start(what: &Inside<'_>) -> Result<i32, String> {
+    let root = open_in_root_dir(Path::new("/")).map_err(|e| format!("cannot open the container's root: {e}"))?;
+    let root = root.as_fd();
+    let passwd = read(root, "/etc/passwd")?;
+    if !files::has_id(&passwd, what.user.uid) {
+        let shell = if open_in_root(root, Path::new(what.shell), OFlag::O_PATH, 0).is_ok() { what.shell } else { "/bin/sh" };
+        append(root, "/etc/passwd", &files::passwd_line(what.user_name, what.user.uid, what.user.gid, what.home, shell))?;
+    }
+    let group = read(root, "/etc/group")?;
+    if !files::has_id(&group, what.user.gid) {
+        append(root, "/etc/group", &files::group_line(what.group_name, what.user.gid))?;
+    }
+    let hosts = read(root, "/etc/hosts")?;
+    let lines = files::hosts_lines(&hosts, what.nodes);
+    if !lines.is_empty() {
+        append(root, "/etc/hosts", &lines)?;
+    }
+    let target = mkdirs(root, files::MOUNT_POINT)?;
+    let empty = c"";
+    // SAFETY: both descriptors are open, `empty` is a valid C string; move_mount
+    // attaches the detached tree on the target directory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            what.tree.as_raw_fd(),
+            empty.as_ptr(),
+            target.as_raw_fd(),
+            empty.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("cannot mount the wiring dir at {}: {}", files::MOUNT_POINT, Errno::last()));
+    }
+    start_sshd(what)
+}
+
+fn open_in_root_dir(path: &Path) -> nix::Result<OwnedFd> {
+    let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+    // SAFETY: open just returned this descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A file of the container as text; a missing file is empty.
+fn read(root: BorrowedFd<'_>, path: &str) -> Result<String, String> {
+    match open_in_root(root, Path::new(path), OFlag::O_RDONLY, 0) {
+        Ok(fd) => {
+            let mut text = String::new();
+            std::fs::File::from(fd).read_to_string(&mut text).map_err(|e| format!("cannot read the container's {path}: {e}"))?;
+            Ok(text)
+        }
+        Err(Errno::ENOENT) => Ok(String::new()),
+        Err(e) => Err(format!("cannot open the container's {path}: {e}")),
+    }
+}
+
+/// Appends lines to a file of the container (created 0644 when missing, on a new line).
+fn append(root: BorrowedFd<'_>, path: &str, lines: &str) -> Result<(), String> {
+    let parent = Path::new(path).parent().unwrap_or(Path::new("/"));
+    mkdirs(root, &parent.to_string_lossy())?;
+    let existing = read(root, path)?;
+    let flags = OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_NOFOLLOW;
+    let fd = open_in_root(root, Path::new(path), flags, 0o644).map_err(|e| format!("cannot open the container's {path} to add to it: {e}"))?;
+    let mut text = String::new();
+    if !existing.is_empty() && !existing.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(lines);
+    std::fs::File::from(fd).write_all(text.as_bytes()).map_err(|e| format!("cannot add to the container's {path}: {e}"))
+}
+
+/// Creates a directory of the container and its parents (0755), returns it opened.
+fn mkdirs(root: BorrowedFd<'_>, path: &str) -> Result<OwnedFd, String> {
+    let mut current = std::path::PathBuf::from("/");
+    for part in Path::new(path).components().skip(1) {
+        let parent = open_in_root(root, &current, OFlag::O_PATH | OFlag::O_DIRECTORY, 0).map_err(|e| format!("cannot open {} in the container: {e}", current.display()))?;
+        match nix::sys::stat::mkdirat(Some(parent.as_raw_fd()), part.as_os_str(), nix::sys::stat::Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(format!("cannot create {}/{} in the container: {e}", current.display(), part.as_os_str().to_string_lossy())),
+        }
+        current.push(part);
+    }
+    open_in_root(root, &current, OFlag::O_PATH | OFlag::O_DIRECTORY, 0).map_err(|e| format!("cannot open {} in the container: {e}", current.display()))
+}
+
+/// Forks sshd: its own session, stdin /dev/null, output to the log, as the job user.
+fn start_sshd(what: &Inside<'_>) -> Result<i32, String> {
+    let dir = files::MOUNT_POINT;
+    let argv: Vec<String> = vec![
+        format!("{dir}/openssh/lib/{}", what.loader),
+        "--library-path".into(),
+        format!("{dir}/openssh/lib"),
+        format!("{dir}/openssh/sshd"),
+        // -D: stay in the foreground (berth made the session); -e: log to stderr;
+        // -r: no re-exec, which would run sshd without berth's loader.
+        "-D".into(),
+        "-e".into(),
+        "-r".into(),
+        "-f".into(),
+        files::path("sshd_config"),
+    ];
+    let cargs: Vec<CString> = argv.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let env = [c"PATH=/usr/local/bin:/usr/bin:/bin".to_owned()];
+    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()).map_err(|e| format!("cannot open the container's /dev/null: {e}"))?;
+    match sys::fork().map_err(|e| format!("cannot fork sshd: {e}"))? {
+        sys::Forked::Parent(pid) => Ok(pid.as_raw()),
+        sys::Forked::Child => {
+            let fail = |what: String| -> ! {
+                let _ = nix::unistd::write(std::io::stderr(), format!("berth: cannot start sshd: {what}\n").as_bytes());
+                sys::exit_now(127)
+            };
+            if let Err(e) = nix::unistd::setsid() {
+                fail(format!("setsid: {e}"));
+            }
+            for (from, to) in [(devnull, 0), (what.log.as_raw_fd(), 1), (what.log.as_raw_fd(), 2)] {
+                if let Err(e) = nix::unistd::dup2(from, to) {
+                    fail(format!("dup2: {e}"));
+                }
+            }
+            if let Err(e) = what.user.become_user() {
+                fail(e.to_string());
+            }
+            if let Err(e) = nix::unistd::chdir("/") {
+                fail(format!("chdir /: {e}"));
+            }
+            if let Err(e) = sys::cloexec_from(3) {
+                fail(format!("close the host's descriptors: {e}"));
+            }
+            let err = nix::unistd::execve(&cargs[0], &cargs, &env).err().unwrap_or(Errno::EINVAL);
+            fail(format!("exec {}: {err}", argv[0]))
+        }
+    }
+}
