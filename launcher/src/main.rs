@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod containers;
+
 #[derive(Parser)]
 #[command(name = "berth", version, about = "Run Docker/OCI images as the environment of HPC batch jobs")]
 struct Cli {
@@ -22,6 +24,11 @@ struct Cli {
 enum Command {
     /// Print the effective admin configuration as TOML-like lines.
     Config,
+    /// The node-side container actions of the scheduler adapters (root only).
+    #[command(subcommand)]
+    Container(containers::ContainerCommand),
+    /// Run a command in an image, as you, in a throwaway container.
+    Run(containers::RunArgs),
     #[command(flatten)]
     Images(images::ImageCommand),
 }
@@ -41,6 +48,8 @@ fn main() -> ExitCode {
             println!("{config:#?}");
             ExitCode::SUCCESS
         }
+        Command::Container(command) => containers::container(&config, command),
+        Command::Run(args) => containers::run(&config, args),
         Command::Images(command) => match images::run(command, &config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(line) => {

@@ -4,6 +4,7 @@
 //! Owns parsing and defaults; never touches the file system beyond reading the file.
 
 use serde::Deserialize;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// Where the admin config is read from when `$BERTH_CONFIG` is not set.
@@ -23,6 +24,7 @@ pub enum ConfigError {
 
 /// How a site directory is bound into every container.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteMount {
     pub source: PathBuf,
@@ -34,6 +36,7 @@ pub struct SiteMount {
 /// Every setting an admin can make. Field names are the TOML keys and the
 /// `plugstack.conf` keys alike.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The node's image store (blobs, unpacked layers, the ref index).
@@ -55,6 +58,7 @@ pub struct Config {
     /// Whether users may ask for a container per rank.
     pub allow_per_rank: bool,
     /// Root-owned file of registry credentials in Docker's config.json form.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,
     /// error, warn, info, debug.
     pub log_level: String,

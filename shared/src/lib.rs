@@ -4,6 +4,9 @@
 //! -> `wiring` -> `teardown`. `config` is the admin's settings, read by all of them.
 
 pub mod config;
+pub mod container;
+pub mod rootfs;
+pub mod teardown;
 pub mod reference;
 pub mod registry;
 pub mod store;

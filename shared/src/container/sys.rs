@@ -1,0 +1,235 @@
+//! The narrow seam between berth's container code and the kernel calls that neither
+//! `nix` nor `std` wrap safely: fork, openat2 confined to a root, capability sets and
+//! close_range. Owns every `unsafe` block of the container code; must never hold
+//! policy (what to mount, whom to run as): callers decide, this only performs.
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::unistd::Pid;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Which side of a fork we are on.
+pub enum Forked {
+    Child,
+    Parent(Pid),
+}
+
+/// Forks the calling process. berth forks only while single-threaded (the `berth`
+/// binary never starts threads), so the child may do anything, not only
+/// async-signal-safe calls.
+pub fn fork() -> nix::Result<Forked> {
+    // SAFETY: the berth binary is single-threaded when it forks, so no lock can be
+    // held by another thread in the child; the child either execs or exits.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+    }
+}
+
+/// Opens `path` relative to `root` as if `root` were `/`: `..` and absolute symlinks
+/// never leave it, and magic links (/proc/self/...) are refused.
+pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlag, mode: u32) -> nix::Result<OwnedFd> {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let cpath = CString::new(rel.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (flags | OFlag::O_CLOEXEC).bits() as u64,
+        mode: if flags.contains(OFlag::O_CREAT) { u64::from(mode) } else { 0 },
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    loop {
+        // SAFETY: `cpath` is a valid NUL-terminated string and `how` a fully
+        // initialised open_how whose size we pass; the kernel reads both and returns
+        // a new descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                cpath.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        }
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+}
+
+/// Empties the capability bounding set, so nothing exec'd later can regain a
+/// capability, even through a file capability. Needs CAP_SETPCAP (root has it).
+pub fn drop_bounding_set() -> nix::Result<()> {
+    for cap in 0..=63 {
+        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes two integers and touches no memory.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 {
+            match Errno::last() {
+                // Past the last capability this kernel knows.
+                Errno::EINVAL => break,
+                e => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Clears the ambient, effective, permitted and inheritable capability sets.
+pub fn clear_capabilities() -> nix::Result<()> {
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes integers only and touches no memory.
+    let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        return Err(Errno::last());
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set.
+    let header = Header { version: 0x2008_0522, pid: 0 };
+    let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+    // SAFETY: header and data have the layout capset(2) documents for version 3
+    // (one header, two data words) and outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Marks every descriptor from `first` up close-on-exec, so none of the host side's
+/// open files reach the program that is exec'd next.
+pub fn cloexec_from(first: u32) -> nix::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor flags.
+    let rc = unsafe { libc::close_range(first, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    if rc == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.11: walk the open descriptors instead.
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|_| Errno::last())?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd >= first as i32)
+        .collect();
+    for fd in fds {
+        // Descriptors that closed meanwhile (the read_dir one) fail with EBADF: harmless.
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    }
+    Ok(())
+}
+
+/// Sends one status word and, when given, one descriptor over a Unix socket.
+pub fn send_fd(sock: BorrowedFd<'_>, status: i32, fd: Option<BorrowedFd<'_>>) -> nix::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let bytes = status.to_ne_bytes();
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage<'_>> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None).map(|_| ())
+}
+
+/// Receives what `send_fd` sent: the status word and the descriptor, if any.
+pub fn recv_fd(sock: BorrowedFd<'_>) -> nix::Result<(i32, Option<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut bytes = [0u8; 4];
+    let mut iov = [std::io::IoSliceMut::new(&mut bytes)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    if msg.bytes != 4 {
+        return Err(Errno::EPIPE);
+    }
+    let mut fd = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for raw in fds {
+                // SAFETY: SCM_RIGHTS just installed this descriptor in our table; we
+                // are its only owner.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                fd.get_or_insert(owned);
+            }
+        }
+    }
+    Ok((i32::from_ne_bytes(bytes), fd))
+}
+
+/// Ends a forked child at once, without running the parent's exit handlers or
+/// flushing buffers the parent also holds.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit only ends the process; it touches no Rust state.
+    unsafe { libc::_exit(code) }
+}
+
+/// How many threads this process has (1 when /proc cannot tell).
+pub fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:").and_then(|n| n.trim().parse().ok())))
+        .unwrap_or(1)
+}
+
+/// Restrictions [`restrict_tree`] can add to a mount tree.
+pub struct MountRestrictions {
+    pub read_only: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+}
+
+/// Adds restrictions to the mount at `mount` (an O_PATH descriptor of its root) and to
+/// every mount below it, in one call (mount_setattr with AT_RECURSIVE, Linux 5.12+).
+/// Flags a mount already has stay; nothing is ever lifted.
+pub fn restrict_tree(mount: BorrowedFd<'_>, r: &MountRestrictions) -> nix::Result<()> {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let mut set = 0u64;
+    for (on, bit) in [(r.read_only, 0x1), (r.nosuid, 0x2), (r.nodev, 0x4), (r.noexec, 0x8)] {
+        if on {
+            set |= bit;
+        }
+    }
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    // SAFETY: the path is a valid empty C string, `attr` is a fully initialised
+    // mount_attr whose size we pass; the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}

@@ -1,0 +1,200 @@
+//! Who runs inside a container: the job user's uid, gid and groups; opening the
+//! sources of the user's own mounts with the user's credentials (never root's); and
+//! dropping to the user before exec (groups, ids, no capabilities, no_new_privs).
+//! Must never decide what gets mounted or exec'd: it only checks and drops.
+
+use super::sys::{self, Forked};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid};
+use serde::{Deserialize, Serialize};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("user {uid} may not read {path}: {source}")]
+    Denied { uid: u32, path: PathBuf, source: Errno },
+    #[error("cannot check access to {path} as user {uid}: {source}")]
+    Check { uid: u32, path: PathBuf, source: Errno },
+    #[error("cannot switch to user {uid} (gid {gid}): {step} failed: {source}")]
+    Drop { uid: u32, gid: u32, step: &'static str, source: Errno },
+}
+
+/// The identity tasks run as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (the primary gid need not be repeated).
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// The calling process's real identity and supplementary groups.
+    pub fn current() -> Credentials {
+        let groups = nix::unistd::getgroups().unwrap_or_default();
+        Credentials {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            groups: groups.into_iter().map(Gid::as_raw).collect(),
+        }
+    }
+
+    /// The user's home directory from the password database, if it has one that exists.
+    pub fn home(&self) -> Option<PathBuf> {
+        let user = nix::unistd::User::from_uid(Uid::from_raw(self.uid)).ok()??;
+        user.dir.is_dir().then_some(user.dir)
+    }
+
+    /// Takes on this identity for good: empties the capability bounding set, sets
+    /// no_new_privs, sets groups, gid and uid (real, effective, saved), then clears every
+    /// capability set. Needs root; afterwards nothing can regain privilege.
+    pub fn become_user(&self) -> Result<(), UserError> {
+        let fail = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
+        sys::drop_bounding_set().map_err(|e| fail("emptying the capability bounding set", e))?;
+        nix::sys::prctl::set_no_new_privs().map_err(|e| fail("setting no_new_privs", e))?;
+        self.set_ids().map_err(|(step, e)| fail(step, e))?;
+        sys::clear_capabilities().map_err(|e| fail("clearing capabilities", e))
+    }
+
+    /// In a user namespace that maps only this user: keeps the ids (and the groups,
+    /// which cannot be set there), empties the bounding set, sets no_new_privs and
+    /// clears every capability set.
+    pub fn drop_capabilities(&self) -> Result<(), UserError> {
+        let fail = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
+        sys::drop_bounding_set().map_err(|e| fail("emptying the capability bounding set", e))?;
+        nix::sys::prctl::set_no_new_privs().map_err(|e| fail("setting no_new_privs", e))?;
+        sys::clear_capabilities().map_err(|e| fail("clearing capabilities", e))
+    }
+
+    fn set_ids(&self) -> Result<(), (&'static str, Errno)> {
+        let groups: Vec<Gid> = self.groups.iter().copied().map(Gid::from_raw).collect();
+        nix::unistd::setgroups(&groups).map_err(|e| ("setgroups", e))?;
+        let gid = Gid::from_raw(self.gid);
+        nix::unistd::setresgid(gid, gid, gid).map_err(|e| ("setresgid", e))?;
+        let uid = Uid::from_raw(self.uid);
+        nix::unistd::setresuid(uid, uid, uid).map_err(|e| ("setresuid", e))
+    }
+
+    /// Whether the calling process already runs with exactly these credentials.
+    pub fn is_caller(&self) -> bool {
+        let (uid, euid) = (nix::unistd::getuid().as_raw(), nix::unistd::geteuid().as_raw());
+        let (gid, egid) = (nix::unistd::getgid().as_raw(), nix::unistd::getegid().as_raw());
+        uid == euid && gid == egid && *self == Credentials::current()
+    }
+
+    /// Opens each path as this user would (in a child that has switched to the user),
+    /// and returns the open files, so that what gets mounted is exactly what the user
+    /// was allowed to read, with no window for swapping a symlink in between.
+    pub fn open_as_user(&self, paths: &[PathBuf]) -> Result<Vec<OwnedFd>, UserError> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.is_caller() {
+            // The caller is this user, unprivileged or not: its own rights are the user's.
+            return paths
+                .iter()
+                .map(|path| {
+                    open_checked(path).map_err(|source| UserError::Denied { uid: self.uid, path: path.clone(), source })
+                })
+                .collect();
+        }
+        let check = |path: &Path, source| UserError::Check { uid: self.uid, path: path.to_path_buf(), source };
+        let (parent, child) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| check(&paths[0], e))?;
+        let pid = match sys::fork().map_err(|e| check(&paths[0], e))? {
+            Forked::Child => {
+                drop(parent);
+                let code = match self.set_ids() {
+                    Err((_, errno)) => {
+                        let _ = sys::send_fd(child.as_fd(), -(errno as i32), None);
+                        1
+                    }
+                    Ok(()) => {
+                        for path in paths {
+                            let sent = match open_checked(path) {
+                                Ok(fd) => sys::send_fd(child.as_fd(), 0, Some(fd.as_fd())),
+                                Err(errno) => sys::send_fd(child.as_fd(), errno as i32, None),
+                            };
+                            if sent.is_err() {
+                                break;
+                            }
+                        }
+                        0
+                    }
+                };
+                // Leave without running the parent's destructors or atexit handlers.
+                sys::exit_now(code)
+            }
+            Forked::Parent(pid) => pid,
+        };
+        drop(child);
+        let mut fds = Vec::with_capacity(paths.len());
+        let mut result = Ok(());
+        for path in paths {
+            match sys::recv_fd(parent.as_fd()) {
+                Ok((0, Some(fd))) => fds.push(fd),
+                Ok((status, _)) if status < 0 => {
+                    result = Err(check(path, Errno::from_raw(-status)));
+                    break;
+                }
+                Ok((status, _)) => {
+                    result = Err(UserError::Denied { uid: self.uid, path: path.clone(), source: Errno::from_raw(status) });
+                    break;
+                }
+                Err(e) => {
+                    result = Err(check(path, e));
+                    break;
+                }
+            }
+        }
+        drop(parent);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        result.map(|()| fds)
+    }
+}
+
+/// Opens `path` for reading (a directory too), which succeeds only with read access.
+fn open_checked(path: &Path) -> Result<OwnedFd, Errno> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let raw = nix::fcntl::open(path, flags, Mode::empty())?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_plain_user_cannot_open_a_private_directory_but_root_can() {
+        if !is_root() {
+            eprintln!("skipped: needs root to switch users");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("berth-user-test-{}", std::process::id()));
+        let private = dir.join("private");
+        let public = dir.join("public");
+        std::fs::create_dir_all(&private).unwrap();
+        std::fs::create_dir_all(&public).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
+        assert_eq!(nobody.open_as_user(&[public.clone()]).unwrap().len(), 1);
+        let err = nobody.open_as_user(&[public.clone(), private.clone()]).unwrap_err();
+        assert!(matches!(err, UserError::Denied { source: Errno::EACCES, .. }), "{err}");
+        assert!(err.to_string().contains("private"), "{err}");
+        let root = Credentials { uid: 0, gid: 0, groups: vec![] };
+        assert_eq!(root.open_as_user(&[private.clone()]).unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

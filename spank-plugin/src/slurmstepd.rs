@@ -1,0 +1,193 @@
+//! Remote context: slurmstepd on a compute node. Owns when the job's container is
+//! created and how each task enters it.
+//!
+//! - `init_post_opt` (root, once per step and node, options known): decide whether the
+//!   step wants a container and gather who it is for. Nothing can fail here that the
+//!   user should see: an error from this hook makes slurmstepd fail the whole launch
+//!   ("Plugin stack initialization failed"), which for a batch job drains the node.
+//! - `task_init_privileged` (root, in each forked task before it becomes the user): run
+//!   `berth container create` (per-node: every task asks for `node`, berth creates it
+//!   once and reuses it; per-rank: `rank-<N>`). Running here rather than in slurmstepd
+//!   itself means the work is charged to the job and killed with it by `scancel`, and a
+//!   failure fails the task with one line in the user's output. Then join the container
+//!   with the engine's `container::join` (open + `setns` of the namespaces pinned in
+//!   `<runtime_dir>/<job>/<name>/`, `chdir` to its working directory; no threads, no
+//!   HTTP) and set the container's environment. Slurm searches `PATH` for a bare command
+//!   after this hook, inside the container and with the image's `PATH`.
+//! - `task_init` (as the user, just before exec): slurmstepd has `chdir`ed back to the
+//!   job's directory after `task_init_privileged`, so the working directory is set again;
+//!   and `no_new_privs`, so nothing the task execs gains privileges.
+
+use crate::args::{Args, Mount};
+use crate::berth::{self, CreateRequest};
+use crate::env;
+use crate::ffi::{self, Spank};
+use crate::slurm_client;
+use crate::sys;
+use berth_engine::config::Config;
+use berth_engine::container;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// What `init_post_opt` learnt about this step on this node; written once, then only
+/// read (also by the forked tasks, which inherit it).
+struct Prepared {
+    job: u32,
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    image: String,
+    args: Args,
+    /// Mounts the plugin adds itself: the batch script's directory, Slurm's client.
+    extra_mounts: Vec<Mount>,
+}
+
+static PREPARED: OnceLock<Prepared> = OnceLock::new();
+/// The task's working directory inside the container, chosen in `task_init_privileged`.
+static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Where the image comes from, given `--container-image` and Slurm's own `--container`
+/// (which reaches us as `SLURM_CONTAINER`). An OCI bundle path is left to Slurm.
+pub fn choose_image(args_image: Option<&str>, slurm_container: Option<&str>) -> Option<String> {
+    if let Some(image) = args_image {
+        return Some(image.to_string());
+    }
+    let value = slurm_container?.trim();
+    let is_bundle = value.starts_with('/') || value.starts_with('.') || Path::new(value).is_dir();
+    (!value.is_empty() && !is_bundle).then(|| value.to_string())
+}
+
+/// Container name for one task: one per node, or one per rank (the engine's names).
+pub fn container_name(per_rank: bool, global_rank: u32) -> String {
+    if per_rank {
+        container::per_rank(global_rank)
+    } else {
+        container::PER_NODE.to_string()
+    }
+}
+
+pub fn init_post_opt(sp: &Spank, config: &Config, args: Args) -> Result<(), String> {
+    let step = sp.step_id().map_err(|e| e.to_string())?;
+    if step == ffi::SLURM_EXTERN_CONT {
+        return Ok(());
+    }
+    let slurm_container = sp.getenv("SLURM_CONTAINER").map_err(|e| e.to_string())?;
+    let Some(image) = choose_image(args.image.as_deref(), slurm_container.as_deref()) else {
+        return Ok(());
+    };
+    // The batch script lives in slurmd's spool directory, which the image lacks.
+    let mut extra_mounts = Vec::new();
+    if step == ffi::SLURM_BATCH_SCRIPT {
+        let argv = sp.argv().map_err(|e| e.to_string())?;
+        if let Some(dir) = argv.first().and_then(|script| Path::new(script).parent()) {
+            extra_mounts.push(Mount { source: dir.to_path_buf(), target: dir.to_path_buf(), read_only: true });
+        }
+    }
+    // Slurm's commands inside the container; without them the container still works.
+    match slurm_client::HostClient::discover(sys::own_dir().as_deref()) {
+        Some(client) => {
+            let bin_dir = config.runtime_dir.join(".slurm-client");
+            match client.install(&bin_dir) {
+                Ok(()) => extra_mounts.extend(client.mounts(&bin_dir)),
+                Err(err) => ffi::log_info(&format!("berth: no Slurm commands in containers: cannot write {}: {err}", bin_dir.display())),
+            }
+        }
+        None => ffi::log_debug("berth: no Slurm client found on this node to offer inside containers"),
+    }
+    let prepared = Prepared {
+        job: sp.job_id().map_err(|e| e.to_string())?,
+        uid: sp.uid().map_err(|e| e.to_string())?,
+        gid: sp.gid().map_err(|e| e.to_string())?,
+        groups: sp.supplementary_gids().map_err(|e| e.to_string())?,
+        image,
+        args,
+        extra_mounts,
+    };
+    // A second call in the same process would be Slurm's bug; the first one stands.
+    let _ = PREPARED.set(prepared);
+    Ok(())
+}
+
+pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
+    let Some(prepared) = PREPARED.get() else {
+        return Ok(());
+    };
+    if prepared.args.per_rank && !config.allow_per_rank {
+        return Err("berth: this site does not allow --container-per-rank; drop the option".into());
+    }
+    let rank = if prepared.args.per_rank { Some(sp.task_global_id().map_err(|e| e.to_string())?) } else { None };
+    // slurmstepd has already changed to the step's directory: the submit directory.
+    let submit_dir = std::env::current_dir().ok();
+    let req = CreateRequest {
+        job: prepared.job,
+        uid: prepared.uid,
+        gid: prepared.gid,
+        groups: &prepared.groups,
+        image: &prepared.image,
+        rank,
+        submit_dir: submit_dir.as_deref(),
+        args: &prepared.args,
+        extra_mounts: &prepared.extra_mounts,
+    };
+    berth::create(config, &req)?;
+
+    let name = container_name(prepared.args.per_rank, rank.unwrap_or(0));
+    let joined = container::join(config, &prepared.job.to_string(), &name).map_err(|err| format!("berth: {err}"))?;
+    // Slurm's meaning of a step's directory (sbatch -D, srun --chdir, the submit
+    // directory) is kept when the container has it; join chose the container's own
+    // (the image's WorkingDir, else /) for when it does not.
+    let workdir = match (&prepared.args.workdir, submit_dir) {
+        (Some(dir), _) if dir.is_dir() => dir.clone(),
+        (Some(dir), _) => return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display())),
+        (None, Some(dir)) if dir.is_dir() => dir,
+        (None, _) => PathBuf::from(&joined.state.workdir),
+    };
+    std::env::set_current_dir(&workdir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", workdir.display()))?;
+    let _ = WORKDIR.set(workdir);
+    let job_has = |name: &OsStr| name.to_str().is_some_and(|name| matches!(sp.getenv(name), Ok(Some(_))));
+    for (name, value) in env::to_set(&joined.env, &prepared.args.env, job_has) {
+        sp.setenv(&name, &value).map_err(|e| format!("berth: cannot set {}: {e}", name.to_string_lossy()))?;
+    }
+    if prepared.extra_mounts.iter().any(|m| m.target == Path::new(slurm_client::BIN_DIR)) {
+        let path = sp.getenv("PATH").map_err(|e| e.to_string())?;
+        let path = slurm_client::path_with_wrappers(path.as_deref());
+        sp.setenv(OsStr::new("PATH"), OsStr::new(&path)).map_err(|e| format!("berth: cannot set PATH: {e}"))?;
+    }
+    Ok(())
+}
+
+pub fn task_init() -> Result<(), String> {
+    let Some(dir) = WORKDIR.get() else {
+        return Ok(());
+    };
+    std::env::set_current_dir(dir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", dir.display()))?;
+    sys::no_new_privs().map_err(|err| format!("berth: cannot set no_new_privs: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_image_wins_over_slurm_container() {
+        assert_eq!(choose_image(Some("alpine"), Some("ubuntu")), Some("alpine".into()));
+        assert_eq!(choose_image(None, Some("localhost:5000/minimal")), Some("localhost:5000/minimal".into()));
+        assert_eq!(choose_image(None, None), None);
+        assert_eq!(choose_image(None, Some("")), None);
+    }
+
+    #[test]
+    fn oci_bundle_paths_are_left_to_slurm() {
+        assert_eq!(choose_image(None, Some("/srv/bundles/app")), None);
+        assert_eq!(choose_image(None, Some("./bundle")), None);
+        // An existing directory named without a leading '/' or '.' (tests run in the crate).
+        assert_eq!(choose_image(None, Some("src")), None);
+    }
+
+    #[test]
+    fn containers_are_named_per_node_or_per_rank() {
+        assert_eq!(container_name(false, 5), "node");
+        assert_eq!(container_name(true, 5), "rank-5");
+    }
+}
