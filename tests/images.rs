@@ -349,7 +349,8 @@ fn concurrent_pulls_of_one_image_all_succeed_and_store_each_layer_once() {
 fn a_pull_killed_at_any_moment_leaves_a_store_the_next_pull_completes() {
     let s = Scratch::new("killed");
     let image = s.image("mpi:latest");
-    for delay_ms in [50, 300, 900] {
+    let mut killed_mid_pull = 0;
+    for delay_ms in [20, 60, 150, 300] {
         let mut child = Command::new(berth_binary())
             .args(["pull", "--quiet", &image])
             .env("BERTH_CONFIG", s.dir.join("berth.toml"))
@@ -358,12 +359,18 @@ fn a_pull_killed_at_any_moment_leaves_a_store_the_next_pull_completes() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_pull += 1;
+        }
         let _ = child.kill();
         let _ = child.wait();
-        // Whatever was published is whole; the rest is debris gc may remove.
+        // Whatever was published is whole; the rest is debris gc removes.
         s.ok(&["gc"]);
         assert!(std::fs::read_dir(s.dir.join("store/tmp")).unwrap().next().is_none());
+        // The killed pull's layers, if any were published, stay for the next pull: drop the record only.
+        let _ = s.berth(&["rm", &image]);
     }
+    assert!(killed_mid_pull >= 2, "only {killed_mid_pull} kills landed during a pull");
     let out = s.ok(&["pull", "--quiet", &image]);
     let digest = out.split_whitespace().nth(1).unwrap().to_string();
     let export = s.dir.join("export");

@@ -314,7 +314,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: &Options) -> Result<Unpacke
     drop(cached);
     // Directory modes and times last, deepest first, so that read-only directories
     // can still be filled and children do not bump their parents' mtimes.
-    dirs.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0.len()));
     for (comps, meta) in dirs {
         let fd = open_beneath(&root, &comps, false)?;
         if opts.as_root {
@@ -401,7 +401,7 @@ fn copy_up(root: &OwnedFd, lowers: &[PathBuf], comps: &[Vec<u8>], opts: &Options
         if ft == FileType::CharacterDevice && st.st_rdev == 0 {
             return Err(missing());
         }
-        ensure_parents(root, &lroot, parent)?;
+        ensure_parents(root, &lroot, parent, opts)?;
         let up = open_beneath(root, parent, false)?;
         let meta = Meta { mode: st.st_mode & 0o7777, uid: st.st_uid, gid: st.st_gid, mtime: st.st_mtime };
         match ft {
@@ -431,7 +431,7 @@ fn copy_up(root: &OwnedFd, lowers: &[PathBuf], comps: &[Vec<u8>], opts: &Options
         }
         if ft == FileType::RegularFile && st.st_nlink > 1 {
             let above = &lowers[lowers.iter().position(|l| l == lower).map_or(lowers.len(), |i| i + 1)..];
-            copy_up_siblings(root, lower, &lroot, above, comps, (st.st_dev, st.st_ino))?;
+            copy_up_siblings(root, lower, &lroot, above, comps, (st.st_dev, st.st_ino), opts)?;
         }
         return Ok(());
     }
@@ -440,7 +440,7 @@ fn copy_up(root: &OwnedFd, lowers: &[PathBuf], comps: &[Vec<u8>], opts: &Options
 
 /// Creates missing parent directories in the layer with the metadata the lower layer
 /// gives them: overlay shows the upper directory's owner and mode.
-fn ensure_parents(root: &OwnedFd, lroot: &OwnedFd, parent: &[Vec<u8>]) -> Result<(), UnpackError> {
+fn ensure_parents(root: &OwnedFd, lroot: &OwnedFd, parent: &[Vec<u8>], opts: &Options) -> Result<(), UnpackError> {
     for depth in 1..=parent.len() {
         let here = &parent[..depth];
         let Some((dname, dparent)) = here.split_last() else { continue };
@@ -452,7 +452,7 @@ fn ensure_parents(root: &OwnedFd, lroot: &OwnedFd, parent: &[Vec<u8>]) -> Result
         let dst = open_beneath(root, here, false)?;
         if let Ok(src) = open_beneath(lroot, here, false) {
             let sst = rustix::fs::fstat(&src).map_err(|e| io(here, e))?;
-            if rustix::process::geteuid().is_root() {
+            if opts.as_root {
                 rustix::fs::fchown(&dst, Some(uid(sst.st_uid)), Some(gid(sst.st_gid))).map_err(|e| io(here, e))?;
             }
             rustix::fs::fchmod(&dst, Mode::from_raw_mode(sst.st_mode & 0o7777)).map_err(|e| io(here, e))?;
@@ -471,6 +471,7 @@ fn copy_up_siblings(
     above: &[PathBuf],
     target: &[Vec<u8>],
     inode: (u64, u64),
+    opts: &Options,
 ) -> Result<(), UnpackError> {
     let mut siblings = Vec::new();
     find_inode(lower, Path::new(""), inode, &mut siblings).map_err(|e| io(target, e))?;
@@ -486,7 +487,7 @@ fn copy_up_siblings(
         if in_layer || above.iter().any(|l| shadowed(l)) {
             continue;
         }
-        ensure_parents(root, lroot, parent)?;
+        ensure_parents(root, lroot, parent, opts)?;
         let tdir = open_beneath(root, tparent, false)?;
         let ldir = open_beneath(root, parent, false)?;
         rustix::fs::linkat(&tdir, os(tname), &ldir, os(name), AtFlags::empty()).map_err(|e| io(&comps, e))?;
@@ -544,7 +545,7 @@ pub fn flatten(layers: &[PathBuf], dest: &Path, opts: &Options) -> Result<(), Un
         state.walk(layer, dest, Path::new(""))?;
     }
     let mut dirs: Vec<_> = state.dirs.into_iter().collect();
-    dirs.sort_by(|a, b| b.0.components().count().cmp(&a.0.components().count()));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
     for (rel, m) in dirs {
         let path = dest.join(&rel);
         match std::fs::symlink_metadata(&path) {

@@ -35,8 +35,8 @@ pub enum ManifestError {
 /// What a manifest request returned, parsed by kind.
 #[derive(Debug)]
 pub enum Fetched {
-    Index(ImageIndex),
-    Image(ImageManifest),
+    Index(Box<ImageIndex>),
+    Image(Box<ImageManifest>),
 }
 
 /// Parses a manifest by the Content-Type the registry sent, falling back to the
@@ -57,10 +57,10 @@ pub fn parse(content_type: &str, body: &[u8]) -> Result<Fetched, ManifestError> 
     };
     match kind.as_str() {
         OCI_INDEX | DOCKER_LIST => {
-            ImageIndex::from_reader(body).map(Fetched::Index).map_err(|e| ManifestError::Invalid(e.to_string()))
+            ImageIndex::from_reader(body).map(|i| Fetched::Index(Box::new(i))).map_err(|e| ManifestError::Invalid(e.to_string()))
         }
         OCI_MANIFEST | DOCKER_MANIFEST => {
-            ImageManifest::from_reader(body).map(Fetched::Image).map_err(|e| ManifestError::Invalid(e.to_string()))
+            ImageManifest::from_reader(body).map(|m| Fetched::Image(Box::new(m))).map_err(|e| ManifestError::Invalid(e.to_string()))
         }
         other => Err(ManifestError::UnsupportedType(other.to_string())),
     }

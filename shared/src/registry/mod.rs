@@ -369,8 +369,7 @@ mod tests {
 
     #[test]
     fn plain_http_only_for_localhost_and_insecure_registries() {
-        let mut config = Config::default();
-        config.insecure_registries = vec!["10.1.2.3:5000".into()];
+        let mut config = Config { insecure_registries: vec!["10.1.2.3:5000".into()], ..Config::default() };
         let creds = Credentials::none();
         let c = Client::new(&config, &Reference::parse("localhost:5000/a").unwrap(), &creds).unwrap();
         assert!(c.base.starts_with("http://"));

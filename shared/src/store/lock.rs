@@ -18,7 +18,7 @@ pub struct Lock {
 /// A read-only caller (store pulled by root, used by a user) opens the file read-only,
 /// which is enough for `flock`.
 pub fn acquire(path: &Path, exclusive: bool) -> std::io::Result<Lock> {
-    let file = match OpenOptions::new().read(true).write(true).create(true).mode(0o644).open(path) {
+    let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
             File::open(path)?
@@ -37,7 +37,7 @@ pub fn acquire(path: &Path, exclusive: bool) -> std::io::Result<Lock> {
 
 /// Takes the lock only if it is free right now.
 pub fn try_acquire(path: &Path, exclusive: bool) -> std::io::Result<Option<Lock>> {
-    let file = OpenOptions::new().read(true).write(true).create(true).mode(0o644).open(path)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(path)?;
     let op = if exclusive { FlockOperation::NonBlockingLockExclusive } else { FlockOperation::NonBlockingLockShared };
     match rustix::fs::flock(&file, op) {
         Ok(()) => Ok(Some(Lock { _file: file })),

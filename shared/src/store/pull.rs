@@ -82,7 +82,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
 
     let mut rels: Vec<String> = Vec::new();
     let mut first_error = None;
-    let mut pending: Vec<(usize, PathBuf, Vec<(String, String)>)> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     for (i, outcome) in outcomes.into_iter().enumerate() {
         match outcome {
             Ok(Outcome::Published(rel)) => rels.push(rel),
@@ -149,6 +149,9 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
     })
 }
 
+/// A layer waiting for its lowers: index, tmp dir, hard links (link, target) into lowers.
+type Pending = (usize, PathBuf, Vec<(String, String)>);
+
 enum Outcome {
     /// The layer dir, relative to the store root.
     Published(String),
@@ -180,7 +183,7 @@ fn fetch_manifest(client: &Client, r: &Reference, platform: &Platform, key: &str
     let man = |source| StoreError::Manifest { reference: key.to_string(), source };
     let doc = client.manifest(r.manifest_ref()).map_err(|e| mismatch_or(e, key, "manifest"))?;
     match manifest::parse(&doc.media_type, &doc.bytes).map_err(man)? {
-        Fetched::Image(m) => Ok((doc.digest, doc.bytes, m)),
+        Fetched::Image(m) => Ok((doc.digest, doc.bytes, *m)),
         Fetched::Index(index) => {
             let chosen = manifest::select_platform(&index, platform).map_err(man)?;
             let digest = chosen.digest().to_string();
@@ -189,7 +192,7 @@ fn fetch_manifest(client: &Client, r: &Reference, platform: &Platform, key: &str
             }
             let doc = client.manifest(&digest).map_err(|e| mismatch_or(e, key, "platform manifest"))?;
             match manifest::parse(&doc.media_type, &doc.bytes).map_err(man)? {
-                Fetched::Image(m) => Ok((doc.digest, doc.bytes, m)),
+                Fetched::Image(m) => Ok((doc.digest, doc.bytes, *m)),
                 Fetched::Index(_) => Err(StoreError::BadImage { reference: key.into(), why: "the index points to another index".into() }),
             }
         }
