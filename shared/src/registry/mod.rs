@@ -19,7 +19,8 @@ use std::time::Duration;
 
 /// Largest manifest or config berth reads into memory.
 const MAX_DOCUMENT: u64 = 8 << 20;
-const ATTEMPTS: u32 = 4;
+/// Tries per request when the failure may pass (connection errors, 408, 429, 5xx).
+pub(crate) const ATTEMPTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -33,8 +34,8 @@ pub enum RegistryError {
     WrongCredentials { registry: String, repository: String },
     #[error("registry {registry} denied access to {repository}: the repository may not exist, or needs a login (`docker login {registry}`)")]
     Denied { registry: String, repository: String },
-    #[error("Docker Hub's pull rate limit is reached ({detail}): log in with `docker login` for a higher limit, use a mirror, or wait")]
-    RateLimited { detail: String },
+    #[error("{registry}'s pull rate limit is reached ({detail}): log in with `docker login` for a higher limit, use a mirror, or wait")]
+    RateLimited { registry: String, detail: String },
     #[error("registry {registry} answered {status} for {url}: {body}")]
     Status { registry: String, status: u16, url: String, body: String },
     #[error("registry {registry} sent a bad response for {what}: {why}")]
@@ -224,7 +225,7 @@ impl Client {
                         404 => return Err(RegistryError::NotFound { registry: self.registry.clone(), what: what.into() }),
                         403 => return Err(RegistryError::Denied { registry: self.registry.clone(), repository: self.repository.clone() }),
                         429 if body.contains("toomanyrequests") || self.registry == crate::reference::DOCKER_HUB => {
-                            return Err(RegistryError::RateLimited { detail: body });
+                            return Err(RegistryError::RateLimited { registry: self.registry.clone(), detail: body });
                         }
                         408 | 429 | 500..=599 => transient(format!("{url} answered {status}"), &mut attempt)?,
                         _ => return Err(RegistryError::Status { registry: self.registry.clone(), status, url, body }),

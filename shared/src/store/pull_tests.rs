@@ -196,3 +196,18 @@ fn a_full_disk_is_reported_and_leaves_the_store_consistent() {
     assert_eq!(layers, 0);
     assert!(tmp_empty);
 }
+
+#[test]
+fn rate_limits_say_what_to_do_and_server_errors_are_retried_then_reported() {
+    let reg = TestRegistry::start();
+    let (store, dir) = store_at("ratelimit", &reg);
+    let r = format!("{}/app:1", reg.addr);
+    reg.lock().manifest_answer = Some(("429 Too Many Requests".into(), r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"toomanyrequests: You have reached your pull rate limit"}]}"#.into()));
+    let err = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
+    assert!(err.contains("pull rate limit is reached") && err.contains("docker login"), "{err}");
+    reg.lock().manifest_answer = Some(("503 Service Unavailable".into(), "down for maintenance".into()));
+    let err = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
+    assert!(err.contains("cannot reach registry") && err.contains("503"), "{err}");
+    assert!(reg.lock().seen_auth.len() >= 1 + super::super::registry::ATTEMPTS as usize, "503 is retried");
+    gc::remove_tree(&dir).unwrap();
+}

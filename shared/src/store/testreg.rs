@@ -36,6 +36,8 @@ pub struct State {
     /// Authorization headers seen, by path.
     pub seen_auth: Vec<(String, Option<String>)>,
     pub blob_gets: usize,
+    /// Every manifest request answers this status line and body instead.
+    pub manifest_answer: Option<(String, String)>,
 }
 
 pub struct TestRegistry {
@@ -211,6 +213,11 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, addr: &str) -> std::io::Resu
     let (repo_kind, reference) = api.rsplit_once('/').unwrap_or(("", ""));
     let (repo, kind) = repo_kind.rsplit_once('/').unwrap_or(("", ""));
     match kind {
+        "manifests" if st.manifest_answer.is_some() => {
+            let (status, body) = st.manifest_answer.clone().unwrap_or_default();
+            drop(st);
+            respond(&mut conn, &status, &[], body.as_bytes())
+        }
         "manifests" => {
             let found = st.manifests.get(&format!("{repo}:{reference}")).cloned();
             drop(st);
