@@ -13,6 +13,22 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
+/// The `berth` binary built from this workspace in this test build's profile (the
+/// release one for `tests/run-all`, whose cluster runs it), or `$BERTH_BIN`.
+pub fn berth_binary() -> PathBuf {
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let path = std::env::var_os("BERTH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target").join(profile).join("berth"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build{} -p berth` first",
+        path.display(),
+        if cfg!(debug_assertions) { "" } else { " --release" }
+    );
+    path
+}
+
 /// The test cluster, as its scripts present it.
 pub struct Cluster {
     scripts: PathBuf,

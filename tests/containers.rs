@@ -4,21 +4,12 @@
 //! runtime dir, destroying what they made even when they fail. Those named `on_a_node_`
 //! run on the test cluster's compute hosts with images from its registry.
 
-use berth_e2e::{cluster, repo_root, stdout_ok};
+use berth_e2e::{berth_binary, cluster, stdout_ok};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const NOBODY: &str = "65534";
-
-/// The berth binary built from this workspace, in this test build's profile
-/// (`cargo build [--release] -p berth` first), or `$BERTH_BIN`.
-fn berth_binary() -> PathBuf {
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    let path = std::env::var_os("BERTH_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target").join(profile).join("berth"));
-    assert!(path.exists(), "{} is missing: run `cargo build -p berth` (with --release for a release test run) first", path.display());
-    path
-}
 
 /// An image in two layers, a berth config pointing at a private runtime dir, and a job.
 struct Fixture {

@@ -3,7 +3,7 @@
 //! image (paths, types, modes, owners, link targets, contents, hard-link groups).
 //! Runs as root in this machine's root namespace, which reaches the registry directly.
 
-use berth_e2e::{cluster, image_layout, repo_root};
+use berth_e2e::{berth_binary, cluster, image_layout};
 use berth_engine::config::Config;
 use berth_engine::store::{Progress, PullPolicy, Store};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -11,20 +11,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-
-/// The newest `berth` built in this checkout (release for `tests/run-all`, debug by hand).
-fn berth_binary() -> PathBuf {
-    if let Some(b) = std::env::var_os("BERTH_BIN") {
-        return b.into();
-    }
-    let candidates = ["release", "debug"].map(|p| repo_root().join("target").join(p).join("berth"));
-    candidates
-        .iter()
-        .filter_map(|p| p.metadata().and_then(|m| m.modified()).ok().map(|t| (t, p.clone())))
-        .max()
-        .map(|(_, p)| p)
-        .expect("build berth first (cargo build -p berth)")
-}
 
 /// A scratch dir with an admin config naming the cluster's registry as insecure and a
 /// store of its own; removed on drop.

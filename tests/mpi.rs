@@ -5,19 +5,11 @@
 //! rank inside the containers of the same job on every node. Each test destroys its
 //! jobs, even when it fails, and checks that nothing is left.
 
-use berth_e2e::{cluster, repo_root, stdout_ok, Cluster};
-use std::path::PathBuf;
+use berth_e2e::{berth_binary, cluster, stdout_ok, Cluster};
 
 const MPI: &str = "registry:5000/mpi:latest";
 /// busybox only: no ssh, no sshd, no bash, no glibc, no entry for the job user.
 const MINIMAL: &str = "registry:5000/minimal:latest";
-
-/// The berth binary built from this workspace; every test host sees this path.
-fn berth() -> String {
-    let path = std::env::var_os("BERTH_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/berth"));
-    assert!(path.exists(), "{} is missing: run `cargo build -p berth` first", path.display());
-    path.display().to_string()
-}
 
 /// A numeric job id unique to this test run and test (numeric ids get distinct ports).
 fn job_id(test: u32) -> String {
@@ -48,11 +40,11 @@ impl Job {
             // machine's kernel, depending on the CPU create runs on: retry on both.
             let create = format!(
                 "for i in 0 1 2 3 4 5; do err=$(taskset -c $((i % $(nproc))) {b} container create --job {j} --user {user} --image {image} --no-home 2>&1 >/dev/null) && exit 0; done; echo \"$err\" >&2; exit 1",
-                b = berth(),
+                b = berth_binary().display(),
                 j = job.id
             );
             stdout_ok(&job.cluster.on_node(&node, &create));
-            let wire = format!("{} container wire --job {} --nodes {} --slots {slots}", berth(), job.id, job.nodes.join(","));
+            let wire = format!("{} container wire --job {} --nodes {} --slots {slots}", berth_binary().display(), job.id, job.nodes.join(","));
             let wired: serde_json::Value = serde_json::from_str(&stdout_ok(&job.cluster.on_node(&node, &wire))).expect("wire prints JSON");
             job.port = wired["port"].as_u64().expect("a port") as u16;
         }
@@ -61,7 +53,7 @@ impl Job {
 
     /// Runs a shell line as the job user in the container on the job's first node.
     fn exec(&self, shell: &str) -> std::process::Output {
-        let line = format!("cd / && timeout 120 {} container exec --job {} -- sh -c {}", berth(), self.id, quote(shell));
+        let line = format!("cd / && timeout 120 {} container exec --job {} -- sh -c {}", berth_binary().display(), self.id, quote(shell));
         self.cluster.on_node(&self.nodes[0], &line)
     }
 
@@ -72,7 +64,7 @@ impl Job {
 
     fn destroy(&self) {
         for node in &self.nodes {
-            stdout_ok(&self.cluster.on_node(node, &format!("{} container destroy --job {}", berth(), self.id)));
+            stdout_ok(&self.cluster.on_node(node, &format!("{} container destroy --job {}", berth_binary().display(), self.id)));
         }
     }
 
@@ -93,7 +85,7 @@ impl Job {
 impl Drop for Job {
     fn drop(&mut self) {
         for node in &self.nodes {
-            let _ = self.cluster.on_node(node, &format!("{} container destroy --job {}", berth(), self.id));
+            let _ = self.cluster.on_node(node, &format!("{} container destroy --job {}", berth_binary().display(), self.id));
         }
     }
 }
@@ -214,7 +206,7 @@ fn destroy_leaves_no_sshd_nor_anything_started_through_it() {
 #[test]
 fn wiring_twice_returns_the_running_sshd() {
     let job = Job::start("alice", 7, 1);
-    let wire = format!("{} container wire --job {} --nodes {}", berth(), job.id, job.nodes.join(","));
+    let wire = format!("{} container wire --job {} --nodes {}", berth_binary().display(), job.id, job.nodes.join(","));
     let again: serde_json::Value = serde_json::from_str(&stdout_ok(&job.cluster.on_node(&job.nodes[0], &wire))).expect("JSON");
     assert_eq!(again["reused"], true);
     assert_eq!(again["port"].as_u64(), Some(u64::from(job.port)));
