@@ -51,15 +51,6 @@ in_host() {
   nsenter --target "$pid" --net --uts --mount --root --wd -- "$@"
 }
 
-# The same, but with this machine's root file system, for the tools that only it has
-# (docker-registry) whichever Slurm the hosts run.
-in_host_machine_root() {
-  local host=$1 pid
-  shift
-  pid=$(anchor_pid "$host") || die "host $host is not up (run slurm-test-env/up)"
-  nsenter --target "$pid" --net --uts --mount -- "$@"
-}
-
 # The Slurm version the running cluster was brought up with (22.05 or 24.11).
 cluster_slurm() { cat "$STATE/slurm-version" 2>/dev/null || echo 22.05; }
 
