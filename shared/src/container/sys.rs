@@ -234,6 +234,44 @@ pub fn restrict_tree(mount: BorrowedFd<'_>, r: &MountRestrictions) -> nix::Resul
     }
 }
 
+/// A detached copy of the single mount at `dir` (open_tree with OPEN_TREE_CLONE), to be
+/// attached in another mount namespace with [`attach_tree`]: the kernel binds nothing
+/// across mount namespaces otherwise.
+pub fn clone_tree(dir: &Path) -> nix::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let cpath = CString::new(dir.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: cpath is a valid NUL-terminated string; open_tree returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, cpath.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches a detached mount tree (from [`clone_tree`]) on the directory `target`.
+pub fn attach_tree(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> nix::Result<()> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+    // SAFETY: both descriptors are open, the paths are valid empty C strings; the kernel
+    // only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
 /// Turns a forked child into a namespace anchor: a new session, stdin/stdout/stderr on
 /// /dev/null (so nobody waiting for the parent's output waits for it), every other
 /// descriptor closed, then idle until killed.

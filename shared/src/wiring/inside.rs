@@ -13,45 +13,16 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-const OPEN_TREE_CLONE: u32 = 1;
-const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x4;
-const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
-
-/// A detached, read-only copy of the mount at `dir` (open_tree + mount_setattr), to be
-/// attached inside a container: the kernel binds nothing across mount namespaces
-/// otherwise.
+/// A detached, read-only, nosuid, nodev copy of the mount at `dir`, to be attached
+/// inside a container.
 pub fn detached_read_only(dir: &Path) -> nix::Result<OwnedFd> {
-    let cpath = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: cpath is a valid NUL-terminated string; open_tree returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, cpath.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as u32) };
-    if fd < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: the kernel just returned this descriptor; nobody else owns it.
-    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    #[repr(C)]
-    struct MountAttr {
-        attr_set: u64,
-        attr_clr: u64,
-        propagation: u64,
-        userns_fd: u64,
-    }
-    let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, attr_clr: 0, propagation: 0, userns_fd: 0 };
-    let empty = c"";
-    // SAFETY: `attr` is a fully initialised mount_attr (size passed), `empty` a valid
-    // C string; the kernel only reads both.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_mount_setattr, tree.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, &attr as *const MountAttr, std::mem::size_of::<MountAttr>())
-    };
-    if rc != 0 {
-        return Err(Errno::last());
-    }
+    let tree = sys::clone_tree(dir)?;
+    let restrictions = sys::MountRestrictions { read_only: true, nosuid: true, nodev: true, noexec: false };
+    sys::restrict_tree(tree.as_fd(), &restrictions)?;
     Ok(tree)
 }
 
@@ -91,29 +62,18 @@ pub fn prepare_and_start(what: &Inside<'_>) -> Result<i32, String> {
         append(root, "/etc/hosts", &lines)?;
     }
     let target = mkdirs(root, files::MOUNT_POINT)?;
-    let empty = c"";
-    // SAFETY: both descriptors are open, `empty` is a valid C string; move_mount
-    // attaches the detached tree on the target directory.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            what.tree.as_raw_fd(),
-            empty.as_ptr(),
-            target.as_raw_fd(),
-            empty.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
-        )
-    };
-    if rc != 0 {
-        return Err(format!("cannot mount the wiring dir at {}: {}", files::MOUNT_POINT, Errno::last()));
-    }
+    sys::attach_tree(what.tree, target.as_fd())
+        .map_err(|e| format!("cannot mount the wiring dir at {}: {e}", files::MOUNT_POINT))?;
     start_sshd(what)
 }
 
 fn open_in_root_dir(path: &Path) -> nix::Result<OwnedFd> {
-    let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
-    // SAFETY: open just returned this descriptor; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_PATH | OFlag::O_DIRECTORY).bits())
+        .open(path)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(OwnedFd::from(file))
 }
 
 /// A file of the container as text; a missing file is empty.
