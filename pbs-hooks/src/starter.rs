@@ -9,8 +9,8 @@
 //! container and becomes its user) with `PBS_NODEFILE` set to the wiring's hostfile
 //! inside. pbs_mom hands the shell the script's host path on a pipe (stdin,
 //! `[exec ]PATH [ARGS]`, start_exec.c under SHELL_INVOKE); that path does not exist in
-//! the container, so the starter opens the script and makes it the shell's stdin, with
-//! qsub -F's ARGS after `-s --`. A job whose prologue failed: print the prologue's line
+//! the container, so the starter opens the script as the shell's stdin and has the shell
+//! source it from there (qsub -F's ARGS as its arguments). A job whose prologue failed: print the prologue's line
 //! (the job's error file) and fail. Any other job: become the job user and exec the
 //! shell as pbs_mom would.
 //! Never creates anything; what the prologue did not make does not exist.
@@ -48,6 +48,9 @@ pub enum StarterError {
     Exec { program: String, source: std::io::Error },
 }
 
+const SOURCE: &str = "exec 9<&0 </dev/null; . /proc/self/fd/9";
+const SOURCE_WITH_ARGS: &str = "exec 9<&0 </dev/null; . /proc/self/fd/9 \"$@\"";
+
 /// Replaces this process with the job's shell; returns only on failure.
 pub fn start(config: &Config, args: &[String]) -> StarterError {
     let Some((shell, shell_args)) = args.split_first() else { return StarterError::NoShell };
@@ -74,10 +77,12 @@ pub fn start(config: &Config, args: &[String]) -> StarterError {
     if dir.join("wiring.json").exists() {
         command.args(["--env", &format!("PBS_NODEFILE={}", files::path("hostfile"))]);
     }
-    command.arg("--").arg(shell).args(shell_args);
-    if !script_args.is_empty() {
-        command.args(["-s", "--"]).args(script_args);
-    }
+    // The script is stdin now; the shell moves it to fd 9, gives the job /dev/null as
+    // stdin (as pbs_mom's drained pipe would be; mpirun would otherwise eat the rest
+    // of the script) and sources it through the fd, which works across the mount
+    // namespace. Needs a POSIX shell (sh, bash, ksh, zsh).
+    let source = if script_args.is_empty() { SOURCE } else { SOURCE_WITH_ARGS };
+    command.arg("--").arg(shell).args(shell_args).args(["-c", source, shell]).args(script_args);
     let source = command.exec();
     StarterError::Exec { program: config.berth_binary.display().to_string(), source }
 }
