@@ -125,8 +125,12 @@ fn ranks(stdout: &str) -> Vec<String> {
 
 #[test]
 fn qsub_container_one_node_runs_mpirun_in_the_image() {
-    let job = Job::submit("one", &format!("nodes=1:ppn=2,other=container={IMAGE}"), MPIRUN);
+    let script = format!("{MPIRUN}echo \"in $(pwd) from $PBS_O_WORKDIR\"\n");
+    let job = Job::submit("one", &format!("nodes=1:ppn=2,other=container={IMAGE}"), &script);
     let (out, err) = job.finish();
+    let dir = out.lines().find_map(|l| l.strip_prefix("in ")).unwrap_or_default();
+    let (cwd, submit) = dir.split_once(" from ").unwrap_or_default();
+    assert!(!submit.is_empty() && cwd == submit, "the script should start in the submit dir: {dir}");
     let ranks = ranks(&out);
     assert_eq!(ranks.len(), 2, "stdout: {out} stderr: {err}");
     let node = ranks[0].split_whitespace().nth(5).unwrap_or_default().to_string();
@@ -159,7 +163,7 @@ fn qsub_bad_image_fails_with_one_line() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
     assert!(lines[0].contains("registry:5000/no-such-image:1") && lines[0].contains("not found"), "{err}");
-    assert_ne!(job.exit_status(), Some(0));
+    assert_eq!(job.exit_status(), Some(1));
     job.assert_gone();
 }
 
