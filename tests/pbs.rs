@@ -156,7 +156,9 @@ fn qsub_container_two_nodes_runs_ranks_on_both() {
 
 #[test]
 fn qsub_bad_image_fails_with_one_line() {
-    let job = Job::submit("bad", "nodes=1:ppn=1,other=container=registry:5000/no-such-image:1", "#!/bin/bash\necho ran\n");
+    // Two nodes: the sister's prologue.parallel fails too, and its epilogue.parallel
+    // must clean up there.
+    let job = Job::submit("bad", "nodes=2:ppn=1,other=container=registry:5000/no-such-image:1", "#!/bin/bash\necho ran\n");
     let (out, err) = job.finish();
     assert!(!out.contains("ran"), "the script ran: {out}");
     let lines: Vec<&str> = err.lines().collect();
@@ -164,6 +166,17 @@ fn qsub_bad_image_fails_with_one_line() {
     assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
     assert!(lines[0].contains("registry:5000/no-such-image:1") && lines[0].contains("not found"), "{err}");
     assert_eq!(job.exit_status(), Some(1));
+    job.assert_gone();
+}
+
+#[test]
+fn qsub_without_container_runs_natively_as_the_user() {
+    let script = "#!/bin/bash\nid -un\ntest -d /opt/berth-test && echo in-image || echo on-host\ntest -e /run/berth/$PBS_JOBID && echo container-made; true\n";
+    let job = Job::submit("native", "nodes=1:ppn=1", script);
+    let (out, err) = job.finish();
+    assert_eq!(out, "alice\non-host\n", "stderr: {err}");
+    assert_eq!(err, "");
+    assert_eq!(job.exit_status(), Some(0));
     job.assert_gone();
 }
 
