@@ -1,0 +1,180 @@
+//! The prologues and epilogues: each turns one Torque event into one or two `berth`
+//! node-side actions (see docs/design.md), run as root as pbs_mom runs them.
+//!
+//! - `prologue` (mother superior): `berth container create`, then `berth container
+//!   wire` with the job's nodes and slots from `$PBS_NODEFILE`.
+//! - `prologue.parallel` (each sister): the same, with the nodes it knows of
+//!   (`$PBS_MSHOST` and itself; Torque gives sisters no nodefile, prolog.c
+//!   `setup_pelog_environment` sets it only where MOM_HAS_NODEFILE).
+//! - `epilogue`, `epilogue.parallel`: `berth container destroy`, idempotent, so it
+//!   also cleans up after a prologue that failed or never ran.
+//!
+//! Exit codes, from Torque 6.1.3 (src/resmom/start_exec.c, `run_prologue_scripts`): a
+//! prologue exiting 1 aborts the job (JOB_EXEC_FAIL2), any other non-zero status
+//! requeues it (JOB_EXEC_RETRY_PROLOGUE). An aborted job's error file is never
+//! delivered (it stays in the mom's spool dir), so the user would not see why. Hence a
+//! prologue that cannot make the container records its one line in
+//! `<runtime_dir>/<job>/prologue-error` and exits 0; the job starter prints that line
+//! into the job's error file and fails the job; the epilogue's destroy removes it.
+//! Only a failure to record exits 1. Never holds container logic of its own.
+
+use crate::request::{Pelog, RequestError};
+use berth_engine::config::{Config, ConfigError};
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot run {binary}: {source}; check berth_binary in the berth config")]
+    Spawn { binary: String, source: std::io::Error },
+    #[error("cannot read the job's nodefile {path}: {source}")]
+    Nodefile { path: String, source: std::io::Error },
+    #[error("{action}: {why}")]
+    Berth { action: &'static str, why: String },
+}
+
+/// How the job's nodes are known on this node.
+pub enum Role {
+    MotherSuperior,
+    Sister,
+}
+
+/// Runs `berth ARGS`; its last stderr line (without the `berth: ` prefix) on failure.
+fn berth(config: &Config, action: &'static str, args: &[&str]) -> Result<String, HookError> {
+    let binary = config.berth_binary.display().to_string();
+    let out = Command::new(&config.berth_binary)
+        .args(args)
+        .output()
+        .map_err(|source| HookError::Spawn { binary: binary.clone(), source })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
+    let why = line.strip_prefix("berth: ").unwrap_or(line).to_string();
+    Err(HookError::Berth { action, why: format!("{why} ({binary} exited with {})", out.status) })
+}
+
+/// Nodes in nodefile order, each with the number of its lines (its slots).
+pub fn nodes_and_slots(nodefile: &str) -> (Vec<String>, Vec<u32>) {
+    let mut nodes: Vec<String> = Vec::new();
+    let mut slots: Vec<u32> = Vec::new();
+    for name in nodefile.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match nodes.iter().position(|n| n == name) {
+            Some(i) => slots[i] += 1,
+            None => {
+                nodes.push(name.to_string());
+                slots.push(1);
+            }
+        }
+    }
+    (nodes, slots)
+}
+
+pub fn this_host() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The job's nodes and slots as this node can know them.
+fn job_nodes(role: &Role) -> Result<(Vec<String>, Vec<u32>), HookError> {
+    let me = this_host();
+    match role {
+        Role::MotherSuperior => match std::env::var("PBS_NODEFILE") {
+            Ok(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| HookError::Nodefile { path, source })?;
+                Ok(nodes_and_slots(&text))
+            }
+            Err(_) => Ok((vec![me], vec![1])),
+        },
+        Role::Sister => {
+            let mut nodes: Vec<String> = std::env::var("PBS_MSHOST").ok().into_iter().filter(|h| !h.is_empty()).collect();
+            if !nodes.contains(&me) {
+                nodes.push(me);
+            }
+            let slots = vec![1; nodes.len()];
+            Ok((nodes, slots))
+        }
+    }
+}
+
+/// `berth container create`, again on another CPU when pinning the new mount namespace
+/// fails with EINVAL: this VM's kernel does that now and then depending on the CPU
+/// (tests/mpi.rs retries the same way); any other failure is final.
+fn create_container(config: &Config, args: &[&str]) -> Result<String, HookError> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut attempt = 0;
+    loop {
+        let result = berth(config, "cannot start the container", args);
+        match &result {
+            Err(HookError::Berth { why, .. }) if why.contains("cannot pin") && attempt < 4 => {
+                attempt += 1;
+                let mut set = nix::sched::CpuSet::new();
+                // Affinity is inherited by the next berth; a failure only loses the hint.
+                if set.set(attempt % cpus).is_ok() {
+                    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+                }
+            }
+            _ => return result,
+        }
+    }
+}
+
+/// prologue / prologue.parallel: the job's container on this node, wired for MPI.
+/// Returns the image, or None for a job that asked for none.
+pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<String>, HookError> {
+    let Some(image) = pelog.image()? else { return Ok(None) };
+    let (nodes, slots) = job_nodes(&role)?;
+    let mut create = vec!["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &image];
+    let submit_dir = std::env::var("PBS_O_WORKDIR").ok().filter(|d| Path::new(d).is_dir());
+    if let Some(dir) = &submit_dir {
+        create.extend(["--submit-dir", dir]);
+    }
+    let nodes = nodes.join(",");
+    let slots = slots.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let made = create_container(config, &create).and_then(|_| {
+        berth(config, "cannot wire MPI between the job's containers", &["container", "wire", "--job", &pelog.job, "--nodes", &nodes, "--slots", &slots])
+    });
+    if let Err(e) = made {
+        // create removes what it made when it fails; wiring failed after it: undo both.
+        let _ = berth(config, "cannot remove the container", &["container", "destroy", "--job", &pelog.job]);
+        return Err(e);
+    }
+    Ok(Some(image))
+}
+
+/// Where a failed prologue leaves its line for the job starter.
+pub fn failure_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
+    berth_engine::container::check_name("job", job).ok()?;
+    Some(config.runtime_dir.join(job).join("prologue-error"))
+}
+
+/// Records a prologue's failure line for the job starter (root-only dir, as create's).
+pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = failure_file(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    std::fs::write(path, format!("{line}\n"))
+}
+
+/// epilogue / epilogue.parallel: nothing of the job left on this node.
+pub fn epilogue(config: &Config, pelog: &Pelog) -> Result<(), HookError> {
+    berth(config, "cannot remove the job's containers", &["container", "destroy", "--job", &pelog.job]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodefile_gives_nodes_in_order_with_their_slots() {
+        let (nodes, slots) = nodes_and_slots("node2\nnode2\nnode1\nnode2\n\nnode1\n");
+        assert_eq!(nodes, ["node2", "node1"]);
+        assert_eq!(slots, [3, 2]);
+    }
+}

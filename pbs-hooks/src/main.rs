@@ -1,0 +1,88 @@
+//! `berth-pbs`: berth's Torque/PBS hooks in one binary, dispatched on the name it is
+//! run as (mom_priv/prologue, epilogue, prologue.parallel, epilogue.parallel and
+//! job_starter are links to it) or on its first argument (`berth-pbs prologue ARGS`).
+//! Every failure is one line on stderr, which pbs_mom puts in the job's error file:
+//! what failed, why, what to do.
+
+mod hooks;
+mod request;
+mod starter;
+
+use berth_engine::config::Config;
+use hooks::Role;
+use request::Pelog;
+use std::process::ExitCode;
+
+const HOOKS: &[&str] = &["prologue", "prologue.parallel", "epilogue", "epilogue.parallel", "job_starter"];
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().collect();
+    let called = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
+    let hook = if HOOKS.contains(&called.as_str()) {
+        args.remove(0);
+        called
+    } else if args.len() > 1 && HOOKS.contains(&args[1].as_str()) {
+        args.drain(..2).nth(1).unwrap_or_default()
+    } else {
+        eprintln!("berth-pbs: run as {} (a link in mom_priv named so) or `berth-pbs HOOK ARGS...`", HOOKS.join(", "));
+        return ExitCode::from(2);
+    };
+    // Torque gives a prologue's output to the job's files; tag the line with the hook.
+    let fail = |what: String| {
+        eprintln!("berth-pbs {hook}: {what}");
+        ExitCode::from(1)
+    };
+    // pbs_mom runs the prologue in the job's child after setting the job's umask
+    // (src/resmom/start_exec.c, determine_umask), 077 for many users; what berth
+    // stages for the job user (its OpenSSH, the hostfile) must stay readable to them.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(e) => return fail(e.to_string()),
+    };
+    match hook.as_str() {
+        "job_starter" => match starter::start(&config, &args) {
+            // The prologue's own line, already complete.
+            starter::StarterError::PrologueFailed(line) => {
+                eprintln!("{line}");
+                ExitCode::from(1)
+            }
+            e => fail(e.to_string()),
+        },
+        "prologue" | "prologue.parallel" => {
+            let name = if hook == "prologue" { "prologue" } else { "prologue.parallel" };
+            let role = if hook == "prologue" { Role::MotherSuperior } else { Role::Sister };
+            let pelog = match Pelog::parse(name, &args, false) {
+                Ok(p) => p,
+                Err(e) => return fail(e.to_string()),
+            };
+            match hooks::prologue(&config, &pelog, role) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    // pbs_mom already gives this stderr to the job's error file; the
+                    // job starter prints the recorded line there once, so only print
+                    // it here when it cannot be recorded.
+                    let line = format!("berth-pbs {hook}: job {} on {}: {e}", pelog.job, hooks::this_host());
+                    match hooks::record_failure(&config, &pelog.job, &line) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(why) => {
+                            eprintln!("{line}");
+                            fail(format!("job {}: cannot record the failure for the job starter: {why}", pelog.job))
+                        }
+                    }
+                }
+            }
+        }
+        _ => {
+            let name = if hook == "epilogue" { "epilogue" } else { "epilogue.parallel" };
+            let pelog = match Pelog::parse(name, &args, true) {
+                Ok(p) => p,
+                Err(e) => return fail(e.to_string()),
+            };
+            match hooks::epilogue(&config, &pelog) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(format!("job {}: {e}", pelog.job)),
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! End-to-end tests of berth's Torque hooks on the test cluster with a real TORQUE
+//! 6.1.3 (`slurm-test-env/torque-up`): jobs submitted with `qsub` as alice, run by
+//! pbs_mom through mom_priv/prologue, prologue.parallel, the job starter, epilogue and
+//! epilogue.parallel (all `berth-pbs`). Each test checks that nothing of its job is
+//! left on any node afterwards.
+
+use berth_e2e::{cluster, stdout_ok, Cluster};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "registry:5000/mpi:latest";
+const QSUB: &str = "/opt/torque/bin/qsub";
+const QSTAT: &str = "/opt/torque/bin/qstat";
+
+/// A job's files in a directory of alice's home unique to this run and test.
+struct Job {
+    cluster: Cluster,
+    dir: String,
+    id: String,
+}
+
+fn torque() -> Cluster {
+    let cluster = cluster();
+    let out = cluster.run(&format!("{QSTAT} -B"));
+    assert!(
+        out.status.success(),
+        "Torque is not up on the test cluster ({}): run `slurm-test-env/torque-up`",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    cluster
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+impl Job {
+    /// Writes `script` and submits it with `resources` (`qsub -l`).
+    fn submit(test: &str, resources: &str, script: &str) -> Job {
+        let cluster = torque();
+        let dir = format!("pbs-e2e-{}-{test}", std::process::id());
+        let line = format!(
+            "rm -rf {dir} && mkdir {dir} && cd {dir} && printf '%s' {} > job.sh && {QSUB} -l {} -o $PWD/out -e $PWD/err job.sh",
+            quote(script),
+            quote(resources)
+        );
+        let id = stdout_ok(&cluster.run(&line)).trim().to_string();
+        assert!(id.ends_with(".head"), "qsub printed {id}");
+        Job { cluster, dir, id }
+    }
+
+    fn state(&self) -> String {
+        let out = self.cluster.run(&format!("{QSTAT} -f {} 2>/dev/null | sed -n 's/^ *job_state = //p'", self.id));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn wait_for(&self, state: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let now = self.state();
+            // A finished job is C for keep_completed seconds, then gone.
+            if now == state || (state == "C" && now.is_empty()) {
+                return;
+            }
+            assert!(start.elapsed() < limit, "job {} still in state '{now}' after {limit:?}", self.id);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until the job is done and its files are delivered; (stdout, stderr).
+    fn finish(&self) -> (String, String) {
+        self.wait_for("C", Duration::from_secs(300));
+        let start = Instant::now();
+        loop {
+            let out = self.cluster.run(&format!("cd {} && test -e out && test -e err && cat out && echo '#--err--' && cat err", self.dir));
+            if out.status.success() {
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let (o, e) = text.split_once("#--err--\n").unwrap_or((&text, ""));
+                return (o.to_string(), e.to_string());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "job {}'s output files never arrived", self.id);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn exit_status(&self) -> Option<i64> {
+        let out = self.cluster.run(&format!("{QSTAT} -f {} 2>/dev/null | sed -n 's/^ *exit_status = //p'", self.id));
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// Nothing of the job on any node: no runtime dir, no mount, no process.
+    fn assert_gone(&self) {
+        for node in self.cluster.nodes() {
+            let check = format!(
+                "test ! -e /run/berth/{j} || echo dir left; grep -q '/run/berth/{j}/' /proc/self/mountinfo && echo mount left; \
+                 pgrep -f '[b]erth-e2e-{j}' && echo process left; true",
+                j = self.id
+            );
+            // The epilogue runs after the job is reported done: give it a moment.
+            let start = Instant::now();
+            loop {
+                let left = stdout_ok(&self.cluster.on_node(&node, &check)).trim().to_string();
+                if left.is_empty() {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(30), "job {} left on {node}: {left}", self.id);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.cluster.run(&format!("/opt/torque/bin/qdel {} 2>/dev/null; rm -rf {}", self.id, self.dir));
+    }
+}
+
+const MPIRUN: &str = "#!/bin/bash\nmpirun -hostfile $PBS_NODEFILE /opt/berth-test/bin/hello-openmpi\n";
+
+fn ranks(stdout: &str) -> Vec<String> {
+    let mut lines: Vec<String> = stdout.lines().filter(|l| l.starts_with("rank ")).map(String::from).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn qsub_container_one_node_runs_mpirun_in_the_image() {
+    let script = format!("{MPIRUN}echo \"in $(pwd) from $PBS_O_WORKDIR\"\n");
+    let job = Job::submit("one", &format!("nodes=1:ppn=2,other=container={IMAGE}"), &script);
+    let (out, err) = job.finish();
+    let dir = out.lines().find_map(|l| l.strip_prefix("in ")).unwrap_or_default();
+    let (cwd, submit) = dir.split_once(" from ").unwrap_or_default();
+    assert!(!submit.is_empty() && cwd == submit, "the script should start in the submit dir: {dir}");
+    let ranks = ranks(&out);
+    assert_eq!(ranks.len(), 2, "stdout: {out} stderr: {err}");
+    let node = ranks[0].split_whitespace().nth(5).unwrap_or_default().to_string();
+    assert_eq!(ranks, [format!("rank 0 of 2 on {node} os=debian"), format!("rank 1 of 2 on {node} os=debian")], "{err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn qsub_container_two_nodes_runs_ranks_on_both() {
+    let script = format!("{MPIRUN}cat $PBS_NODEFILE | sed 's/^/nodefile /'\n");
+    let job = Job::submit("two", &format!("nodes=2:ppn=2,other=container={IMAGE}"), &script);
+    let (out, err) = job.finish();
+    let nodefile: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("nodefile ")).collect();
+    assert_eq!(nodefile.len(), 4, "stdout: {out} stderr: {err}");
+    let (first, second) = (nodefile[0], nodefile[2]);
+    assert_ne!(first, second, "{nodefile:?}");
+    let expect: Vec<String> = (0..4).map(|r| format!("rank {r} of 4 on {} os=debian", nodefile[r])).collect();
+    assert_eq!(ranks(&out), expect, "stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn qsub_bad_image_fails_with_one_line() {
+    // Two nodes: the sister's prologue.parallel fails too, and its epilogue.parallel
+    // must clean up there.
+    let job = Job::submit("bad", "nodes=2:ppn=1,other=container=registry:5000/no-such-image:1", "#!/bin/bash\necho ran\n");
+    let (out, err) = job.finish();
+    assert!(!out.contains("ran"), "the script ran: {out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
+    assert!(lines[0].contains("registry:5000/no-such-image:1") && lines[0].contains("not found"), "{err}");
+    assert_eq!(job.exit_status(), Some(1));
+    job.assert_gone();
+}
+
+#[test]
+fn qsub_without_container_runs_natively_as_the_user() {
+    let script = "#!/bin/bash\nid -un\ntest -d /opt/berth-test && echo in-image || echo on-host\ntest -e /run/berth/$PBS_JOBID && echo container-made; true\n";
+    let job = Job::submit("native", "nodes=1:ppn=1", script);
+    let (out, err) = job.finish();
+    assert_eq!(out, "alice\non-host\n", "stderr: {err}");
+    assert_eq!(err, "");
+    assert_eq!(job.exit_status(), Some(0));
+    job.assert_gone();
+}
+
+#[test]
+fn qdel_mid_run_leaves_nothing() {
+    let script = "#!/bin/bash\necho started\nexec -a berth-e2e-$PBS_JOBID sleep 600\n";
+    let job = Job::submit("qdel", &format!("nodes=2:ppn=1,other=container={IMAGE}"), script);
+    job.wait_for("R", Duration::from_secs(300));
+    let start = Instant::now();
+    loop {
+        // Output is delivered only at the end: look for the job's process instead.
+        let running = job.cluster.nodes().iter().any(|n| {
+            stdout_ok(&job.cluster.on_node(n, &format!("pgrep -f '[b]erth-e2e-{}' >/dev/null && echo yes; true", job.id))).contains("yes")
+        });
+        if running {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "job {} never started sleeping", job.id);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stdout_ok(&job.cluster.run(&format!("/opt/torque/bin/qdel {}", job.id)));
+    job.wait_for("C", Duration::from_secs(120));
+    job.assert_gone();
+}
