@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
@@ -90,4 +91,25 @@ pub fn stdout_ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits (the epilog runs after the job ends) until no compute host holds the job's
+/// runtime dir, a mount under it, or a process whose root is inside it (a rank, an
+/// MPI daemon, anything they left running).
+pub fn assert_nodes_clean(cluster: &Cluster, job: &str) {
+    let check = format!(
+        "test ! -e /run/berth/{job} && ! grep -q ' /run/berth/{job}/' /proc/self/mountinfo && \
+         ! ls -l /proc/[0-9]*/root 2>/dev/null | grep -q '/run/berth/{job}/'"
+    );
+    for node in cluster.nodes() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if cluster.on_node(&node, &check).status.success() {
+                break;
+            }
+            let seen = cluster.on_node(&node, "ls -la /run/berth; grep berth /proc/self/mountinfo");
+            assert!(Instant::now() < deadline, "job {job} left state on {node}: {}", String::from_utf8_lossy(&seen.stdout));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
 }
