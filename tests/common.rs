@@ -93,18 +93,25 @@ pub fn stdout_ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A shell line printing the pids (space-separated) of a Slurm job's processes on the
+/// host: those with `SLURM_JOB_ID=<job>` in their environment (ranks, MPI daemons, whatever they left
+/// running) among the processes of the host's network namespace (the test hosts share
+/// the machine's pid namespace; a container shares its host's network).
+pub fn job_pids_shell(job: &str) -> String {
+    format!(
+        "net=$(stat -L -c %i /proc/self/ns/net); for p in /proc/[0-9]*; do \
+           [ \"$(stat -L -c %i $p/ns/net 2>/dev/null)\" = \"$net\" ] || continue; \
+           tr '\\0' '\\n' <$p/environ 2>/dev/null | grep -qx 'SLURM_JOB_ID={job}' && printf '%s ' ${{p#/proc/}}; \
+         done; true"
+    )
+}
+
 /// Waits (the epilog runs after the job ends) until no compute host holds the job's
-/// runtime dir, a mount under it, or a process of the job (a rank, an MPI daemon,
-/// anything they left running): one with `SLURM_JOB_ID=<job>` in its environment,
-/// among the host's processes (the hosts share the machine's pid namespace, so only
-/// those in the host's network namespace count; a container shares its host's).
+/// runtime dir, a mount under it, or a process of the job ([`job_pids_shell`]).
 pub fn assert_nodes_clean(cluster: &Cluster, job: &str) {
     let check = format!(
-        "test ! -e /run/berth/{job} && ! grep -q ' /run/berth/{job}/' /proc/self/mountinfo && \
-         net=$(stat -L -c %i /proc/self/ns/net) && for p in /proc/[0-9]*; do \
-           [ \"$(stat -L -c %i $p/ns/net 2>/dev/null)\" = \"$net\" ] || continue; \
-           tr '\\0' '\\n' <$p/environ 2>/dev/null | grep -qx 'SLURM_JOB_ID={job}' && exit 1; \
-         done; exit 0"
+        "test ! -e /run/berth/{job} && ! grep -q ' /run/berth/{job}/' /proc/self/mountinfo && test -z \"$({})\"",
+        job_pids_shell(job)
     );
     for node in cluster.nodes() {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -112,7 +119,7 @@ pub fn assert_nodes_clean(cluster: &Cluster, job: &str) {
             if cluster.on_node(&node, &check).status.success() {
                 break;
             }
-            let seen = cluster.on_node(&node, &format!("ls -la /run/berth; grep berth /proc/self/mountinfo; grep -lx 'SLURM_JOB_ID={job}' -z /proc/[0-9]*/environ"));
+            let seen = cluster.on_node(&node, &format!("ls -la /run/berth; grep berth /proc/self/mountinfo; ps -o pid,args -p $({})", job_pids_shell(job)));
             assert!(Instant::now() < deadline, "job {job} left state on {node}: {}", String::from_utf8_lossy(&seen.stdout));
             std::thread::sleep(Duration::from_millis(250));
         }

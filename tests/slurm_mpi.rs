@@ -7,7 +7,7 @@
 //! checks every rank (0..N-1, each once, on the node the allocation puts it) and that
 //! nothing of the job is left on any node afterwards.
 
-use berth_e2e::{assert_nodes_clean, cluster, stdout_ok, Cluster};
+use berth_e2e::{assert_nodes_clean, cluster, job_pids_shell, stdout_ok, Cluster};
 
 /// Ranks per node in every test: `--ntasks-per-node=2`.
 const PER_NODE: usize = 2;
@@ -142,4 +142,25 @@ fn two_users_mpi_jobs_share_the_nodes_at_once() {
     assert!(overlap, "the two jobs did not run at the same time: {alice} {bob}");
     assert_nodes_clean(&cluster, &job_of(&alice));
     assert_nodes_clean(&cluster, &job_of(&bob));
+}
+
+#[test]
+fn scancel_of_a_running_mpirun_job_leaves_nothing_on_any_node() {
+    let cluster = cluster();
+    let nodes = cluster.nodes();
+    let n = PER_NODE * nodes.len();
+    let options = format!("-N{} --ntasks-per-node={PER_NODE} -o /dev/null --container={}", nodes.len(), mpi_image(&cluster));
+    let line = format!("sbatch --parsable {options} --wrap 'mpirun -np {n} sleep 300'");
+    let job = stdout_ok(&cluster.run(&line)).trim().to_string();
+    // Running when every node has the job's container and the job's `sleep` ranks.
+    let running = format!("test -e /run/berth/{job}/node/mnt && test $(ps -o comm= -p $({}) | grep -cx sleep) = {PER_NODE}", job_pids_shell(&job));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for node in &nodes {
+        while !cluster.on_node(node, &running).status.success() {
+            assert!(std::time::Instant::now() < deadline, "job {job} never ran its ranks on {node}");
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+    stdout_ok(&cluster.run(&format!("scancel {job}")));
+    assert_nodes_clean(&cluster, &job);
 }
