@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
@@ -106,4 +107,37 @@ pub fn stdout_ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A shell line printing the pids (space-separated) of a Slurm job's processes on the
+/// host: those with `SLURM_JOB_ID=<job>` in their environment (ranks, MPI daemons, whatever they left
+/// running) among the processes of the host's network namespace (the test hosts share
+/// the machine's pid namespace; a container shares its host's network).
+pub fn job_pids_shell(job: &str) -> String {
+    format!(
+        "net=$(stat -L -c %i /proc/self/ns/net); for p in /proc/[0-9]*; do \
+           [ \"$(stat -L -c %i $p/ns/net 2>/dev/null)\" = \"$net\" ] || continue; \
+           tr '\\0' '\\n' <$p/environ 2>/dev/null | grep -qx 'SLURM_JOB_ID={job}' && printf '%s ' ${{p#/proc/}}; \
+         done; true"
+    )
+}
+
+/// Waits (the epilog runs after the job ends) until no compute host holds the job's
+/// runtime dir, a mount under it, or a process of the job ([`job_pids_shell`]).
+pub fn assert_nodes_clean(cluster: &Cluster, job: &str) {
+    let check = format!(
+        "test ! -e /run/berth/{job} && ! grep -q ' /run/berth/{job}/' /proc/self/mountinfo && test -z \"$({})\"",
+        job_pids_shell(job)
+    );
+    for node in cluster.nodes() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if cluster.on_node(&node, &check).status.success() {
+                break;
+            }
+            let seen = cluster.on_node(&node, &format!("ls -la /run/berth; grep berth /proc/self/mountinfo; ps -o pid,args -p $({})", job_pids_shell(job)));
+            assert!(Instant::now() < deadline, "job {job} left state on {node}: {}", String::from_utf8_lossy(&seen.stdout));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
 }

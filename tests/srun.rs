@@ -2,7 +2,7 @@
 //! slurm-test-env cluster (real slurmctld and slurmd). Every test names what a user
 //! does, and every test checks that the job left nothing behind on the nodes.
 
-use berth_e2e::{cluster, stdout_ok, Cluster};
+use berth_e2e::{assert_nodes_clean, cluster, stdout_ok, Cluster};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -21,25 +21,6 @@ fn job_of(stdout: &str) -> String {
         .lines()
         .find_map(|l| l.split_once("JOB=").map(|(_, id)| id.trim().to_string()))
         .unwrap_or_else(|| panic!("no JOB= line in {stdout:?}"))
-}
-
-/// Waits (the epilog runs after the job ends) until no node holds the job's runtime
-/// dir, a mount under it, or a process whose root is inside it.
-fn assert_nodes_clean(cluster: &Cluster, job: &str) {
-    let check = format!(
-        "test ! -e /run/berth/{job} && ! grep -q ' /run/berth/{job}/' /proc/self/mountinfo && \
-         ! ls -l /proc/[0-9]*/root 2>/dev/null | grep -q '/run/berth/{job}/'"
-    );
-    for node in cluster.nodes() {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if cluster.on_node(&node, &check).status.success() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "job {job} left state on {node}: {:?}", text(&cluster.on_node(&node, "ls -la /run/berth; grep berth /proc/self/mountinfo")));
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
 }
 
 #[test]

@@ -44,6 +44,8 @@ struct Prepared {
 }
 
 static PREPARED: OnceLock<Prepared> = OnceLock::new();
+/// Bound read-only from the node into every container (docker and enroot do the same).
+const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 /// The task's working directory inside the container, chosen in `task_init_privileged`.
 static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
 
@@ -82,6 +84,14 @@ pub fn init_post_opt(sp: &Spank, config: &Config, args: Args) -> Result<(), Stri
         let argv = sp.argv().map_err(|e| e.to_string())?;
         if let Some(dir) = argv.first().and_then(|script| Path::new(script).parent()) {
             extra_mounts.push(Mount { source: dir.to_path_buf(), target: dir.to_path_buf(), read_only: true });
+        }
+    }
+    // The node's name service files: MPI launchers started in the container (MPICH's
+    // proxies, Open MPI's orted) call back to the node of `mpirun` by its host name,
+    // which must resolve inside the image as it does on the node.
+    for file in NAME_SERVICE_FILES {
+        if Path::new(file).is_file() && !args.mounts.iter().any(|m| m.target == Path::new(file)) {
+            extra_mounts.push(Mount { source: file.into(), target: file.into(), read_only: true });
         }
     }
     // Slurm's commands inside the container; without them the container still works.
