@@ -197,6 +197,20 @@ pub struct State {
     pub mnt_inode: u64,
 }
 
+impl State {
+    fn of(spec: &Spec, workdir: String, namespaces: Vec<String>, mnt_inode: u64) -> State {
+        State {
+            job: spec.job.clone(),
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            user: spec.user.clone(),
+            workdir,
+            namespaces,
+            mnt_inode,
+        }
+    }
+}
+
 /// A created (or reused) container, as `create` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Created {
@@ -437,15 +451,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     let mnt_inode = nix::sys::stat::fstat(pinned[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
     pin(dir, &namespaces, &pinned)?;
 
-    let state = State {
-        job: spec.job.clone(),
-        name: spec.name.clone(),
-        image: spec.image.clone(),
-        user: spec.user.clone(),
-        workdir,
-        namespaces,
-        mnt_inode,
-    };
+    let state = State::of(spec, workdir, namespaces, mnt_inode);
     write_atomic(&dir.join("env"), &env::encode(&container_env))?;
     write_atomic(&dir.join("workdir"), state.workdir.as_bytes())?;
     let json = serde_json::to_vec_pretty(&state).map_err(|e| ContainerError::Io {
@@ -719,15 +725,7 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) 
         drop(layers);
         finish_root(&root, layout, spec.hostname.as_deref())?;
         nix::unistd::chdir(workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: workdir.clone(), source })?;
-        let state = State {
-            job: spec.job.clone(),
-            name: spec.name.clone(),
-            image: spec.image.clone(),
-            user: spec.user.clone(),
-            workdir,
-            namespaces: vec!["mnt".into()],
-            mnt_inode: 0,
-        };
+        let state = State::of(spec, workdir, vec!["mnt".into()], 0);
         let joined = Joined { state, env: container_env };
         Err(if rootless { exec_as(&joined, argv, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, overrides) })
     };
