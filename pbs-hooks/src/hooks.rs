@@ -101,28 +101,6 @@ fn job_nodes(role: &Role) -> Result<(Vec<String>, Vec<u32>), HookError> {
     }
 }
 
-/// `berth container create`, again on another CPU when pinning the new mount namespace
-/// fails with EINVAL: this VM's kernel does that now and then depending on the CPU
-/// (tests/mpi.rs retries the same way); any other failure is final.
-fn create_container(config: &Config, args: &[&str]) -> Result<String, HookError> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut attempt = 0;
-    loop {
-        let result = berth(config, "cannot start the container", args);
-        match &result {
-            Err(HookError::Berth { why, .. }) if why.contains("cannot pin") && attempt < 4 => {
-                attempt += 1;
-                let mut set = nix::sched::CpuSet::new();
-                // Affinity is inherited by the next berth; a failure only loses the hint.
-                if set.set(attempt % cpus).is_ok() {
-                    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-                }
-            }
-            _ => return result,
-        }
-    }
-}
-
 /// prologue / prologue.parallel: the job's container on this node, wired for MPI.
 /// Returns the image, or None for a job that asked for none.
 pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<String>, HookError> {
@@ -135,7 +113,7 @@ pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<Str
     }
     let nodes = nodes.join(",");
     let slots = slots.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let made = create_container(config, &create).and_then(|_| {
+    let made = berth(config, "cannot start the container", &create).and_then(|_| {
         berth(config, "cannot wire MPI between the job's containers", &["container", "wire", "--job", &pelog.job, "--nodes", &nodes, "--slots", &slots])
     });
     if let Err(e) = made {
