@@ -568,3 +568,42 @@ fn site_mounts_devices_host_name_and_ipc_namespace_are_as_configured() {
         assert!(mounts_mentioning(Path::new(&pin)).is_empty(), "{pin} still mounted");
     }
 }
+
+#[test]
+fn with_remap_user_the_images_user_or_root_is_mapped_to_the_job_user() {
+    let f = Fixture::new("remap");
+    // Off (the fixture's config): root is refused with one line saying who can allow it.
+    let out = f.create(&[]);
+    stdout_ok(&out);
+    let out = f.exec(&["--remap-root"], "id -u");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("does not allow running as root") && err.contains("remap_user"), "{err}");
+    stdout_ok(&f.destroy());
+
+    let toml = f.dir.join("berth.toml");
+    let mut settings = std::fs::read_to_string(&toml).unwrap();
+    settings.push_str("remap_user = true\n");
+    std::fs::write(&toml, settings).unwrap();
+    let config = f.dir.join("config-user.json");
+    std::fs::write(&config, r#"{"config":{"Env":["PATH=/usr/local/bin:/bin"],"User":"4242:4343"}}"#).unwrap();
+    let layers = f.layers();
+    stdout_ok(&f.berth(&[
+        "container", "create", "--job", &f.job, "--user", NOBODY, "--gid", NOBODY,
+        "--layers", &layers, "--image-config", config.to_str().unwrap(),
+    ]));
+    // The image's USER inside; the job user (nobody) outside, and a setuid binary gains nothing.
+    let out = text(&f.exec(&[], "id -u; id -g; cat /proc/self/uid_map; showeuid; touch /scratch/mine"));
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words, ["4242", "4343", "4242", NOBODY, "1", "euid=4242"], "{out}");
+    let scratch = f.job_dir().join("node");
+    let owner = Command::new("sh")
+        .arg("-c")
+        .arg(format!("find {} -name mine -path '*upper*' -exec stat -c %u {{}} +", scratch.display()))
+        .output()
+        .unwrap();
+    assert_eq!(text(&owner).trim(), NOBODY, "a file made inside must belong to the job user on the host");
+    // Root on request, still nobody on the host, with no way to the host's privileges.
+    let out = text(&f.exec(&["--remap-root"], "id -u; cat /proc/self/uid_map; cat /proc/1/environ >/dev/null 2>&1 || echo denied"));
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words, ["0", "0", NOBODY, "1", "denied"], "{out}");
+}

@@ -121,6 +121,10 @@ pub struct ExecArgs {
     /// Set KEY=VALUE for the command (wins over everything).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Run as root inside a user namespace mapped to the container's user (only where
+    /// the admin sets remap_user; there the image's USER is honoured without it).
+    #[arg(long)]
+    remap_root: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -155,6 +159,10 @@ pub struct RunArgs {
     /// Replace the image's Entrypoint.
     #[arg(long)]
     entrypoint: Option<String>,
+    /// Run as root inside a user namespace mapped to you (only where the admin sets
+    /// remap_user; there the image's USER is honoured without it).
+    #[arg(long)]
+    remap_root: bool,
     /// The command and its arguments (default: the image's Cmd).
     #[arg(last = true)]
     command: Vec<String>,
@@ -268,7 +276,9 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
             }
         }
         ContainerCommand::Exec(args) => {
-            let err = match container::join(config, &args.which.job, &args.which.name()) {
+            let joined = container::join(config, &args.which.job, &args.which.name())
+                .and_then(|mut joined| joined.choose_inside(config, args.remap_root).map(|()| joined));
+            let err = match joined {
                 Ok(joined) => container::exec_joined(&joined, &args.command, &args.env),
                 Err(e) => e,
             };
@@ -333,5 +343,5 @@ pub fn run(config: &Config, args: RunArgs) -> ExitCode {
         hostname: None,
         ipc: false,
     };
-    not_started(container::run(config, &spec, &argv, &args.contents.env))
+    not_started(container::run(config, &spec, &argv, &args.contents.env, args.remap_root))
 }

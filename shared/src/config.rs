@@ -57,6 +57,10 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Whether users may ask for a container per rank.
     pub allow_per_rank: bool,
+    /// Honour the image's `USER` (and let users ask for root) by running tasks as that
+    /// user inside a user namespace that maps it to the job user. Off: the image's
+    /// `USER` is ignored and tasks run as the job user.
+    pub remap_user: bool,
     /// Root-owned file of registry credentials in Docker's config.json form.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,
@@ -81,6 +85,7 @@ impl Default for Config {
             allowed_registries: Vec::new(),
             insecure_registries: Vec::new(),
             allow_per_rank: true,
+            remap_user: false,
             credentials_file: None,
             log_level: "info".to_string(),
             wiring_secret_file: PathBuf::from("/etc/munge/munge.key"),
@@ -99,6 +104,7 @@ const KNOWN_KEYS: &[&str] = &[
     "allowed_registries",
     "insecure_registries",
     "allow_per_rank",
+    "remap_user",
     "credentials_file",
     "log_level",
     "wiring_secret_file",
@@ -169,6 +175,7 @@ impl Config {
             }
             "mount_home" => self.mount_home = parse_bool(value).ok_or_else(|| bad("expected true or false"))?,
             "allow_per_rank" => self.allow_per_rank = parse_bool(value).ok_or_else(|| bad("expected true or false"))?,
+            "remap_user" => self.remap_user = parse_bool(value).ok_or_else(|| bad("expected true or false"))?,
             "default_registry" => self.default_registry = value.to_string(),
             "allowed_registries" => self.allowed_registries = list(),
             "insecure_registries" => self.insecure_registries = list(),

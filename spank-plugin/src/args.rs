@@ -28,6 +28,7 @@ pub enum Opt {
     PerRank,
     Pull,
     Readonly,
+    RemapRoot,
 }
 
 impl Opt {
@@ -86,6 +87,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         usage: "[berth] make the container's root file system read-only",
         opt: Opt::Readonly,
     },
+    OptionSpec {
+        name: "container-remap-root",
+        arginfo: None,
+        usage: "[berth] run as root inside the container, mapped to you (where the site allows it)",
+        opt: Opt::RemapRoot,
+    },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -135,6 +142,7 @@ pub struct Args {
     pub per_rank: bool,
     pub pull: Pull,
     pub readonly: bool,
+    pub remap_root: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -165,6 +173,7 @@ impl Args {
             Opt::NoMountHome => self.no_mount_home = true,
             Opt::PerRank => self.per_rank = true,
             Opt::Readonly => self.readonly = true,
+            Opt::RemapRoot => self.remap_root = true,
             Opt::Pull => {
                 self.pull = match value {
                     "missing" => Pull::Missing,

@@ -16,7 +16,9 @@
 //!   after this hook, inside the container and with the image's `PATH`.
 //! - `task_init` (as the user, just before exec): slurmstepd has `chdir`ed back to the
 //!   job's directory after `task_init_privileged`, so the working directory is set again;
-//!   and `no_new_privs`, so nothing the task execs gains privileges.
+//!   and `no_new_privs`, so nothing the task execs gains privileges. Where the admin
+//!   set `remap_user`, the task enters a user namespace of its own here, as the image's
+//!   USER or root (`--container-remap-root`) mapped to the job user.
 
 use crate::args::{Args, Mount};
 use crate::berth::{self, CreateRequest};
@@ -48,6 +50,9 @@ static PREPARED: OnceLock<Prepared> = OnceLock::new();
 const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 /// The task's working directory inside the container, chosen in `task_init_privileged`.
 static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
+/// Whom the task runs as in a user namespace of its own (the admin's `remap_user`),
+/// chosen in `task_init_privileged` where the image's passwd file can be read.
+static INSIDE: OnceLock<container::remap::InsideIds> = OnceLock::new();
 
 /// Where the image comes from, given `--container-image` and Slurm's own `--container`
 /// (which reaches us as `SLURM_CONTAINER`). An OCI bundle path is left to Slurm.
@@ -143,7 +148,11 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     berth::create(config, &req)?;
 
     let name = container_name(prepared.args.per_rank, rank.unwrap_or(0));
-    let joined = container::join(config, &prepared.job.to_string(), &name).map_err(|err| format!("berth: {err}"))?;
+    let mut joined = container::join(config, &prepared.job.to_string(), &name).map_err(|err| format!("berth: {err}"))?;
+    joined.choose_inside(config, prepared.args.remap_root).map_err(|err| format!("berth: {err}"))?;
+    if let Some(inside) = joined.inside {
+        let _ = INSIDE.set(inside);
+    }
     // Slurm's meaning of a step's directory (sbatch -D, srun --chdir, the submit
     // directory) is kept when the container has it; join chose the container's own
     // (the image's WorkingDir, else /) for when it does not.
@@ -172,7 +181,12 @@ pub fn task_init() -> Result<(), String> {
         return Ok(());
     };
     std::env::set_current_dir(dir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", dir.display()))?;
-    sys::no_new_privs().map_err(|err| format!("berth: cannot set no_new_privs: {err}"))
+    sys::no_new_privs().map_err(|err| format!("berth: cannot set no_new_privs: {err}"))?;
+    // Last, as the user: the new user namespace must be the task's own.
+    if let Some(inside) = INSIDE.get() {
+        container::remap::enter(*inside).map_err(|err| format!("berth: {err}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

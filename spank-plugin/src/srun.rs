@@ -14,5 +14,8 @@ pub fn init_post_opt(config: &Config, args: &Args) -> Result<(), String> {
     if args.per_rank && !config.allow_per_rank {
         return Err("berth: this site does not allow --container-per-rank; drop the option".into());
     }
+    if args.remap_root && !config.remap_user {
+        return Err(format!("berth: {}", berth_engine::container::remap::RemapError::NotAllowed));
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@
 pub mod env;
 pub mod mounts;
 pub(crate) mod sys;
+pub mod remap;
 pub mod user;
 
 use crate::config::Config;
@@ -73,6 +74,8 @@ pub enum ContainerError {
     Mount(#[from] MountError),
     #[error(transparent)]
     User(#[from] UserError),
+    #[error(transparent)]
+    Remap(#[from] remap::RemapError),
     #[error(transparent)]
     Teardown(#[from] TeardownError),
 }
@@ -572,6 +575,17 @@ pub struct Joined {
     pub state: State,
     /// The container's environment (to merge with the task's by [`env::merge`]).
     pub env: Vec<env::Var>,
+    /// Whom the task runs as inside a user namespace ([`remap::choose`]); `None`: the
+    /// job user as is.
+    pub inside: Option<remap::InsideIds>,
+}
+
+impl Joined {
+    /// Decides, inside the joined container, whom tasks run as (see [`remap::choose`]).
+    pub fn choose_inside(&mut self, config: &Config, want_root: bool) -> Result<()> {
+        self.inside = remap::choose(config, self.state.image.config.user.as_deref(), want_root, &self.state.user)?;
+        Ok(())
+    }
 }
 
 /// Joins the calling process to container `name` of `job`: its namespaces, its root
@@ -601,7 +615,7 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
         nix::sched::setns(fd.as_fd(), *flag).map_err(sys_err("join the container's namespaces"))?;
     }
     nix::unistd::chdir(state.workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: state.workdir.clone(), source })?;
-    Ok(Joined { state, env })
+    Ok(Joined { state, env, inside: None })
 }
 
 /// Looks `program` up in `path` (a `PATH` value) as execvp would, inside the
@@ -639,9 +653,16 @@ fn exec_as(joined: &Joined, argv: &[String], overrides: &[String], drop: Privile
         let job_env: Vec<env::Var> = std::env::vars_os().collect();
         let vars = env::merge(&job_env, &joined.env, &overrides);
         let program = argv.first().ok_or(ContainerError::NoCommand)?;
-        match drop {
-            Privileges::FromRoot => joined.state.user.become_user()?,
-            Privileges::InUserNamespace => joined.state.user.drop_capabilities()?,
+        match (drop, joined.inside) {
+            (Privileges::FromRoot, None) => joined.state.user.become_user()?,
+            (Privileges::InUserNamespace, None) => joined.state.user.drop_capabilities()?,
+            // The task keeps the capabilities of its own user namespace (what the image's
+            // root expects); its bounding set stays, the host's capabilities go.
+            (Privileges::FromRoot, Some(inside)) => {
+                joined.state.user.become_user_keeping_bounding_set()?;
+                remap::enter(inside)?;
+            }
+            (Privileges::InUserNamespace, Some(inside)) => remap::enter(inside)?,
         }
         let path = env::get(&vars, "PATH").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         let resolved = find_program(program, &path)?;
@@ -687,7 +708,7 @@ const RUN_SCRATCH: &str = "/tmp";
 /// the caller: the process enters a new user namespace mapping only its own uid and
 /// gid, so supplementary groups show as the overflow group and cannot be changed.
 /// Returns only on failure.
-pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) -> ContainerError {
+pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String], want_root: bool) -> ContainerError {
     let attempt = || -> Result<std::convert::Infallible> {
         let rootless = !nix::unistd::geteuid().is_root();
         if rootless && !spec.user.is_caller() {
@@ -726,7 +747,8 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String]) 
         finish_root(&root, layout, spec.hostname.as_deref())?;
         nix::unistd::chdir(workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: workdir.clone(), source })?;
         let state = State::of(spec, workdir, vec!["mnt".into()], 0);
-        let joined = Joined { state, env: container_env };
+        let mut joined = Joined { state, env: container_env, inside: None };
+        joined.choose_inside(config, want_root)?;
         Err(if rootless { exec_as(&joined, argv, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, overrides) })
     };
     match attempt() {

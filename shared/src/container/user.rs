@@ -55,6 +55,14 @@ impl Credentials {
     pub fn become_user(&self) -> Result<(), UserError> {
         let fail = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
         sys::drop_bounding_set().map_err(|e| fail("emptying the capability bounding set", e))?;
+        self.become_user_keeping_bounding_set()
+    }
+
+    /// As [`Self::become_user`] but the bounding set stays: for a task about to enter a
+    /// user namespace of its own, whose root gets the bounding set's capabilities in
+    /// that namespace only.
+    pub fn become_user_keeping_bounding_set(&self) -> Result<(), UserError> {
+        let fail = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
         nix::sys::prctl::set_no_new_privs().map_err(|e| fail("setting no_new_privs", e))?;
         self.set_ids().map_err(|(step, e)| fail(step, e))?;
         sys::clear_capabilities().map_err(|e| fail("clearing capabilities", e))
