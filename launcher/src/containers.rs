@@ -6,7 +6,7 @@
 use berth_engine::config::Config;
 use berth_engine::container::{self, Credentials, Image, ImageConfig, Spec, UserMount};
 use clap::{Args, Subcommand};
-use berth_engine::store::{Progress, PullPolicy, Store};
+use berth_engine::store::{Held, Progress, PullPolicy, Store};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -177,17 +177,19 @@ fn fail(err: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// The image from the store (a reference, no `--layers`) or from directories.
-fn image(config: &Config, reference: String, args: &ImageArgs, lowest: Option<PathBuf>, progress: Progress) -> Result<Image, String> {
+/// The image from the store (a reference, no `--layers`) or from directories. With a
+/// store image comes the store's lock: hold it until the container records its layers,
+/// so that a `berth gc` cannot remove them in between.
+fn image(config: &Config, reference: String, args: &ImageArgs, lowest: Option<PathBuf>, progress: Progress) -> Result<(Image, Option<Held>), String> {
     if args.layers.is_empty() && lowest.is_none() {
         if reference.is_empty() {
             return Err("no image: give --image REF (or --layers DIR,...)".into());
         }
         let store = Store::open(config).map_err(|e| e.to_string())?;
-        let stored = store.resolve(&reference, args.pull, progress).map_err(|e| e.to_string())?;
-        return Ok(stored.into());
+        let (stored, held) = store.resolve_held(&reference, args.pull, None, progress).map_err(|e| e.to_string())?;
+        return Ok((stored.into(), Some(held)));
     }
-    from_dirs(reference, args, lowest).map_err(|e| e.to_string())
+    from_dirs(reference, args, lowest).map(|image| (image, None)).map_err(|e| e.to_string())
 }
 
 fn from_dirs(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>) -> Result<Image, container::ContainerError> {
@@ -240,7 +242,7 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 Ok(m) => m,
                 Err(e) => return fail(e),
             };
-            let image = match image(config, args.image.clone(), &args.image_args, None, Progress::Silent) {
+            let (image, _store_held) = match image(config, args.image.clone(), &args.image_args, None, Progress::Silent) {
                 Ok(i) => i,
                 Err(e) => return fail(e),
             };
@@ -301,8 +303,10 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
 pub fn run(config: &Config, args: RunArgs) -> ExitCode {
     let as_dir = Path::new(&args.image);
     let lowest = ((args.image.starts_with('/') || args.image.starts_with('.')) && as_dir.is_dir()).then(|| as_dir.to_path_buf());
+    // `run` records no container in the runtime dir, so gc cannot see its layers in
+    // use once this lock is gone (docs/images.md, Known limits).
     let image = match image(config, args.image.clone(), &args.image_args, lowest, Progress::auto()) {
-        Ok(i) => i,
+        Ok((i, _)) => i,
         Err(e) => return fail(e),
     };
     let mounts = match user_mounts(&args.contents.mounts) {

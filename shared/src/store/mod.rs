@@ -67,6 +67,8 @@ pub enum StoreError {
     BadImage { reference: String, why: String },
     #[error("image store {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("gc removed nothing: cannot tell which layers the containers in {runtime_dir} use ({why}); run gc as root")]
+    InUse { runtime_dir: PathBuf, why: String },
     #[error("cannot export {reference} to {dest}: {why}")]
     Export { reference: String, dest: PathBuf, why: String },
 }
@@ -141,6 +143,12 @@ struct Record {
     layers: Vec<String>,
     size: u64,
     config: ImageConfig,
+}
+
+/// The store lock, held shared: while it lives, `gc` waits.
+#[derive(Debug)]
+pub struct Held {
+    _lock: Option<lock::Lock>,
 }
 
 /// The node's image store.
@@ -225,13 +233,26 @@ impl Store {
         platform: Option<&Platform>,
         progress: Progress,
     ) -> Result<StoredImage, StoreError> {
+        self.resolve_held(reference, policy, platform, progress).map(|(image, _held)| image)
+    }
+
+    /// [`Store::resolve_for`], returning also a [`Held`] that keeps `gc` from running
+    /// until it is dropped: a container creator keeps it until the container's
+    /// `state.json` names the layers (from then on gc sees them in use).
+    pub fn resolve_held(
+        &self,
+        reference: &str,
+        policy: PullPolicy,
+        platform: Option<&Platform>,
+        progress: Progress,
+    ) -> Result<(StoredImage, Held), StoreError> {
         let r = Reference::parse(reference)?;
         let key = r.to_string();
-        let _shared = self.lock_store(false)?;
+        let shared = Held { _lock: self.lock_store(false)? };
         if policy != PullPolicy::Always {
             if let Some(image) = self.load(&key)? {
                 self.touch(&key);
-                return Ok(image);
+                return Ok((image, shared));
             }
             if policy == PullPolicy::Never {
                 return Err(StoreError::NotPulled { reference: key, store: self.root.clone() });
@@ -241,7 +262,8 @@ impl Store {
             return Err(StoreError::ReadOnly { path: self.root.clone() });
         }
         let host = Platform::host();
-        pull::pull(self, &r, platform.unwrap_or(&host), progress)
+        let image = pull::pull(self, &r, platform.unwrap_or(&host), progress)?;
+        Ok((image, shared))
     }
 
     /// Every reference in the store.
