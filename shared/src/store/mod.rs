@@ -157,6 +157,8 @@ pub struct Store {
     config: Config,
     opts: unpack::Options,
     writable: bool,
+    /// Pulls for this job user use their registry logins (read as them), not the caller's.
+    job_user: Option<crate::registry::auth::JobUser>,
 }
 
 /// The store a caller uses when it gave no `--store`/`BERTH_STORE`: the admin's
@@ -213,7 +215,16 @@ impl Store {
             config: config.clone(),
             opts: unpack::Options { as_root, userxattr },
             writable,
+            job_user: None,
         })
+    }
+
+    /// Pulls from here on log in as `user` would: with the registry logins of their
+    /// Docker config and credential helpers (read and run as them), then the admin's
+    /// credentials file. For root creating a job's container.
+    pub fn for_job_user(mut self, user: crate::registry::auth::JobUser) -> Store {
+        self.job_user = Some(user);
+        self
     }
 
     pub fn root(&self) -> &Path {
