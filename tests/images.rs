@@ -542,7 +542,7 @@ fn job_pulls_log_in_as_the_job_user_with_their_own_docker_config_and_helpers() {
     let out = srun_minimal(&cluster, alice, "", &tag("alice"));
     let stdout = stdout_ok(&out);
     assert!(stdout.contains("NAME=\"berth minimal\""), "{stdout}");
-    berth_e2e::assert_nodes_clean(&cluster, &stdout.lines().find_map(|l| l.strip_prefix("JOB=")).unwrap().trim().to_string());
+    berth_e2e::assert_nodes_clean(&cluster, stdout.lines().find_map(|l| l.strip_prefix("JOB=")).unwrap().trim());
 
     // bob: no login of his own (an empty DOCKER_CONFIG): one clear line, the job fails.
     let (empty, linked, helped) = (bob_dir.join("empty"), bob_dir.join("linked"), bob_dir.join("helped"));
