@@ -535,7 +535,9 @@ fn job_pulls_log_in_as_the_job_user_with_their_own_docker_config_and_helpers() {
     let alice_docker = home(alice).join(".docker");
     assert!(!alice_docker.join("config.json").exists(), "{} exists: this test will not overwrite it", alice_docker.join("config.json").display());
     let bob_dir = home(bob).join(format!("berth-auth-test-{pid}"));
-    let _planted = Planted(vec![alice_docker.join("config.json"), bob_dir.clone()]);
+    // ~/.docker goes too when this test made it.
+    let planted_docker = if alice_docker.exists() { alice_docker.join("config.json") } else { alice_docker.clone() };
+    let _planted = Planted(vec![planted_docker, bob_dir.clone()]);
 
     // alice: ~/.docker/config.json (her own, 0600) holds the login: the job pulls.
     sh(&format!("install -d -o {alice} -g {alice} -m 0700 {0} && printf '%s' '{config_json}' >{0}/config.json && chown {alice}: {0}/config.json && chmod 600 {0}/config.json", alice_docker.display()));
