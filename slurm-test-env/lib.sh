@@ -19,6 +19,11 @@ VETH_PREFIX=bt$CLUSTER-        # host ends of the veth pairs (names up to 15 cha
 SUBNET=10.203.$((77 + CLUSTER))
 HEAD_ADDR=$SUBNET.10
 REGISTRY_ADDR=$HEAD_ADDR:5000
+# A second registry that requires a login (htpasswd basic auth), for per-user credentials.
+AUTH_REGISTRY_ADDR=$HEAD_ADDR:5001
+AUTH_REGISTRY_LOGIN=berth-test:not-a-secret-test-only
+# An HTTP proxy (tinyproxy) on the head host, for HTTP_PROXY/NO_PROXY tests.
+PROXY_ADDR=$HEAD_ADDR:3128
 TEST_USERS=(alice bob)
 MAX_NODES=4
 # Slurm 24.11 runs from a Debian trixie root (Debian 12 ships 22.05): see trixie-root.

@@ -3,7 +3,7 @@
 //! image (paths, types, modes, owners, link targets, contents, hard-link groups).
 //! Runs as root in this machine's root namespace, which reaches the registry directly.
 
-use berth_e2e::{berth_binary, cluster, image_layout};
+use berth_e2e::{berth_binary, cluster, image_layout, stdout_ok};
 use berth_engine::config::Config;
 use berth_engine::store::{Progress, PullPolicy, Store};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -419,4 +419,208 @@ fn a_regular_user_pulls_into_a_store_of_their_own_and_reads_roots_store() {
     let denied = as_user(&["pull", &s.image("minimal:latest")], true);
     let err = String::from_utf8_lossy(&denied.stderr);
     assert!(!denied.status.success() && err.contains("read-only for this user"), "{err}");
+}
+
+/// Runs `slurm-test-env/registry` with an option and splits its line into words.
+fn test_env_words(option: &str) -> Vec<String> {
+    let out = Command::new(berth_e2e::repo_root().join("slurm-test-env/registry")).arg(option).output().unwrap();
+    assert!(out.status.success(), "slurm-test-env/registry {option}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect()
+}
+
+/// The proxy variables berth reads, all cleared, then `set` applied.
+fn with_proxy_env(mut command: Command, set: &[(&str, &str)]) -> Output {
+    for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"] {
+        command.env_remove(var);
+    }
+    command.envs(set.iter().copied()).output().expect("run berth")
+}
+
+#[test]
+fn pulls_go_through_the_http_proxy_as_dockers_do_and_bypass_it_for_no_proxy() {
+    let s = Scratch::new("proxy");
+    let words = test_env_words("--proxy");
+    let (proxy, log) = (format!("http://{}", words[0]), PathBuf::from(&words[1]));
+    let image = s.image("minimal:latest");
+    let registry_host = s.registry.split(':').next().unwrap().to_string();
+    let mut stores = 0;
+    // A pull into an empty store of its own, with these variables; returns what the proxy logged meanwhile.
+    let mut pull = |set: &[(&str, &str)]| -> (Output, String) {
+        stores += 1;
+        let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let mut command = Command::new(berth_binary());
+        let store = s.dir.join(format!("store-{stores}"));
+        command.args(["pull", "--quiet", "--store", store.to_str().unwrap(), &image]).env("BERTH_CONFIG", s.dir.join("berth.toml"));
+        let out = with_proxy_env(command, set);
+        let text = std::fs::read(&log).unwrap_or_default();
+        (out, String::from_utf8_lossy(&text[before.min(text.len() as u64) as usize..]).into_owned())
+    };
+    let manifest_line = format!("GET http://{}/v2/minimal/manifests/latest", s.registry);
+    let blob_line = format!("GET http://{}/v2/minimal/blobs/sha256:", s.registry);
+
+    // HTTP_PROXY: the plain-HTTP registry is reached through the proxy, manifest and blobs.
+    let (out, logged) = pull(&[("HTTP_PROXY", &proxy)]);
+    assert!(out.status.success(), "pull through the proxy: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(logged.contains(&manifest_line) && logged.contains(&blob_line), "the proxy did not log the pull: {logged}");
+    // The lower-case form is honoured too (a dead proxy makes the pull fail, with one line).
+    let (out, _) = pull(&[("http_proxy", "http://127.0.0.1:9")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.trim_end().lines().count() == 1 && err.contains("cannot reach registry"), "{err}");
+    // NO_PROXY naming the registry's host (by name or by network): direct, nothing logged.
+    for no_proxy in [registry_host.clone(), format!("example.org, {registry_host}/24"), s.registry.clone(), "*".into()] {
+        let (out, logged) = pull(&[("HTTP_PROXY", &proxy), ("NO_PROXY", &no_proxy)]);
+        assert!(out.status.success(), "NO_PROXY={no_proxy}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!logged.contains(&s.registry), "NO_PROXY={no_proxy} went through the proxy: {logged}");
+    }
+    // A NO_PROXY that names another port of that host does not bypass (as Go matches host:port).
+    let other_port = format!("{registry_host}:1");
+    let (out, logged) = pull(&[("HTTP_PROXY", &proxy), ("no_proxy", &other_port)]);
+    assert!(out.status.success() && logged.contains(&manifest_line), "NO_PROXY={other_port}: {logged}");
+    // As Docker: HTTPS_PROXY is for https only and ALL_PROXY is not read: this plain-HTTP pull goes direct.
+    let (out, logged) = pull(&[("HTTPS_PROXY", &proxy), ("ALL_PROXY", &proxy)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!logged.contains(&s.registry), "HTTPS_PROXY/ALL_PROXY were used for a plain-HTTP registry: {logged}");
+}
+
+/// A shell line for a Slurm job as `user` on the cluster: prints the job id and the image's OS name.
+fn srun_minimal(cluster: &berth_e2e::Cluster, user: &str, env: &str, image: &str) -> Output {
+    cluster.run_as(user, &format!("{env} srun -N1 --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; grep ^NAME= /etc/os-release'"))
+}
+
+/// The one line berth wrote for a failed job (the job's other lines are Slurm's own).
+fn berth_error(out: &Output) -> String {
+    assert!(!out.status.success(), "the job should fail: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error: berth: ")).collect();
+    assert_eq!(lines.len(), 1, "one berth line, got: {err}");
+    lines[0].to_string()
+}
+
+/// Files a test puts into users' homes, removed on drop.
+struct Planted(Vec<PathBuf>);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = Command::new("rm").arg("-rf").arg(p).status();
+        }
+    }
+}
+
+fn sh(line: &str) {
+    let out = Command::new("sh").args(["-c", line]).output().unwrap();
+    assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn job_pulls_log_in_as_the_job_user_with_their_own_docker_config_and_helpers() {
+    let cluster = cluster();
+    let words = test_env_words("--auth");
+    let (registry, login) = (words[0].clone(), words[1].clone());
+    let users = cluster.users();
+    let (alice, bob) = (&users[0], &users[1]);
+    let pid = std::process::id();
+    // A fresh tag per case: a node's store already holding a tag would not ask the registry.
+    let tag = |case: &str| {
+        let image = format!("{registry}/minimal:{case}-{pid}");
+        sh(&format!(
+            "skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --src-creds '{login}' --dest-creds '{login}' \
+             docker://{registry}/minimal:latest docker://{image}"
+        ));
+        image
+    };
+    let auth = String::from_utf8(Command::new("sh").args(["-c", &format!("printf %s '{login}' | base64 -w0")]).output().unwrap().stdout).unwrap();
+    let config_json = format!("{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}");
+    let home = |u: &str| PathBuf::from(format!("/home/{u}"));
+    let alice_docker = home(alice).join(".docker");
+    assert!(!alice_docker.join("config.json").exists(), "{} exists: this test will not overwrite it", alice_docker.join("config.json").display());
+    let bob_dir = home(bob).join(format!("berth-auth-test-{pid}"));
+    // ~/.docker goes too when this test made it.
+    let planted_docker = if alice_docker.exists() { alice_docker.join("config.json") } else { alice_docker.clone() };
+    let _planted = Planted(vec![planted_docker, bob_dir.clone()]);
+
+    // alice: ~/.docker/config.json (her own, 0600) holds the login: the job pulls.
+    sh(&format!("install -d -o {alice} -g {alice} -m 0700 {0} && printf '%s' '{config_json}' >{0}/config.json && chown {alice}: {0}/config.json && chmod 600 {0}/config.json", alice_docker.display()));
+    let out = srun_minimal(&cluster, alice, "", &tag("alice"));
+    let stdout = stdout_ok(&out);
+    assert!(stdout.contains("NAME=\"berth minimal\""), "{stdout}");
+    berth_e2e::assert_nodes_clean(&cluster, stdout.lines().find_map(|l| l.strip_prefix("JOB=")).unwrap().trim());
+
+    // bob: no login of his own (an empty DOCKER_CONFIG): one clear line, the job fails.
+    let (empty, linked, helped) = (bob_dir.join("empty"), bob_dir.join("linked"), bob_dir.join("helped"));
+    sh(&format!("install -d -o {bob} -g {bob} {} {} {} {} {}/bin", bob_dir.display(), empty.display(), linked.display(), helped.display(), helped.display()));
+    let line = berth_error(&srun_minimal(&cluster, bob, &format!("DOCKER_CONFIG={}", empty.display()), &tag("bob-none")));
+    assert!(line.contains(&format!("registry {registry} denied access")) && line.contains("needs a login"), "{line}");
+
+    // bob's config.json is a symlink to a root-only file holding the login: read as bob, so refused.
+    let secret = bob_dir.join("root-only.json");
+    sh(&format!("printf '%s' '{config_json}' >{0} && chown root:root {0} && chmod 600 {0} && ln -s {0} {1}/config.json", secret.display(), linked.display()));
+    let line = berth_error(&srun_minimal(&cluster, bob, &format!("DOCKER_CONFIG={}", linked.display()), &tag("bob-linked")));
+    assert!(line.contains("cannot read registry credentials") && line.contains("Permission denied"), "{line}");
+
+    // bob's credential helper, found on the job's PATH and run as bob, answers with the login.
+    let (user, password) = login.split_once(':').unwrap();
+    let ran_as = helped.join("ran-as");
+    std::fs::write(
+        helped.join("bin/docker-credential-berthtest"),
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread -r server\nid -u >{}\n[ \"$server\" = {registry} ] || {{ echo 'credentials not found in native keychain'; exit 1; }}\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{password}\"}}\\n' \"$server\"\n",
+            ran_as.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(helped.join("config.json"), format!("{{\"credHelpers\":{{\"{registry}\":\"berthtest\"}}}}")).unwrap();
+    sh(&format!("chown -R {bob}: {0} && chmod 755 {0}/bin/docker-credential-berthtest", helped.display()));
+    let env = format!("DOCKER_CONFIG={0} PATH={0}/bin:$PATH", helped.display());
+    let out = srun_minimal(&cluster, bob, &env, &tag("bob-helper"));
+    let stdout = stdout_ok(&out);
+    assert!(stdout.contains("NAME=\"berth minimal\""), "{stdout}");
+    let bob_uid = String::from_utf8(Command::new("id").args(["-u", bob]).output().unwrap().stdout).unwrap();
+    assert_eq!(std::fs::read_to_string(&ran_as).unwrap().trim(), bob_uid.trim(), "the helper must run as bob");
+}
+
+#[test]
+fn gc_keeps_the_layers_of_a_live_container_and_frees_them_after_destroy() {
+    let cluster = cluster();
+    let node = &cluster.nodes()[0];
+    let user = &cluster.users()[0];
+    let pid = std::process::id();
+    let image = format!("{}/minimal:latest", cluster.registry());
+    // A store of its own in the node's private state dir, so gc touches no other test's images.
+    let berth = format!("BERTH_STORE=/var/lib/berth/gc-test-{pid} berth");
+    // The nodes run the berth the cluster installed (berth_binary), which is not on PATH.
+    let on_path = "PATH=$(dirname $(grep ^berth_binary /etc/berth/berth.toml | cut -d'\"' -f2)):$PATH";
+    let run = |line: &str| stdout_ok(&cluster.on_node(node, &format!("{on_path}; {line}")));
+    let job = format!("gc-test-{pid}");
+    let result = std::panic::catch_unwind(|| {
+        for round in ["destroyed", "crashed"] {
+            run(&format!("{berth} pull --quiet {image}"));
+            let created = run(&format!("{berth} container create --job {job} --user {user} --no-home --image {image}"));
+            assert!(created.contains("\"reused\":false"), "{created}");
+            run(&format!("{berth} rm {image}"));
+            let gc = run(&format!("{berth} gc"));
+            assert!(gc.starts_with("removed 0 layers") && gc.contains("kept 1 unreferenced layers"), "{round}: {gc}");
+            // The container still reads its image's files.
+            let listed = run(&format!("berth container exec --job {job} -- /bin/busybox cat /etc/os-release"));
+            assert!(listed.contains("berth minimal"), "{listed}");
+            if round == "crashed" {
+                // The container's namespace dies with nothing left to hold it (its pin gone,
+                // as after a crash), while its state stays: it must not keep the layers.
+                run(&format!(
+                    "mnt=/run/berth/{job}/node/mnt; if [ -L $mnt ]; then kill -9 $(readlink $mnt | cut -d/ -f3); sleep 0.5; else umount $mnt; fi"
+                ));
+                let gc = run(&format!("{berth} gc"));
+                assert!(gc.starts_with("removed 1 layers") && gc.contains("kept 0 "), "{round}: {gc}");
+            }
+            run(&format!("berth container destroy --job {job}"));
+            let gc = run(&format!("{berth} gc"));
+            let expected = if round == "crashed" { "removed 0 layers" } else { "removed 1 layers" };
+            assert!(gc.starts_with(expected) && gc.contains("kept 0 "), "{round}: {gc}");
+        }
+    });
+    let _ = cluster.on_node(node, &format!("{on_path}; berth container destroy --job {job}; rm -rf /var/lib/berth/gc-test-{pid}"));
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }

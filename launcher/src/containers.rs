@@ -4,9 +4,10 @@
 //! logic of its own.
 
 use berth_engine::config::Config;
+use berth_engine::registry::auth::JobUser;
 use berth_engine::container::{self, Credentials, Image, ImageConfig, Spec, UserMount};
 use clap::{Args, Subcommand};
-use berth_engine::store::{Progress, PullPolicy, Store};
+use berth_engine::store::{Held, Progress, PullPolicy, Store};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -106,6 +107,13 @@ pub struct CreateArgs {
     /// A device node the job may use (repeatable).
     #[arg(long = "device", value_name = "PATH")]
     devices: Vec<PathBuf>,
+    /// The job's DOCKER_CONFIG: the directory of the user's config.json with registry
+    /// logins (default: ~/.docker of the user), read with the user's rights.
+    #[arg(long, value_name = "DIR")]
+    docker_config: Option<PathBuf>,
+    /// The job's PATH, where the user's docker-credential-* helpers are looked up.
+    #[arg(long, value_name = "PATH")]
+    helper_path: Option<std::ffi::OsString>,
     /// Give the container its own UTS namespace with this host name.
     #[arg(long)]
     hostname: Option<String>,
@@ -185,17 +193,30 @@ fn fail(err: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// The image from the store (a reference, no `--layers`) or from directories.
-fn image(config: &Config, reference: String, args: &ImageArgs, lowest: Option<PathBuf>, progress: Progress) -> Result<Image, String> {
+/// The image from the store (a reference, no `--layers`) or from directories. With a
+/// store image comes the store's lock: hold it until the container records its layers,
+/// so that a `berth gc` cannot remove them in between.
+/// A `job_user` pulls with their own registry logins.
+fn image(
+    config: &Config,
+    reference: String,
+    args: &ImageArgs,
+    lowest: Option<PathBuf>,
+    job_user: Option<JobUser>,
+    progress: Progress,
+) -> Result<(Image, Option<Held>), String> {
     if args.layers.is_empty() && lowest.is_none() {
         if reference.is_empty() {
             return Err("no image: give --image REF (or --layers DIR,...)".into());
         }
-        let store = Store::open(config).map_err(|e| e.to_string())?;
-        let stored = store.resolve(&reference, args.pull, progress).map_err(|e| e.to_string())?;
-        return Ok(stored.into());
+        let mut store = Store::open(config).map_err(|e| e.to_string())?;
+        if let Some(user) = job_user {
+            store = store.for_job_user(user);
+        }
+        let (stored, held) = store.resolve_held(&reference, args.pull, None, progress).map_err(|e| e.to_string())?;
+        return Ok((stored.into(), Some(held)));
     }
-    from_dirs(reference, args, lowest).map_err(|e| e.to_string())
+    from_dirs(reference, args, lowest).map(|image| (image, None)).map_err(|e| e.to_string())
 }
 
 fn from_dirs(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>) -> Result<Image, container::ContainerError> {
@@ -248,7 +269,13 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 Ok(m) => m,
                 Err(e) => return fail(e),
             };
-            let image = match image(config, args.image.clone(), &args.image_args, None, Progress::Silent) {
+            // The job's user, unless berth already runs as them: then its own config is theirs.
+            let job_user = (!user.is_caller()).then(|| JobUser {
+                ids: user.clone(),
+                docker_config: args.docker_config.clone(),
+                path: args.helper_path.clone(),
+            });
+            let (image, _store_held) = match image(config, args.image.clone(), &args.image_args, None, job_user, Progress::Silent) {
                 Ok(i) => i,
                 Err(e) => return fail(e),
             };
@@ -311,8 +338,10 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
 pub fn run(config: &Config, args: RunArgs) -> ExitCode {
     let as_dir = Path::new(&args.image);
     let lowest = ((args.image.starts_with('/') || args.image.starts_with('.')) && as_dir.is_dir()).then(|| as_dir.to_path_buf());
-    let image = match image(config, args.image.clone(), &args.image_args, lowest, Progress::auto()) {
-        Ok(i) => i,
+    // `run` records no container in the runtime dir, so gc cannot see its layers in
+    // use once this lock is gone (docs/images.md, Known limits).
+    let image = match image(config, args.image.clone(), &args.image_args, lowest, None, Progress::auto()) {
+        Ok((i, _)) => i,
         Err(e) => return fail(e),
     };
     let mounts = match user_mounts(&args.contents.mounts) {

@@ -30,7 +30,7 @@ pub enum ImageCommand {
         #[arg(required = true)]
         images: Vec<String>,
     },
-    /// Remove unused layers and the leftovers of interrupted pulls.
+    /// Remove layers no image and no live container uses, and the leftovers of interrupted pulls.
     Gc,
     /// Write an image's flattened root filesystem into DIR (pulled first if missing).
     Export { image: String, dir: PathBuf },
@@ -80,8 +80,8 @@ pub fn run(command: ImageCommand, config: &Config) -> Result<(), String> {
         ImageCommand::Gc => {
             let report = store.gc().map_err(|e| e.to_string())?;
             println!(
-                "removed {} layers, {} blobs, {} leftovers of interrupted pulls",
-                report.layers, report.blobs, report.leftovers
+                "removed {} layers, {} blobs, {} leftovers of interrupted pulls; kept {} unreferenced layers live containers use",
+                report.layers, report.blobs, report.leftovers, report.in_use
             );
         }
         ImageCommand::Export { image, dir } => {

@@ -23,6 +23,10 @@ pub struct CreateRequest<'a> {
     pub args: &'a Args,
     /// Mounts the plugin adds itself (the batch script's directory).
     pub extra_mounts: &'a [Mount],
+    /// The job's `DOCKER_CONFIG` and `PATH`: where berth finds the user's registry
+    /// logins and credential helpers (read and run as the user).
+    pub docker_config: Option<&'a str>,
+    pub path: Option<&'a str>,
 }
 
 /// The arguments of `berth container create` for one container.
@@ -61,6 +65,12 @@ pub fn create_args(req: &CreateRequest<'_>) -> Vec<String> {
     }
     if req.args.readonly {
         argv.push("--readonly".into());
+    }
+    if let Some(dir) = req.docker_config {
+        argv.extend(["--docker-config".into(), dir.to_string()]);
+    }
+    if let Some(path) = req.path {
+        argv.extend(["--helper-path".into(), path.to_string()]);
     }
     argv
 }
@@ -147,14 +157,16 @@ mod tests {
             submit_dir: Some(Path::new("/home/alice/run")),
             args: &args,
             extra_mounts: &script,
+            docker_config: Some("/home/alice/.dc"),
+            path: None,
         };
         assert_eq!(
             create_args(&req).join(" "),
             "container create --job 42 --user 1001 --gid 1001 --groups 1001,27 --image localhost:5000/minimal --rank 3 \
              --pull never --submit-dir /home/alice/run --mount /data:/in:ro \
-             --mount /var/spool/slurmd/job00042:/var/spool/slurmd/job00042:ro --no-home --readonly"
+             --mount /var/spool/slurmd/job00042:/var/spool/slurmd/job00042:ro --no-home --readonly --docker-config /home/alice/.dc"
         );
-        let per_node = CreateRequest { rank: None, submit_dir: None, args: &Args::default(), extra_mounts: &[], ..req };
+        let per_node = CreateRequest { rank: None, submit_dir: None, args: &Args::default(), extra_mounts: &[], docker_config: None, ..req };
         assert_eq!(
             create_args(&per_node).join(" "),
             "container create --job 42 --user 1001 --gid 1001 --groups 1001,27 --image localhost:5000/minimal"

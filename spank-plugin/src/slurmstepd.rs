@@ -134,6 +134,8 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     let rank = if prepared.args.per_rank { Some(sp.task_global_id().map_err(|e| e.to_string())?) } else { None };
     // slurmstepd has already changed to the step's directory: the submit directory.
     let submit_dir = std::env::current_dir().ok();
+    let docker_config = sp.getenv("DOCKER_CONFIG").map_err(|e| e.to_string())?;
+    let path = sp.getenv("PATH").map_err(|e| e.to_string())?;
     let req = CreateRequest {
         job: prepared.job,
         uid: prepared.uid,
@@ -144,6 +146,8 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
         submit_dir: submit_dir.as_deref(),
         args: &prepared.args,
         extra_mounts: &prepared.extra_mounts,
+        docker_config: docker_config.as_deref(),
+        path: path.as_deref(),
     };
     berth::create(config, &req)?;
 

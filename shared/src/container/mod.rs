@@ -827,6 +827,31 @@ pub fn list(config: &Config, job: Option<&str>) -> Result<Vec<Listed>> {
     Ok(out)
 }
 
+/// The image layer dirs of every live container under `runtime_dir`: what the store's
+/// gc must keep. A container is live while its `mnt` pin opens the namespace its
+/// `state.json` names; a pin whose anchor died (a crash) names nothing, so a dead
+/// container never keeps layers. What this caller cannot read is skipped (job dirs are
+/// root's, 0700: a non-root gc only ever collects a store of its own).
+pub fn layers_in_use(runtime_dir: &Path) -> Result<Vec<PathBuf>> {
+    let jobs = match std::fs::read_dir(runtime_dir) {
+        Ok(entries) => entries,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied) => return Ok(Vec::new()),
+        Err(e) => return Err(io("read", runtime_dir)(e)),
+    };
+    let mut layers = Vec::new();
+    for job_dir in jobs.filter_map(|e| e.ok().map(|e| e.path())) {
+        let Ok(containers) = std::fs::read_dir(&job_dir) else { continue };
+        for dir in containers.filter_map(|e| e.ok().map(|e| e.path())) {
+            let Ok(state) = read_state(&dir) else { continue };
+            let live = std::fs::metadata(dir.join("mnt")).is_ok_and(|m| m.ino() == state.mnt_inode) && teardown::is_pinned(&dir.join("mnt"));
+            if live {
+                layers.extend(state.image.layer_dirs);
+            }
+        }
+    }
+    Ok(layers)
+}
+
 /// Destroys every container of `job` on this node (see [`teardown`]).
 pub fn destroy(config: &Config, job: &str) -> Result<teardown::Destroyed> {
     require_root()?;

@@ -21,6 +21,8 @@ pub enum UserError {
     Check { uid: u32, path: PathBuf, source: Errno },
     #[error("cannot switch to user {uid} (gid {gid}): {step} failed: {source}")]
     Drop { uid: u32, gid: u32, step: &'static str, source: Errno },
+    #[error("{why} (as user {uid})")]
+    AsUser { uid: u32, why: String },
 }
 
 /// The identity tasks run as.
@@ -183,6 +185,45 @@ impl Credentials {
         let _ = nix::sys::wait::waitpid(pid, None);
         result.map(|()| fds)
     }
+}
+
+impl Credentials {
+    /// Runs `f` in a forked child that has become this user for good
+    /// ([`Credentials::become_user`]) and returns what it returned, passed back as JSON.
+    /// For work on the user's behalf that must have only the user's rights: reading the
+    /// user's files, running the user's programs. Needs root; single-threaded caller.
+    pub fn run_as_user<T: Serialize + serde::de::DeserializeOwned>(&self, f: impl FnOnce() -> T) -> Result<T, UserError> {
+        use std::io::{Read, Write};
+        let failed = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
+        let (mut parent, mut child) = std::os::unix::net::UnixStream::pair().map_err(|e| failed("socketpair", io_errno(&e)))?;
+        let pid = match sys::fork().map_err(|e| failed("fork", e))? {
+            Forked::Child => {
+                drop(parent);
+                let answer: Result<T, String> = self.become_user().map(|()| f()).map_err(|e| e.to_string());
+                let code = match serde_json::to_vec(&answer).map(|bytes| child.write_all(&bytes)) {
+                    Ok(Ok(())) => 0,
+                    _ => 1,
+                };
+                // Leave without running the parent's destructors or atexit handlers.
+                sys::exit_now(code)
+            }
+            Forked::Parent(pid) => pid,
+        };
+        drop(child);
+        let mut bytes = Vec::new();
+        let read = parent.read_to_end(&mut bytes);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        read.map_err(|e| failed("reading the child's answer", io_errno(&e)))?;
+        match serde_json::from_slice::<Result<T, String>>(&bytes) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(why)) => Err(UserError::AsUser { uid: self.uid, why }),
+            Err(_) => Err(UserError::AsUser { uid: self.uid, why: "the child running as the user died without an answer".into() }),
+        }
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Opens `path` for reading (a directory too), which succeeds only with read access.

@@ -1,27 +1,34 @@
 //! Registry credentials and authentication challenges: the user's Docker
-//! `config.json` (`$DOCKER_CONFIG` or `~/.docker`, read by the calling process with its
-//! own permissions, credential helpers included), the admin's credentials file (same
-//! form), and `WWW-Authenticate` parsing for bearer-token and basic auth.
-//! Owns reading credentials; never sends them anywhere (the client decides where).
+//! `config.json` (`$DOCKER_CONFIG` or `~/.docker`, credential helpers included), the
+//! admin's credentials file (same form), and `WWW-Authenticate` parsing for
+//! bearer-token and basic auth. The user's config is read, and their helpers run, with
+//! the user's own rights only: by the calling process when it is that user, else by a
+//! child that has become the job's user ([`JobUser`]); root never opens a path the user
+//! controls. Owns reading credentials; never sends them anywhere (the client decides where).
 
 use base64::Engine;
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("cannot read registry credentials {path}: {source}")]
+    #[error("cannot read registry credentials {path}: {source} (fix its permissions, or remove it)")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("registry credentials {path} are not valid JSON: {source}")]
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("credential helper docker-credential-{helper} failed for {registry}: {why}")]
     Helper { helper: String, registry: String, why: String },
+    #[error("DOCKER_CONFIG={0} is not an absolute path: give the directory holding config.json by its full path")]
+    RelativeDockerConfig(PathBuf),
+    #[error(transparent)]
+    AsUser(#[from] crate::container::UserError),
 }
 
 /// A user name and password (or identity token) for one registry.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Login {
     pub username: String,
     pub password: String,
@@ -55,9 +62,28 @@ struct AuthEntry {
     identity_token: Option<String>,
 }
 
+/// The job user root pulls for (`berth container create --user`): whose Docker config
+/// is read, as them, and where their credential helpers are found.
+#[derive(Debug, Clone)]
+pub struct JobUser {
+    pub ids: crate::container::Credentials,
+    /// The job's `DOCKER_CONFIG`; else `~/.docker` of the user's passwd home.
+    pub docker_config: Option<PathBuf>,
+    /// The job's `PATH`, where `docker-credential-*` helpers are looked up; else a
+    /// system default.
+    pub path: Option<OsString>,
+}
+
+/// The environment a credential helper runs with: the caller's own, or the job user's.
+enum HelperEnv {
+    Inherited,
+    Job { home: Option<PathBuf>, path: OsString },
+}
+
 /// Where credentials come from, in order: the user's Docker config, then the admin's file.
 #[derive(Default)]
 pub struct Credentials {
+    job_user: Option<JobUser>,
     sources: Vec<DockerConfig>,
 }
 
@@ -78,41 +104,84 @@ impl Credentials {
                 sources.push(c);
             }
         }
-        if let Some(file) = admin_file {
-            if let Some(c) = read_config(file)? {
-                sources.push(c);
+        sources.extend(admin_source(admin_file)?);
+        Ok(Credentials { job_user: None, sources })
+    }
+
+    /// A job user's Docker config, read at lookup time by a child running as that user,
+    /// then the admin's credentials file (root's, read here).
+    pub fn load_for(user: JobUser, admin_file: Option<&Path>) -> Result<Credentials, AuthError> {
+        if let Some(dir) = &user.docker_config {
+            if !dir.is_absolute() {
+                return Err(AuthError::RelativeDockerConfig(dir.clone()));
             }
         }
-        Ok(Credentials { sources })
+        Ok(Credentials { job_user: Some(user), sources: admin_source(admin_file)?.into_iter().collect() })
     }
 
     /// Parses one config.json text (for tests and for callers holding the text).
     pub fn from_json(text: &str) -> Result<Credentials, serde_json::Error> {
-        Ok(Credentials { sources: vec![serde_json::from_str(text)?] })
+        Ok(Credentials { job_user: None, sources: vec![serde_json::from_str(text)?] })
     }
 
     /// The login for a registry name as written in references (`docker.io`, `host:5000`).
     pub fn lookup(&self, registry: &str) -> Result<Option<Login>, AuthError> {
         let keys = keys_for(registry);
+        if let Some(user) = &self.job_user {
+            if let Some(login) = lookup_as(user, &keys)? {
+                return Ok(Some(login));
+            }
+        }
         for source in &self.sources {
-            if let Some(helper) = keys.iter().find_map(|k| source.cred_helpers.get(k)) {
-                return run_helper(helper, &keys[0]);
-            }
-            for key in &keys {
-                if let Some(entry) = source.auths.get(key) {
-                    if let Some(login) = entry_login(entry) {
-                        return Ok(Some(login));
-                    }
-                }
-            }
-            if let Some(store) = &source.creds_store {
-                if let Some(login) = run_helper(store, &keys[0])? {
-                    return Ok(Some(login));
-                }
+            if let Some(login) = lookup_in(source, &keys, &HelperEnv::Inherited)? {
+                return Ok(Some(login));
             }
         }
         Ok(None)
     }
+}
+
+fn admin_source(admin_file: Option<&Path>) -> Result<Option<DockerConfig>, AuthError> {
+    admin_file.map(read_config).transpose().map(Option::flatten)
+}
+
+/// One config's login for a registry: its helper for that registry, its `auths`
+/// entry, then its default helper (`credsStore`), as Docker orders them.
+fn lookup_in(source: &DockerConfig, keys: &[String], env: &HelperEnv) -> Result<Option<Login>, AuthError> {
+    if let Some(helper) = keys.iter().find_map(|k| source.cred_helpers.get(k)) {
+        return run_helper(helper, &keys[0], env);
+    }
+    for key in keys {
+        if let Some(login) = source.auths.get(key).and_then(entry_login) {
+            return Ok(Some(login));
+        }
+    }
+    match &source.creds_store {
+        Some(store) => run_helper(store, &keys[0], env),
+        None => Ok(None),
+    }
+}
+
+/// Looks the login up in the job user's Docker config, in a child that has become the
+/// user: the config (and any symlink to it) is opened, and helpers run, with the
+/// user's rights only.
+fn lookup_as(user: &JobUser, keys: &[String]) -> Result<Option<Login>, AuthError> {
+    let home = user.ids.home();
+    let Some(dir) = user.docker_config.clone().or_else(|| home.as_ref().map(|h| h.join(".docker"))) else {
+        return Ok(None);
+    };
+    let env = HelperEnv::Job {
+        home,
+        path: user.path.clone().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+    };
+    let answer = user.ids.run_as_user(|| -> Result<Option<Login>, String> {
+        let config = read_config(&dir.join("config.json")).map_err(|e| e.to_string())?;
+        match config {
+            Some(config) => lookup_in(&config, keys, &env).map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
+    })?;
+    answer.map_err(|why| AuthError::AsUser(crate::container::UserError::AsUser { uid: user.ids.uid, why }))
 }
 
 fn read_config(path: &Path) -> Result<Option<DockerConfig>, AuthError> {
@@ -156,13 +225,30 @@ fn entry_login(entry: &AuthEntry) -> Option<Login> {
     }
 }
 
-/// Runs `docker-credential-<helper> get` with the server URL on stdin, as Docker does.
-fn run_helper(helper: &str, server: &str) -> Result<Option<Login>, AuthError> {
+/// Runs `docker-credential-<helper> get` with the server URL on stdin, as Docker does
+/// (the docker-credential-helpers protocol: JSON `Username`/`Secret` on stdout).
+fn run_helper(helper: &str, server: &str, env: &HelperEnv) -> Result<Option<Login>, AuthError> {
     let err = |why: String| AuthError::Helper { helper: helper.into(), registry: server.into(), why };
     if !helper.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) {
         return Err(err("the helper name is not a plain program name".into()));
     }
-    let mut child = Command::new(format!("docker-credential-{helper}"))
+    let program = format!("docker-credential-{helper}");
+    let mut command = Command::new(&program);
+    if let HelperEnv::Job { home, path } = env {
+        // Only what a helper needs of the job's environment; root's stays out.
+        let resolved = std::env::split_paths(path)
+            .map(|d| d.join(&program))
+            .find(|p| p.is_file())
+            .ok_or_else(|| err(format!("{program} is not in the job's PATH ({})", path.to_string_lossy())))?;
+        command = Command::new(resolved);
+        command.env_clear().env("PATH", path);
+        if let Some(home) = home {
+            command.env("HOME", home).current_dir(home);
+        } else {
+            command.current_dir("/");
+        }
+    }
+    let mut child = command
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -273,6 +359,32 @@ mod tests {
         assert_eq!(creds.lookup("other.example").unwrap().unwrap().password, "y:z\n");
         assert_eq!(creds.lookup("nobody.example").unwrap(), None);
         assert_eq!(basic(&Login { username: "user".into(), password: "pass".into() }), "Basic dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn a_job_users_config_is_read_with_their_rights_only() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to switch users");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("berth-auth-as-user-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.join("config.json");
+        std::fs::write(&config, r#"{"auths":{"reg.example:5000":{"username":"a","password":"b"}}}"#).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let nobody = crate::container::Credentials { uid: 65534, gid: 65534, groups: vec![] };
+        let user = JobUser { ids: nobody, docker_config: Some(dir.clone()), path: None };
+        let creds = Credentials::load_for(user.clone(), None).unwrap();
+        let err = creds.lookup("reg.example:5000").unwrap_err().to_string();
+        assert!(err.contains("cannot read registry credentials") && err.contains("Permission denied") && err.ends_with("(as user 65534)"), "{err}");
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(creds.lookup("reg.example:5000").unwrap().unwrap().username, "a");
+        assert_eq!(creds.lookup("other.example").unwrap(), None);
+        let relative = JobUser { docker_config: Some("rel/dir".into()), ..user };
+        assert!(matches!(Credentials::load_for(relative, None), Err(AuthError::RelativeDockerConfig(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A client for the OCI distribution (Docker registry v2) API: manifests with content
 //! negotiation, blobs as streams, bearer-token and basic auth, redirects to blob
-//! storage (credentials never follow to another host), `HTTPS_PROXY`/`NO_PROXY`,
+//! storage (credentials never follow to another host), proxies as Docker uses them,
 //! retries with backoff on transient failures, and plain HTTP only for localhost and
 //! registries the admin lists as insecure.
 //! Owns the network; never writes to disk and never trusts a byte it has not hashed
@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod manifest;
+pub mod proxy;
 
 use crate::config::Config;
 use crate::reference::Reference;
@@ -54,8 +55,9 @@ pub struct Client {
     repository: String,
     base: String,
     direct: ureq::Agent,
-    proxied: Option<ureq::Agent>,
-    no_proxy: Vec<String>,
+    proxies: proxy::ProxyEnv,
+    http_proxied: Option<ureq::Agent>,
+    https_proxied: Option<ureq::Agent>,
     login: Option<Login>,
     authorization: Mutex<Option<String>>,
 }
@@ -82,29 +84,27 @@ impl Client {
                 .timeout_read(Duration::from_secs(60))
                 .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
         };
-        let proxy_var = if scheme == "https" { ["HTTPS_PROXY", "https_proxy"] } else { ["HTTP_PROXY", "http_proxy"] };
-        let proxied = proxy_var
-            .iter()
-            .chain(["ALL_PROXY", "all_proxy"].iter())
-            .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
-            .map(|url| {
-                ureq::Proxy::new(&url)
-                    .map(|p| builder().proxy(p).build())
-                    .map_err(|e| RegistryError::Unreachable { registry: endpoint.clone(), why: format!("bad proxy {url}: {e}") })
-            })
-            .transpose()?;
-        let no_proxy = ["NO_PROXY", "no_proxy"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok())
-            .map(|s| s.split(',').map(|x| x.trim().to_ascii_lowercase()).filter(|x| !x.is_empty()).collect())
-            .unwrap_or_default();
+        let proxies = proxy::ProxyEnv::from_env();
+        let proxied = |url: &Option<String>, var: &str| -> Result<Option<ureq::Agent>, RegistryError> {
+            url.as_ref()
+                .map(|url| {
+                    ureq::Proxy::new(url).map(|p| builder().proxy(p).build()).map_err(|e| RegistryError::Unreachable {
+                        registry: endpoint.clone(),
+                        why: format!("bad proxy {var}={url}: {e}"),
+                    })
+                })
+                .transpose()
+        };
+        let http_proxied = proxied(&proxies.http, "HTTP_PROXY")?;
+        let https_proxied = proxied(&proxies.https, "HTTPS_PROXY")?;
         Ok(Client {
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
             base: format!("{scheme}://{endpoint}"),
             direct: builder().build(),
-            proxied,
-            no_proxy,
+            proxies,
+            http_proxied,
+            https_proxied,
             login: credentials.lookup(&reference.registry)?,
             authorization: Mutex::new(None),
         })
@@ -150,19 +150,15 @@ impl Client {
         &self.registry
     }
 
+    /// The agent for a URL: through the proxy Docker would use for it, or direct.
     fn agent_for(&self, url: &str) -> &ureq::Agent {
-        let host = host_of(url).to_ascii_lowercase();
-        let host = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_string();
-        let bypass = self.no_proxy.iter().any(|n| {
-            n == "*" || {
-                let n = n.trim_start_matches('.');
-                host == n || host.ends_with(&format!(".{n}"))
-            }
-        });
-        match (&self.proxied, bypass) {
-            (Some(p), false) => p,
-            _ => &self.direct,
-        }
+        let https = url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+        let chosen = match self.proxies.for_url(url) {
+            None => None,
+            Some(_) if https => self.https_proxied.as_ref(),
+            Some(_) => self.http_proxied.as_ref(),
+        };
+        chosen.unwrap_or(&self.direct)
     }
 
     /// GET with auth, manual redirects and retries. Credentials go only to the registry's own host.

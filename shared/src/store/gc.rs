@@ -1,7 +1,8 @@
-//! Garbage collection: with the store locked exclusively (no pull or reader running),
-//! removes layer dirs and blobs no reference uses, everything in `tmp/` (leftovers of
-//! interrupted pulls) and the per-layer lock files. Owns deletion; never removes
-//! anything a ref record names.
+//! Garbage collection: with the store locked exclusively (no pull, reader or container
+//! create running), removes layer dirs and blobs no reference uses, everything in
+//! `tmp/` (leftovers of interrupted pulls) and the per-layer lock files. Owns deletion;
+//! never removes anything a ref record names, nor a layer a live container on this
+//! node uses (its `state.json` in the runtime dir names it, even after `berth rm`).
 
 use super::{Store, StoreError};
 use std::collections::HashSet;
@@ -14,6 +15,8 @@ pub struct GcReport {
     pub layers: usize,
     pub blobs: usize,
     pub leftovers: usize,
+    /// Layers no reference names that were kept because live containers use them.
+    pub in_use: usize,
 }
 
 pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
@@ -33,17 +36,35 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
             Err(_) => remove_tree(&path).map_err(|e| store.io(&path, e))?,
         }
     }
+    let mut used_by_containers = HashSet::new();
+    let in_use = crate::container::layers_in_use(&store.config.runtime_dir)
+        .map_err(|source| StoreError::InUse { runtime_dir: store.config.runtime_dir.clone(), why: source.to_string() })?;
+    // The container recorded the dirs as this store named them; a store reached through
+    // a symlinked path names them otherwise, hence the canonical form too.
+    let canonical_root = root.canonicalize().unwrap_or_else(|_| root.clone());
+    for dir in in_use {
+        let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        if let Some(rel) = dir.strip_prefix(root).ok().or_else(|| canonical.strip_prefix(&canonical_root).ok()) {
+            used_by_containers.insert(rel.to_string_lossy().into_owned());
+        }
+    }
     let mut report = GcReport::default();
     for dir in ["layers/sha256", "layers/chain"] {
         for name in list(store, &root.join(dir))? {
-            if !keep_layers.contains(&format!("{dir}/{name}")) {
-                let path = root.join(dir).join(&name);
-                // Renamed into tmp first, so a layer dir disappears all at once.
-                let doomed = super::unique_tmp(root, "gc");
-                std::fs::rename(&path, &doomed).map_err(|e| store.io(&path, e))?;
-                remove_tree(&doomed).map_err(|e| store.io(&doomed, e))?;
-                report.layers += 1;
+            let rel = format!("{dir}/{name}");
+            if keep_layers.contains(&rel) {
+                continue;
             }
+            if used_by_containers.contains(&rel) {
+                report.in_use += 1;
+                continue;
+            }
+            let path = root.join(dir).join(&name);
+            // Renamed into tmp first, so a layer dir disappears all at once.
+            let doomed = super::unique_tmp(root, "gc");
+            std::fs::rename(&path, &doomed).map_err(|e| store.io(&path, e))?;
+            remove_tree(&doomed).map_err(|e| store.io(&doomed, e))?;
+            report.layers += 1;
         }
     }
     for name in list(store, &root.join("blobs/sha256"))? {

@@ -67,6 +67,8 @@ pub enum StoreError {
     BadImage { reference: String, why: String },
     #[error("image store {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("gc removed nothing: cannot tell which layers the containers in {runtime_dir} use ({why}); run gc as root")]
+    InUse { runtime_dir: PathBuf, why: String },
     #[error("cannot export {reference} to {dest}: {why}")]
     Export { reference: String, dest: PathBuf, why: String },
 }
@@ -143,12 +145,20 @@ struct Record {
     config: ImageConfig,
 }
 
+/// The store lock, held shared: while it lives, `gc` waits.
+#[derive(Debug)]
+pub struct Held {
+    _lock: Option<lock::Lock>,
+}
+
 /// The node's image store.
 pub struct Store {
     root: PathBuf,
     config: Config,
     opts: unpack::Options,
     writable: bool,
+    /// Pulls for this job user use their registry logins (read as them), not the caller's.
+    job_user: Option<crate::registry::auth::JobUser>,
 }
 
 /// The store a caller uses when it gave no `--store`/`BERTH_STORE`: the admin's
@@ -205,7 +215,16 @@ impl Store {
             config: config.clone(),
             opts: unpack::Options { as_root, userxattr },
             writable,
+            job_user: None,
         })
+    }
+
+    /// Pulls from here on log in as `user` would: with the registry logins of their
+    /// Docker config and credential helpers (read and run as them), then the admin's
+    /// credentials file. For root creating a job's container.
+    pub fn for_job_user(mut self, user: crate::registry::auth::JobUser) -> Store {
+        self.job_user = Some(user);
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -225,13 +244,26 @@ impl Store {
         platform: Option<&Platform>,
         progress: Progress,
     ) -> Result<StoredImage, StoreError> {
+        self.resolve_held(reference, policy, platform, progress).map(|(image, _held)| image)
+    }
+
+    /// [`Store::resolve_for`], returning also a [`Held`] that keeps `gc` from running
+    /// until it is dropped: a container creator keeps it until the container's
+    /// `state.json` names the layers (from then on gc sees them in use).
+    pub fn resolve_held(
+        &self,
+        reference: &str,
+        policy: PullPolicy,
+        platform: Option<&Platform>,
+        progress: Progress,
+    ) -> Result<(StoredImage, Held), StoreError> {
         let r = Reference::parse(reference)?;
         let key = r.to_string();
-        let _shared = self.lock_store(false)?;
+        let shared = Held { _lock: self.lock_store(false)? };
         if policy != PullPolicy::Always {
             if let Some(image) = self.load(&key)? {
                 self.touch(&key);
-                return Ok(image);
+                return Ok((image, shared));
             }
             if policy == PullPolicy::Never {
                 return Err(StoreError::NotPulled { reference: key, store: self.root.clone() });
@@ -241,7 +273,8 @@ impl Store {
             return Err(StoreError::ReadOnly { path: self.root.clone() });
         }
         let host = Platform::host();
-        pull::pull(self, &r, platform.unwrap_or(&host), progress)
+        let image = pull::pull(self, &r, platform.unwrap_or(&host), progress)?;
+        Ok((image, shared))
     }
 
     /// Every reference in the store.

@@ -22,7 +22,12 @@ const LAYER_ATTEMPTS: u32 = 3;
 pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: Progress) -> Result<StoredImage, StoreError> {
     let key = r.to_string();
     let reg = |source| StoreError::Registry { reference: key.clone(), source };
-    let credentials = Credentials::load(store.config.credentials_file.as_deref()).map_err(|e| reg(e.into()))?;
+    let admin_file = store.config.credentials_file.as_deref();
+    let credentials = match &store.job_user {
+        Some(user) => Credentials::load_for(user.clone(), admin_file),
+        None => Credentials::load(admin_file),
+    }
+    .map_err(|e| reg(e.into()))?;
     let client = Client::new(&store.config, r, &credentials).map_err(reg)?;
     let (manifest_digest, manifest_bytes, manifest) = fetch_manifest(&client, r, platform, &key)?;
     let bad = |why: String| StoreError::BadImage { reference: key.clone(), why };

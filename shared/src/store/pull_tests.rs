@@ -208,6 +208,6 @@ fn rate_limits_say_what_to_do_and_server_errors_are_retried_then_reported() {
     reg.lock().manifest_answer = Some(("503 Service Unavailable".into(), "down for maintenance".into()));
     let err = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
     assert!(err.contains("cannot reach registry") && err.contains("503"), "{err}");
-    assert!(reg.lock().seen_auth.len() >= 1 + super::super::registry::ATTEMPTS as usize, "503 is retried");
+    assert!(reg.lock().seen_auth.len() > super::super::registry::ATTEMPTS as usize, "503 is retried");
     gc::remove_tree(&dir).unwrap();
 }
