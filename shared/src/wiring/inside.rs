@@ -1,6 +1,7 @@
 //! The part of wiring that runs in a job's container's mount namespace, in a forked
 //! child of `berth`: adds the job user, group and nodes to the container's
-//! /etc/passwd, /etc/group and /etc/hosts (in its upper dir, through the overlay),
+//! /etc/passwd, /etc/group and /etc/hosts (in its upper dir, through the overlay; not
+//! a read-only /etc/hosts, which is the node's own),
 //! attaches the wiring dir read-only at /.berth/wiring, and starts sshd as the job user
 //! (no capabilities, no_new_privs, in its own session). Every path is resolved inside
 //! the container's root. Must never run anything as root inside the container, nor
@@ -58,7 +59,10 @@ pub fn prepare_and_start(what: &Inside<'_>) -> Result<i32, String> {
     }
     let hosts = read(root, "/etc/hosts")?;
     let lines = files::hosts_lines(&hosts, what.nodes);
-    if !lines.is_empty() {
+    // A read-only /etc/hosts is the node's own, bound in by the adapter (Torque's
+    // hooks): names resolve as on the node, nothing to add.
+    let read_only = matches!(open_in_root(root, Path::new("/etc/hosts"), OFlag::O_WRONLY | OFlag::O_NOFOLLOW, 0), Err(Errno::EROFS));
+    if !lines.is_empty() && !read_only {
         append(root, "/etc/hosts", &lines)?;
     }
     let target = mkdirs(root, files::MOUNT_POINT)?;
