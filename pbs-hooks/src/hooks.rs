@@ -4,8 +4,12 @@
 //! - `prologue` (mother superior): `berth container create`, then `berth container
 //!   wire` with the job's nodes and slots from `$PBS_NODEFILE`.
 //! - `prologue.parallel` (each sister): the same, with the nodes it knows of
-//!   (`$PBS_MSHOST` and itself; Torque gives sisters no nodefile, prolog.c
-//!   `setup_pelog_environment` sets it only where MOM_HAS_NODEFILE).
+//!   (`$PBS_MSHOST` and itself) and `--unlisted-nodes`, so that ssh reaches the job's
+//!   other nodes by name too. A sister cannot know them: Torque gives it no nodefile
+//!   (prolog.c `setup_pelog_environment` sets it only where MOM_HAS_NODEFILE) and runs
+//!   prologue.parallel before it saves the job file holding exec_host
+//!   (`im_join_job_as_sister`, src/resmom/mom_comm.c). The node's /etc/hosts and
+//!   /etc/resolv.conf are bound into every container so those names resolve.
 //! - `epilogue`, `epilogue.parallel`: `berth container destroy`, idempotent, so it
 //!   also cleans up after a prologue that failed or never ran.
 //!
@@ -18,7 +22,8 @@
 //! into the job's error file and fails the job; the epilogue's destroy removes it.
 //! Only a failure to record exits 1. Never holds container logic of its own.
 
-use crate::request::{Pelog, RequestError};
+use crate::request::{Pelog, Request, RequestError};
+use berth_engine::container::UserMount;
 use berth_engine::config::{Config, ConfigError};
 use std::path::Path;
 use std::process::Command;
@@ -35,6 +40,8 @@ pub enum HookError {
     Nodefile { path: String, source: std::io::Error },
     #[error("{action}: {why}")]
     Berth { action: &'static str, why: String },
+    #[error("cannot write {path}: {source}")]
+    Record { path: String, source: std::io::Error },
 }
 
 /// How the job's nodes are known on this node.
@@ -101,27 +108,72 @@ fn job_nodes(role: &Role) -> Result<(Vec<String>, Vec<u32>), HookError> {
     }
 }
 
+/// The node's name service files, bound read-only into every container so that the
+/// job's node names resolve inside as on the node (a sister's wiring knows only some of
+/// them by address; MPICH's proxies call back by name). A user's mount of the same
+/// path wins.
+const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
+
 /// prologue / prologue.parallel: the job's container on this node, wired for MPI.
-/// Returns the image, or None for a job that asked for none.
-pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<String>, HookError> {
-    let Some(image) = pelog.image()? else { return Ok(None) };
+/// Returns the request, or None for a job that asked for no container.
+pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<Request>, HookError> {
+    let Some(request) = pelog.request()? else { return Ok(None) };
     let (nodes, slots) = job_nodes(&role)?;
-    let mut create = vec!["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &image];
-    let submit_dir = std::env::var("PBS_O_WORKDIR").ok().filter(|d| Path::new(d).is_dir());
-    if let Some(dir) = &submit_dir {
-        create.extend(["--submit-dir", dir]);
+    let mut create: Vec<String> = ["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &request.image, "--pull", request.pull.as_str()]
+        .map(String::from)
+        .to_vec();
+    if let Some(dir) = std::env::var("PBS_O_WORKDIR").ok().filter(|d| Path::new(d).is_dir()) {
+        create.extend(["--submit-dir".into(), dir]);
+    }
+    for mount in &request.mounts {
+        create.extend(["--mount".into(), mount.clone()]);
+    }
+    let user_targets: Vec<std::path::PathBuf> = request.mounts.iter().filter_map(|m| UserMount::parse(m)).map(|m| m.target).collect();
+    for file in NAME_SERVICE_FILES {
+        if Path::new(file).is_file() && !user_targets.iter().any(|t| t == Path::new(file)) {
+            create.extend(["--mount".into(), format!("{file}:{file}:ro")]);
+        }
+    }
+    if let Some(dir) = &request.workdir {
+        create.extend(["--workdir".into(), dir.clone()]);
+    }
+    if request.no_home {
+        create.push("--no-home".into());
     }
     let nodes = nodes.join(",");
     let slots = slots.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let made = berth(config, "cannot start the container", &create).and_then(|_| {
-        berth(config, "cannot wire MPI between the job's containers", &["container", "wire", "--job", &pelog.job, "--nodes", &nodes, "--slots", &slots])
-    });
+    let mut wire = vec!["container", "wire", "--job", &pelog.job, "--nodes", &nodes, "--slots", &slots];
+    if matches!(role, Role::Sister) {
+        wire.push("--unlisted-nodes");
+    }
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
+    let made = berth(config, "cannot start the container", &create)
+        .and_then(|_| record_image_env(config, &pelog.job, &request.env))
+        .and_then(|_| berth(config, "cannot wire MPI between the job's containers", &wire));
     if let Err(e) = made {
-        // create removes what it made when it fails; wiring failed after it: undo both.
+        // create removes what it made when it fails; what failed after it: undo both.
         let _ = berth(config, "cannot remove the container", &["container", "destroy", "--job", &pelog.job]);
         return Err(e);
     }
-    Ok(Some(image))
+    Ok(Some(request))
+}
+
+/// Where the prologue leaves the `container-env` names for the job starter.
+pub fn image_env_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
+    berth_engine::container::check_name("job", job).ok()?;
+    Some(config.runtime_dir.join(job).join("container-env"))
+}
+
+/// Records the names the job takes from the image (one a line) in the job's runtime
+/// dir, which create made and destroy removes.
+fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<String, HookError> {
+    let Some(path) = image_env_file(config, job) else { return Ok(String::new()) };
+    if names.is_empty() {
+        return Ok(String::new());
+    }
+    let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+    std::fs::write(&path, text).map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
+    Ok(String::new())
 }
 
 /// Where a failed prologue leaves its line for the job starter.
