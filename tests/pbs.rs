@@ -20,6 +20,8 @@ struct Job {
 
 fn torque() -> Cluster {
     let cluster = cluster();
+    let nodes = cluster.nodes().len();
+    assert!(nodes >= 4, "the Torque tests need 4 compute hosts, the cluster has {nodes}: run `slurm-test-env/up 4`, then `slurm-test-env/torque-up`");
     let out = cluster.run(&format!("{QSTAT} -B"));
     assert!(
         out.status.success(),
@@ -199,5 +201,111 @@ fn qdel_mid_run_leaves_nothing() {
     }
     stdout_ok(&job.cluster.run(&format!("/opt/torque/bin/qdel {}", job.id)));
     job.wait_for("C", Duration::from_secs(120));
+    job.assert_gone();
+}
+
+/// Ranks' lines as (rank, node); asserts each is in the image.
+fn rank_nodes(stdout: &str, want: usize) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 7 && w[0] == "rank" && w[6] == "os=debian" && w[3] == want.to_string()).then(|| (w[1].parse().unwrap_or(usize::MAX), w[5].to_string()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn qsub_four_nodes_runs_openmpi_and_mpich_on_every_node() {
+    // Every rank and every ssh hop between sisters (Open MPI's tree spawn, and the
+    // explicit hop below) must land in the job's containers.
+    let script = "#!/bin/bash\n\
+        mpirun -hostfile $PBS_NODEFILE /opt/berth-test/bin/hello-openmpi | sed 's/^/ompi /'\n\
+        mpiexec.mpich -f $PBS_NODEFILE -n 8 /opt/berth-test/bin/hello-mpich | sed 's/^/mpich /'\n\
+        nodes=($(sort -u $PBS_NODEFILE)); here=$(hostname)\n\
+        others=(); for n in \"${nodes[@]}\"; do [ $n = $here ] || others+=($n); done\n\
+        echo \"hop $(ssh ${others[0]} ssh ${others[1]} hostname) to ${others[1]}\"\n";
+    let job = Job::submit("four", &format!("nodes=4:ppn=2,other=container={IMAGE}"), script);
+    let (out, err) = job.finish();
+    for mpi in ["ompi", "mpich"] {
+        let lines: String = out.lines().filter_map(|l| l.strip_prefix(&format!("{mpi} "))).map(|l| format!("{l}\n")).collect();
+        let ranks = rank_nodes(&lines, 8);
+        assert_eq!(ranks.iter().map(|r| r.0).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>(), "{mpi}: stdout: {out} stderr: {err}");
+        let mut nodes: Vec<&str> = ranks.iter().map(|r| r.1.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        assert_eq!(nodes.len(), 4, "{mpi} ranks on {nodes:?}: {out}");
+    }
+    let hop = out.lines().find_map(|l| l.strip_prefix("hop ")).unwrap_or_default();
+    let words: Vec<&str> = hop.split_whitespace().collect();
+    assert!(words.len() == 3 && words[0] == words[2], "sister to sister ssh: '{hop}' stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn two_jobs_share_nodes_at_once() {
+    // Each job waits (bounded) for the other to be running, so both hold the same
+    // four nodes together; their wirings (ports, keys, hostfiles) must not meet.
+    let tag = format!("pbs-e2e-{}-together", std::process::id());
+    let script = |me: &str, other: &str| {
+        format!(
+            "#!/bin/bash\ntouch ~/{tag}-{me}\nfor i in $(seq 300); do test -e ~/{tag}-{other} && break; sleep 0.2; done\n\
+             test -e ~/{tag}-{other} && echo together\n{MPIRUN}"
+        )
+    };
+    let a = Job::submit("share-a", &format!("nodes=4:ppn=2,other=container={IMAGE}"), &script("a", "b"));
+    let b = Job::submit("share-b", &format!("nodes=4:ppn=2,other=container={IMAGE}"), &script("b", "a"));
+    let results = [a.finish(), b.finish()];
+    let _ = a.cluster.run(&format!("rm -f ~/{tag}-a ~/{tag}-b"));
+    for (job, (out, err)) in [&a, &b].into_iter().zip(results) {
+        assert!(out.starts_with("together\n"), "job {} never ran beside the other: {out} {err}", job.id);
+        let ranks = rank_nodes(&out, 8);
+        let mut nodes: Vec<&str> = ranks.iter().map(|r| r.1.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        assert_eq!((ranks.len(), nodes.len()), (8, 4), "job {}: stdout: {out} stderr: {err}", job.id);
+        assert_eq!(job.exit_status(), Some(0), "{err}");
+    }
+    a.assert_gone();
+    b.assert_gone();
+}
+
+#[test]
+fn qsub_container_options_reach_every_node() {
+    let cluster = torque();
+    let data = format!("pbs-e2e-{}-data", std::process::id());
+    stdout_ok(&cluster.run(&format!("rm -rf ~/{data} && mkdir ~/{data} && echo in-data > ~/{data}/f && echo marker > ~/{data}-home")));
+    let home = stdout_ok(&cluster.run("echo $HOME")).trim().to_string();
+    let options = format!(
+        "nodes=2:ppn=1,other=container={IMAGE};container-mounts={home}/{data}:/data:ro;container-workdir=/data;no-container-mount-home;container-pull=always"
+    );
+    let check = format!("cat /data/f; touch /data/x 2>/dev/null || echo ro; test -e {home}/{data}-home && echo home || echo no-home");
+    let script = format!(
+        "#!/bin/bash\necho \"first $(pwd) $(({check}) | tr '\\n' ' ')\"\n\
+         sister=$(sort -u $PBS_NODEFILE | grep -vx $(hostname))\n\
+         echo \"sister $(ssh $sister '{check}' | tr '\\n' ' ')\"\n"
+    );
+    let job = Job::submit("options", &options, &script);
+    let (out, err) = job.finish();
+    let _ = cluster.run(&format!("rm -rf ~/{data} ~/{data}-home"));
+    assert!(out.contains("first /data in-data ro no-home \n"), "stdout: {out} stderr: {err}");
+    assert!(out.contains("sister in-data ro no-home \n"), "stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn qsub_bad_option_fails_with_one_line() {
+    let job = Job::submit("badopt", &format!("nodes=2:ppn=1,other=container={IMAGE};container-mounts=data"), "#!/bin/bash\necho ran\n");
+    let (out, err) = job.finish();
+    assert!(!out.contains("ran"), "the script ran: {out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
+    assert!(lines[0].ends_with("container-mounts=data: expected SRC[:DST][:ro] with absolute paths"), "{err}");
+    assert_eq!(job.exit_status(), Some(1));
     job.assert_gone();
 }
