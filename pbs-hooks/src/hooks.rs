@@ -26,7 +26,8 @@ use crate::request::{Pelog, Request, RequestError};
 use berth_engine::container::UserMount;
 use berth_engine::config::{Config, ConfigError};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -42,6 +43,8 @@ pub enum HookError {
     Berth { action: &'static str, why: String },
     #[error("cannot write {path}: {source}")]
     Record { path: String, source: std::io::Error },
+    #[error("{action}: not done in the prologue's share of $prologalarm ({seconds} s in mom_priv/config; a first pull of a large image takes longest): ask the admin to raise it, or try again once the image is on the nodes")]
+    Timeout { action: &'static str, seconds: u64 },
 }
 
 /// How the job's nodes are known on this node.
@@ -52,18 +55,80 @@ pub enum Role {
 
 /// Runs `berth ARGS`; its last stderr line (without the `berth: ` prefix) on failure.
 fn berth(config: &Config, action: &'static str, args: &[&str]) -> Result<String, HookError> {
+    berth_within(config, action, args, None)
+}
+
+/// `berth`, killed when it is still running at `deadline`.
+fn berth_within(config: &Config, action: &'static str, args: &[&str], deadline: Option<Budget>) -> Result<String, HookError> {
+    use std::io::Read;
     let binary = config.berth_binary.display().to_string();
-    let out = Command::new(&config.berth_binary)
+    let mut child = Command::new(&config.berth_binary)
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|source| HookError::Spawn { binary: binary.clone(), source })?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    // berth prints one line either way, far less than a pipe holds: poll, then read.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(source) => return Err(HookError::Spawn { binary, source }),
+        }
+        if let Some(budget) = &deadline {
+            if budget.until <= Instant::now() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HookError::Timeout { action, seconds: budget.alarm });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.stdout.take().map(|mut o| o.read_to_string(&mut stdout));
+    child.stderr.take().map(|mut e| e.read_to_string(&mut stderr));
+    if status.success() {
+        return Ok(stdout);
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
     let why = line.strip_prefix("berth: ").unwrap_or(line).to_string();
-    Err(HookError::Berth { action, why: format!("{why} ({binary} exited with {})", out.status) })
+    Err(HookError::Berth { action, why: format!("{why} ({binary} exited with {status})") })
+}
+
+/// Torque's default `$prologalarm` (PBS_PROLOG_TIME, src/include/mom_config.h).
+const DEFAULT_PROLOGALARM: u64 = 300;
+
+/// How long the prologue's own work may take.
+struct Budget {
+    until: Instant,
+    /// `$prologalarm`, for the message.
+    alarm: u64,
+}
+
+impl Budget {
+    /// pbs_mom SIGKILLs a prologue's whole session 10 s before `$prologalarm` when it
+    /// is over 10 s, at it otherwise (`get_child_exit_status`, src/resmom/prolog.c).
+    /// Besides, the mother superior requeues a job still starting after `$prologalarm`
+    /// (`TMOMScanForStarting`, src/resmom/mom_main.c), and that time holds the sisters'
+    /// prologue.parallel and then its own prologue, one after the other. Either way the
+    /// job is requeued with whatever the prologue left. So each prologue takes half,
+    /// less a margin to remove the half-made container and record why.
+    fn from_mom_config(start: Instant) -> Budget {
+        // pbs_mom runs prologues in mom_priv, where its config is.
+        let alarm = std::fs::read_to_string("config").ok().and_then(|text| prologalarm(&text)).unwrap_or(DEFAULT_PROLOGALARM);
+        let killed_at = if alarm > 10 { alarm - 10 } else { alarm };
+        let half_ms = killed_at * 500;
+        let ours = if half_ms > 12_000 { half_ms - 3_000 } else { half_ms * 3 / 4 };
+        Budget { until: start + Duration::from_millis(ours), alarm }
+    }
+}
+
+/// `$prologalarm N` from mom_priv/config's text.
+fn prologalarm(config: &str) -> Option<u64> {
+    config.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("$prologalarm")).then(|| words.next()?.parse().ok()).flatten()
+    })
 }
 
 /// Nodes in nodefile order, each with the number of its lines (its slots).
@@ -116,7 +181,12 @@ const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 
 /// prologue / prologue.parallel: the job's container on this node, wired for MPI.
 /// Returns the request, or None for a job that asked for no container.
-pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<Request>, HookError> {
+pub fn prologue(config: &Config, pelog: &Pelog, role: Role, start: Instant) -> Result<Option<Request>, HookError> {
+    // A requeued job's earlier attempt may have left its container or failure line
+    // here (pbs_mom runs no epilogue after an aborted start): start clean.
+    if failure_file(config, &pelog.job).and_then(|f| f.parent().map(Path::exists)).unwrap_or(false) {
+        berth(config, "cannot remove what an earlier attempt of the job left", &["container", "destroy", "--job", &pelog.job])?;
+    }
     let Some(request) = pelog.request()? else { return Ok(None) };
     let (nodes, slots) = job_nodes(&role)?;
     let mut create: Vec<String> = ["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &request.image, "--pull", request.pull.as_str()]
@@ -147,7 +217,8 @@ pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<Req
         wire.push("--unlisted-nodes");
     }
     let create: Vec<&str> = create.iter().map(String::as_str).collect();
-    let made = berth(config, "cannot start the container", &create)
+    let budget = Budget::from_mom_config(start);
+    let made = berth_within(config, "cannot start the container", &create, Some(budget))
         .and_then(|_| record_image_env(config, &pelog.job, &request.env))
         .and_then(|_| berth(config, "cannot wire MPI between the job's containers", &wire));
     if let Err(e) = made {
@@ -206,5 +277,12 @@ mod tests {
         let (nodes, slots) = nodes_and_slots("node2\nnode2\nnode1\nnode2\n\nnode1\n");
         assert_eq!(nodes, ["node2", "node1"]);
         assert_eq!(slots, [3, 2]);
+    }
+
+    #[test]
+    fn prologalarm_comes_from_mom_config() {
+        assert_eq!(prologalarm("$pbsserver head\n$prologalarm 45\n$logevent 255\n"), Some(45));
+        assert_eq!(prologalarm("$pbsserver head\n"), None);
+        assert_eq!(prologalarm("$prologalarm soon\n"), None);
     }
 }
