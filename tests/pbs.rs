@@ -5,7 +5,16 @@
 //! left on any node afterwards.
 
 use berth_e2e::{cluster, stdout_ok, Cluster};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
+
+/// Every test shares the cluster's moms; the one that shortens their `$prologalarm`
+/// holds this for writing, so it runs alone.
+static MOMS: RwLock<()> = RwLock::new(());
+
+fn shared_moms() -> RwLockReadGuard<'static, ()> {
+    MOMS.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 const IMAGE: &str = "registry:5000/mpi:latest";
 const QSUB: &str = "/opt/torque/bin/qsub";
@@ -127,6 +136,7 @@ fn ranks(stdout: &str) -> Vec<String> {
 
 #[test]
 fn qsub_container_one_node_runs_mpirun_in_the_image() {
+    let _moms = shared_moms();
     let script = format!("{MPIRUN}echo \"in $(pwd) from $PBS_O_WORKDIR\"\n");
     let job = Job::submit("one", &format!("nodes=1:ppn=2,other=container={IMAGE}"), &script);
     let (out, err) = job.finish();
@@ -143,6 +153,7 @@ fn qsub_container_one_node_runs_mpirun_in_the_image() {
 
 #[test]
 fn qsub_container_two_nodes_runs_ranks_on_both() {
+    let _moms = shared_moms();
     let script = format!("{MPIRUN}cat $PBS_NODEFILE | sed 's/^/nodefile /'\n");
     let job = Job::submit("two", &format!("nodes=2:ppn=2,other=container={IMAGE}"), &script);
     let (out, err) = job.finish();
@@ -158,6 +169,7 @@ fn qsub_container_two_nodes_runs_ranks_on_both() {
 
 #[test]
 fn qsub_bad_image_fails_with_one_line() {
+    let _moms = shared_moms();
     // Two nodes: the sister's prologue.parallel fails too, and its epilogue.parallel
     // must clean up there.
     let job = Job::submit("bad", "nodes=2:ppn=1,other=container=registry:5000/no-such-image:1", "#!/bin/bash\necho ran\n");
@@ -173,6 +185,7 @@ fn qsub_bad_image_fails_with_one_line() {
 
 #[test]
 fn qsub_without_container_runs_natively_as_the_user() {
+    let _moms = shared_moms();
     let script = "#!/bin/bash\nid -un\ntest -d /opt/berth-test && echo in-image || echo on-host\ntest -e /run/berth/$PBS_JOBID && echo container-made; true\n";
     let job = Job::submit("native", "nodes=1:ppn=1", script);
     let (out, err) = job.finish();
@@ -184,6 +197,7 @@ fn qsub_without_container_runs_natively_as_the_user() {
 
 #[test]
 fn qdel_mid_run_leaves_nothing() {
+    let _moms = shared_moms();
     let script = "#!/bin/bash\necho started\nexec -a berth-e2e-$PBS_JOBID sleep 600\n";
     let job = Job::submit("qdel", &format!("nodes=2:ppn=1,other=container={IMAGE}"), script);
     job.wait_for("R", Duration::from_secs(300));
@@ -219,6 +233,7 @@ fn rank_nodes(stdout: &str, want: usize) -> Vec<(usize, String)> {
 
 #[test]
 fn qsub_four_nodes_runs_openmpi_and_mpich_on_every_node() {
+    let _moms = shared_moms();
     // Every rank and every ssh hop between sisters (Open MPI's tree spawn, and the
     // explicit hop below) must land in the job's containers.
     let script = "#!/bin/bash\n\
@@ -247,6 +262,7 @@ fn qsub_four_nodes_runs_openmpi_and_mpich_on_every_node() {
 
 #[test]
 fn two_jobs_share_nodes_at_once() {
+    let _moms = shared_moms();
     // Each job waits (bounded) for the other to be running, so both hold the same
     // four nodes together; their wirings (ports, keys, hostfiles) must not meet.
     let tag = format!("pbs-e2e-{}-together", std::process::id());
@@ -275,6 +291,7 @@ fn two_jobs_share_nodes_at_once() {
 
 #[test]
 fn qsub_container_options_reach_every_node() {
+    let _moms = shared_moms();
     let cluster = torque();
     let data = format!("pbs-e2e-{}-data", std::process::id());
     stdout_ok(&cluster.run(&format!("rm -rf ~/{data} && mkdir ~/{data} && echo in-data > ~/{data}/f && echo marker > ~/{data}-home")));
@@ -299,6 +316,7 @@ fn qsub_container_options_reach_every_node() {
 
 #[test]
 fn qsub_bad_option_fails_with_one_line() {
+    let _moms = shared_moms();
     let job = Job::submit("badopt", &format!("nodes=2:ppn=1,other=container={IMAGE};container-mounts=data"), "#!/bin/bash\necho ran\n");
     let (out, err) = job.finish();
     assert!(!out.contains("ran"), "the script ran: {out}");
@@ -306,6 +324,68 @@ fn qsub_bad_option_fails_with_one_line() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
     assert!(lines[0].ends_with("container-mounts=data: expected SRC[:DST][:ro] with absolute paths"), "{err}");
+    assert_eq!(job.exit_status(), Some(1));
+    job.assert_gone();
+}
+
+/// `$prologalarm` on every mom for as long as it lives, then Torque's test value again.
+struct PrologAlarm<'a> {
+    cluster: &'a Cluster,
+}
+
+impl<'a> PrologAlarm<'a> {
+    fn set(cluster: &'a Cluster, seconds: u32) -> PrologAlarm<'a> {
+        let alarm = PrologAlarm { cluster };
+        alarm.apply(seconds);
+        alarm
+    }
+
+    /// Edits mom_priv/config and sends pbs_mom SIGHUP (its pid from mom.lock), which
+    /// makes it read the file again.
+    fn apply(&self, seconds: u32) {
+        for node in self.cluster.nodes() {
+            stdout_ok(&self.cluster.on_node(
+                &node,
+                &format!(
+                    "sed -i 's/^\\$prologalarm .*/$prologalarm {seconds}/' /var/spool/torque/mom_priv/config && \
+                     grep -qx '.prologalarm {seconds}' /var/spool/torque/mom_priv/config && \
+                     kill -HUP $(cat /var/spool/torque/mom_priv/mom.lock)"
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+impl Drop for PrologAlarm<'_> {
+    fn drop(&mut self) {
+        self.apply(300);
+    }
+}
+
+#[test]
+fn slow_pull_fails_the_job_within_prologalarm_and_leaves_nothing() {
+    let _moms = MOMS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cluster = torque();
+    // A registry that takes connections and never answers (it ends itself in 90 s).
+    let port = 6000 + std::process::id() % 1000;
+    let pidfile = format!("pbs-e2e-{}-hang.pid", std::process::id());
+    let hang = format!(
+        "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\ns.listen(16)\ns.settimeout(1)\nheld = []\nend = time.time() + 90\n\
+         while time.time() < end:\n    try:\n        held.append(s.accept()[0])\n    except OSError:\n        pass\n"
+    );
+    stdout_ok(&cluster.run(&format!("nohup timeout 95 python3 -c {} >/dev/null 2>&1 & echo $! > {pidfile}", quote(&hang))));
+    let alarm = PrologAlarm::set(&cluster, 8);
+    let job = Job::submit("alarm", &format!("nodes=2:ppn=1,other=container=head:{port}/slow:1"), "#!/bin/bash\necho ran\n");
+    let (out, err) = job.finish();
+    drop(alarm);
+    let _ = cluster.run(&format!("kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}"));
+    assert!(!out.contains("ran"), "the script ran: {out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
+    assert!(lines[0].contains("not done in the prologue's share of $prologalarm (8 s in mom_priv/config"), "{err}");
     assert_eq!(job.exit_status(), Some(1));
     job.assert_gone();
 }
