@@ -163,3 +163,23 @@ fn become_job_user() -> Result<(), StarterError> {
     let uid: Uid = user.uid;
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| fail("setresuid", e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_names_take_the_images_values_when_it_has_them() {
+        let root = std::env::temp_dir().join(format!("berth-pbs-starter-{}", std::process::id()));
+        let config = Config { runtime_dir: root.clone(), ..Config::default() };
+        let dir = root.join("7.head").join("node");
+        std::fs::create_dir_all(&dir).unwrap();
+        let image: Vec<env::Var> = vec![("HOME".into(), "/opt/app".into()), ("PATH".into(), "/opt/app/bin".into())];
+        std::fs::write(dir.join("env"), env::encode(&image)).unwrap();
+        assert!(image_values(&config, "7.head", &dir).is_empty(), "no names listed");
+        std::fs::write(root.join("7.head").join("container-env"), "HOME\nOMPI_MCA_x\n").unwrap();
+        let got = image_values(&config, "7.head", &dir);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(got, vec![("HOME".into(), "/opt/app".into())]);
+    }
+}
