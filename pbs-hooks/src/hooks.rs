@@ -13,6 +13,11 @@
 //! - `epilogue`, `epilogue.parallel`: `berth container destroy`, idempotent, so it
 //!   also cleans up after a prologue that failed or never ran.
 //!
+//! Every prologue first removes what an earlier attempt of the same job left (pbs_mom
+//! runs no epilogue after an aborted start), and gives `berth container create` only
+//! its share of `$prologalarm` ([`Budget`]), so that a slow pull fails the job with a
+//! line instead of getting it requeued by pbs_mom.
+//!
 //! Exit codes, from Torque 6.1.3 (src/resmom/start_exec.c, `run_prologue_scripts`): a
 //! prologue exiting 1 aborts the job (JOB_EXEC_FAIL2), any other non-zero status
 //! requeues it (JOB_EXEC_RETRY_PROLOGUE). An aborted job's error file is never
