@@ -297,9 +297,12 @@ fn qsub_container_options_reach_every_node() {
     stdout_ok(&cluster.run(&format!("rm -rf ~/{data} && mkdir ~/{data} && echo in-data > ~/{data}/f && echo marker > ~/{data}-home")));
     let home = stdout_ok(&cluster.run("echo $HOME")).trim().to_string();
     let options = format!(
-        "nodes=2:ppn=1,other=container={IMAGE};container-mounts={home}/{data}:/data:ro;container-workdir=/data;no-container-mount-home;container-pull=always"
+        "nodes=2:ppn=1,other=container={IMAGE};container-mounts={home}/{data}:/data:ro;container-workdir=/data;no-container-mount-home;container-pull=always;container-readonly"
     );
-    let check = format!("cat /data/f; touch /data/x 2>/dev/null || echo ro; test -e {home}/{data}-home && echo home || echo no-home");
+    let check = format!(
+        "cat /data/f; touch /data/x 2>/dev/null || echo ro; test -e {home}/{data}-home && echo home || echo no-home; \
+         grep -Eq \"^[0-9]+ [0-9]+ [0-9:]+ [^ ]+ / ro[, ]\" /proc/self/mountinfo && echo root-ro || echo root-rw"
+    );
     let script = format!(
         "#!/bin/bash\necho \"first $(pwd) $(({check}) | tr '\\n' ' ')\"\n\
          sister=$(sort -u $PBS_NODEFILE | grep -vx $(hostname))\n\
@@ -308,8 +311,8 @@ fn qsub_container_options_reach_every_node() {
     let job = Job::submit("options", &options, &script);
     let (out, err) = job.finish();
     let _ = cluster.run(&format!("rm -rf ~/{data} ~/{data}-home"));
-    assert!(out.contains("first /data in-data ro no-home \n"), "stdout: {out} stderr: {err}");
-    assert!(out.contains("sister in-data ro no-home \n"), "stdout: {out} stderr: {err}");
+    assert!(out.contains("first /data in-data ro no-home root-ro \n"), "stdout: {out} stderr: {err}");
+    assert!(out.contains("sister in-data ro no-home root-ro \n"), "stdout: {out} stderr: {err}");
     assert_eq!(job.exit_status(), Some(0), "{err}");
     job.assert_gone();
 }

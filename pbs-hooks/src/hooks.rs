@@ -215,6 +215,9 @@ pub fn prologue(config: &Config, pelog: &Pelog, role: Role, start: Instant) -> R
     if request.no_home {
         create.push("--no-home".into());
     }
+    if request.readonly {
+        create.push("--readonly".into());
+    }
     let nodes = nodes.join(",");
     let slots = slots.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let mut wire = vec!["container", "wire", "--job", &pelog.job, "--nodes", &nodes, "--slots", &slots];

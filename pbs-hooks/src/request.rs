@@ -36,8 +36,6 @@ pub enum RequestError {
     BadValue { option: &'static str, value: String, why: &'static str },
     #[error("container-per-rank does not apply under Torque: your MPI starts the ranks over ssh in the one container of each node; drop it")]
     PerRank,
-    #[error("container-readonly is not available under Torque yet: the MPI wiring adds your user and its ssh to the container's root file system; drop it")]
-    Readonly,
 }
 
 const IMAGE: &str = "container";
@@ -107,6 +105,7 @@ pub struct Request {
     pub env: Vec<String>,
     pub no_home: bool,
     pub pull: Pull,
+    pub readonly: bool,
 }
 
 impl Request {
@@ -148,9 +147,7 @@ impl Request {
             let bad = |why| RequestError::BadValue { option, value: value.unwrap_or("").to_string(), why };
             match (option, value) {
                 (NO_HOME, None) => request.no_home = true,
-                // The wiring writes /etc/passwd, /etc/group and /.berth/wiring in the
-                // root after create; a read-only root refuses them (EROFS).
-                (READONLY, None) => return Err(RequestError::Readonly),
+                (READONLY, None) => request.readonly = true,
                 (PER_RANK, None) => return Err(RequestError::PerRank),
                 (NO_HOME | READONLY | PER_RANK, Some(_)) => return Err(bad("a flag takes no value")),
                 (_, None) => return Err(bad("needs a value")),
@@ -294,14 +291,15 @@ mod tests {
             env: vec!["PATH".into(), "LANG".into()],
             no_home: true,
             pull: Pull::Always,
+            readonly: true,
         };
-        let semicolons = "nodes=2,other=container=mpi:latest;container-mounts=/scratch:/data:ro;container-mounts=/tmp/x;container-workdir=/data;container-env=PATH;container-env=LANG;no-container-mount-home;container-pull=always,walltime=00:10:00";
+        let semicolons = "nodes=2,other=container=mpi:latest;container-mounts=/scratch:/data:ro;container-mounts=/tmp/x;container-workdir=/data;container-env=PATH;container-env=LANG;no-container-mount-home;container-pull=always;container-readonly,walltime=00:10:00";
         assert_eq!(parse(semicolons).unwrap().unwrap(), want);
         // `other="..."` with commas and spaces: Torque passes the commas unescaped.
-        let commas = "nodes=2,other=container-image=mpi:latest container-mounts=/scratch:/data:ro,/tmp/x,container-workdir=/data,container-env=PATH,LANG,no-container-mount-home,container-pull=always,walltime=00:10:00";
+        let commas = "nodes=2,other=container-image=mpi:latest container-mounts=/scratch:/data:ro,/tmp/x,container-workdir=/data,container-env=PATH,LANG,no-container-mount-home,container-pull=always,container-readonly,walltime=00:10:00";
         assert_eq!(parse(commas).unwrap().unwrap(), want);
         let plain = parse("other=container=mpi:latest").unwrap().unwrap();
-        assert_eq!((plain.pull, plain.no_home, plain.mounts.len()), (Pull::Missing, false, 0));
+        assert_eq!((plain.pull, plain.no_home, plain.readonly, plain.mounts.len()), (Pull::Missing, false, false, 0));
     }
 
     #[test]
@@ -315,7 +313,6 @@ mod tests {
         assert!(err("other=container=a;container-readonly=yes").contains("takes no value"));
         assert!(err("other=container=a;container-workdir").contains("needs a value"));
         assert_eq!(parse("other=container=a;container-per-rank").unwrap_err(), RequestError::PerRank);
-        assert_eq!(parse("other=container=a;container-readonly").unwrap_err(), RequestError::Readonly);
         assert!(err("other=container-mounts=/x").contains("add container=IMAGE"));
     }
 }
