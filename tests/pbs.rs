@@ -5,7 +5,16 @@
 //! left on any node afterwards.
 
 use berth_e2e::{cluster, stdout_ok, Cluster};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
+
+/// Every test shares the cluster's moms; the one that shortens their `$prologalarm`
+/// holds this for writing, so it runs alone.
+static MOMS: RwLock<()> = RwLock::new(());
+
+fn shared_moms() -> RwLockReadGuard<'static, ()> {
+    MOMS.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 const IMAGE: &str = "registry:5000/mpi:latest";
 const QSUB: &str = "/opt/torque/bin/qsub";
@@ -20,6 +29,8 @@ struct Job {
 
 fn torque() -> Cluster {
     let cluster = cluster();
+    let nodes = cluster.nodes().len();
+    assert!(nodes >= 4, "the Torque tests need 4 compute hosts, the cluster has {nodes}: run `slurm-test-env/up 4`, then `slurm-test-env/torque-up`");
     let out = cluster.run(&format!("{QSTAT} -B"));
     assert!(
         out.status.success(),
@@ -125,6 +136,7 @@ fn ranks(stdout: &str) -> Vec<String> {
 
 #[test]
 fn qsub_container_one_node_runs_mpirun_in_the_image() {
+    let _moms = shared_moms();
     let script = format!("{MPIRUN}echo \"in $(pwd) from $PBS_O_WORKDIR\"\n");
     let job = Job::submit("one", &format!("nodes=1:ppn=2,other=container={IMAGE}"), &script);
     let (out, err) = job.finish();
@@ -141,6 +153,7 @@ fn qsub_container_one_node_runs_mpirun_in_the_image() {
 
 #[test]
 fn qsub_container_two_nodes_runs_ranks_on_both() {
+    let _moms = shared_moms();
     let script = format!("{MPIRUN}cat $PBS_NODEFILE | sed 's/^/nodefile /'\n");
     let job = Job::submit("two", &format!("nodes=2:ppn=2,other=container={IMAGE}"), &script);
     let (out, err) = job.finish();
@@ -156,6 +169,7 @@ fn qsub_container_two_nodes_runs_ranks_on_both() {
 
 #[test]
 fn qsub_bad_image_fails_with_one_line() {
+    let _moms = shared_moms();
     // Two nodes: the sister's prologue.parallel fails too, and its epilogue.parallel
     // must clean up there.
     let job = Job::submit("bad", "nodes=2:ppn=1,other=container=registry:5000/no-such-image:1", "#!/bin/bash\necho ran\n");
@@ -171,6 +185,7 @@ fn qsub_bad_image_fails_with_one_line() {
 
 #[test]
 fn qsub_without_container_runs_natively_as_the_user() {
+    let _moms = shared_moms();
     let script = "#!/bin/bash\nid -un\ntest -d /opt/berth-test && echo in-image || echo on-host\ntest -e /run/berth/$PBS_JOBID && echo container-made; true\n";
     let job = Job::submit("native", "nodes=1:ppn=1", script);
     let (out, err) = job.finish();
@@ -182,6 +197,7 @@ fn qsub_without_container_runs_natively_as_the_user() {
 
 #[test]
 fn qdel_mid_run_leaves_nothing() {
+    let _moms = shared_moms();
     let script = "#!/bin/bash\necho started\nexec -a berth-e2e-$PBS_JOBID sleep 600\n";
     let job = Job::submit("qdel", &format!("nodes=2:ppn=1,other=container={IMAGE}"), script);
     job.wait_for("R", Duration::from_secs(300));
@@ -199,5 +215,180 @@ fn qdel_mid_run_leaves_nothing() {
     }
     stdout_ok(&job.cluster.run(&format!("/opt/torque/bin/qdel {}", job.id)));
     job.wait_for("C", Duration::from_secs(120));
+    job.assert_gone();
+}
+
+/// Ranks' lines as (rank, node); asserts each is in the image.
+fn rank_nodes(stdout: &str, want: usize) -> Vec<(usize, String)> {
+    let mut out: Vec<(usize, String)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 7 && w[0] == "rank" && w[6] == "os=debian" && w[3] == want.to_string()).then(|| (w[1].parse().unwrap_or(usize::MAX), w[5].to_string()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn qsub_four_nodes_runs_openmpi_and_mpich_on_every_node() {
+    let _moms = shared_moms();
+    // Every rank and every ssh hop between sisters (Open MPI's tree spawn, and the
+    // explicit hop below) must land in the job's containers.
+    let script = "#!/bin/bash\n\
+        mpirun -hostfile $PBS_NODEFILE /opt/berth-test/bin/hello-openmpi | sed 's/^/ompi /'\n\
+        mpiexec.mpich -f $PBS_NODEFILE -n 8 /opt/berth-test/bin/hello-mpich | sed 's/^/mpich /'\n\
+        nodes=($(sort -u $PBS_NODEFILE)); here=$(hostname)\n\
+        others=(); for n in \"${nodes[@]}\"; do [ $n = $here ] || others+=($n); done\n\
+        echo \"hop $(ssh ${others[0]} ssh ${others[1]} hostname) to ${others[1]}\"\n";
+    let job = Job::submit("four", &format!("nodes=4:ppn=2,other=container={IMAGE}"), script);
+    let (out, err) = job.finish();
+    for mpi in ["ompi", "mpich"] {
+        let lines: String = out.lines().filter_map(|l| l.strip_prefix(&format!("{mpi} "))).map(|l| format!("{l}\n")).collect();
+        let ranks = rank_nodes(&lines, 8);
+        assert_eq!(ranks.iter().map(|r| r.0).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>(), "{mpi}: stdout: {out} stderr: {err}");
+        let mut nodes: Vec<&str> = ranks.iter().map(|r| r.1.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        assert_eq!(nodes.len(), 4, "{mpi} ranks on {nodes:?}: {out}");
+    }
+    let hop = out.lines().find_map(|l| l.strip_prefix("hop ")).unwrap_or_default();
+    let words: Vec<&str> = hop.split_whitespace().collect();
+    assert!(words.len() == 3 && words[0] == words[2], "sister to sister ssh: '{hop}' stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn two_jobs_share_nodes_at_once() {
+    let _moms = shared_moms();
+    // Each job waits (bounded) for the other to be running, so both hold the same
+    // four nodes together; their wirings (ports, keys, hostfiles) must not meet.
+    let tag = format!("pbs-e2e-{}-together", std::process::id());
+    let script = |me: &str, other: &str| {
+        format!(
+            "#!/bin/bash\ntouch ~/{tag}-{me}\nfor i in $(seq 300); do test -e ~/{tag}-{other} && break; sleep 0.2; done\n\
+             test -e ~/{tag}-{other} && echo together\n{MPIRUN}"
+        )
+    };
+    let a = Job::submit("share-a", &format!("nodes=4:ppn=2,other=container={IMAGE}"), &script("a", "b"));
+    let b = Job::submit("share-b", &format!("nodes=4:ppn=2,other=container={IMAGE}"), &script("b", "a"));
+    let results = [a.finish(), b.finish()];
+    let _ = a.cluster.run(&format!("rm -f ~/{tag}-a ~/{tag}-b"));
+    for (job, (out, err)) in [&a, &b].into_iter().zip(results) {
+        assert!(out.starts_with("together\n"), "job {} never ran beside the other: {out} {err}", job.id);
+        let ranks = rank_nodes(&out, 8);
+        let mut nodes: Vec<&str> = ranks.iter().map(|r| r.1.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        assert_eq!((ranks.len(), nodes.len()), (8, 4), "job {}: stdout: {out} stderr: {err}", job.id);
+        assert_eq!(job.exit_status(), Some(0), "{err}");
+    }
+    a.assert_gone();
+    b.assert_gone();
+}
+
+#[test]
+fn qsub_container_options_reach_every_node() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let data = format!("pbs-e2e-{}-data", std::process::id());
+    stdout_ok(&cluster.run(&format!("rm -rf ~/{data} && mkdir ~/{data} && echo in-data > ~/{data}/f && echo marker > ~/{data}-home")));
+    let home = stdout_ok(&cluster.run("echo $HOME")).trim().to_string();
+    let options = format!(
+        "nodes=2:ppn=1,other=container={IMAGE};container-mounts={home}/{data}:/data:ro;container-workdir=/data;no-container-mount-home;container-pull=always;container-readonly"
+    );
+    let check = format!(
+        "cat /data/f; touch /data/x 2>/dev/null || echo ro; test -e {home}/{data}-home && echo home || echo no-home; \
+         grep -Eq \"^[0-9]+ [0-9]+ [0-9:]+ [^ ]+ / ro[, ]\" /proc/self/mountinfo && echo root-ro || echo root-rw"
+    );
+    let script = format!(
+        "#!/bin/bash\necho \"first $(pwd) $(({check}) | tr '\\n' ' ')\"\n\
+         sister=$(sort -u $PBS_NODEFILE | grep -vx $(hostname))\n\
+         echo \"sister $(ssh $sister '{check}' | tr '\\n' ' ')\"\n"
+    );
+    let job = Job::submit("options", &options, &script);
+    let (out, err) = job.finish();
+    let _ = cluster.run(&format!("rm -rf ~/{data} ~/{data}-home"));
+    assert!(out.contains("first /data in-data ro no-home root-ro \n"), "stdout: {out} stderr: {err}");
+    assert!(out.contains("sister in-data ro no-home root-ro \n"), "stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn qsub_bad_option_fails_with_one_line() {
+    let _moms = shared_moms();
+    let job = Job::submit("badopt", &format!("nodes=2:ppn=1,other=container={IMAGE};container-mounts=data"), "#!/bin/bash\necho ran\n");
+    let (out, err) = job.finish();
+    assert!(!out.contains("ran"), "the script ran: {out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
+    assert!(lines[0].ends_with("container-mounts=data: expected SRC[:DST][:ro] with absolute paths"), "{err}");
+    assert_eq!(job.exit_status(), Some(1));
+    job.assert_gone();
+}
+
+/// `$prologalarm` on every mom for as long as it lives, then Torque's test value again.
+struct PrologAlarm<'a> {
+    cluster: &'a Cluster,
+}
+
+impl<'a> PrologAlarm<'a> {
+    fn set(cluster: &'a Cluster, seconds: u32) -> PrologAlarm<'a> {
+        let alarm = PrologAlarm { cluster };
+        alarm.apply(seconds);
+        alarm
+    }
+
+    /// Edits mom_priv/config and sends pbs_mom SIGHUP (its pid from mom.lock), which
+    /// makes it read the file again.
+    fn apply(&self, seconds: u32) {
+        for node in self.cluster.nodes() {
+            stdout_ok(&self.cluster.on_node(
+                &node,
+                &format!(
+                    "sed -i 's/^\\$prologalarm .*/$prologalarm {seconds}/' /var/spool/torque/mom_priv/config && \
+                     grep -qx '.prologalarm {seconds}' /var/spool/torque/mom_priv/config && \
+                     kill -HUP $(cat /var/spool/torque/mom_priv/mom.lock)"
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+impl Drop for PrologAlarm<'_> {
+    fn drop(&mut self) {
+        self.apply(300);
+    }
+}
+
+#[test]
+fn slow_pull_fails_the_job_within_prologalarm_and_leaves_nothing() {
+    let _moms = MOMS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cluster = torque();
+    // A registry that takes connections and never answers (it ends itself in 90 s).
+    let port = 6000 + std::process::id() % 1000;
+    let pidfile = format!("pbs-e2e-{}-hang.pid", std::process::id());
+    let hang = format!(
+        "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\ns.listen(16)\ns.settimeout(1)\nheld = []\nend = time.time() + 90\n\
+         while time.time() < end:\n    try:\n        held.append(s.accept()[0])\n    except OSError:\n        pass\n"
+    );
+    stdout_ok(&cluster.run(&format!("nohup timeout 95 python3 -c {} >/dev/null 2>&1 & echo $! > {pidfile}", quote(&hang))));
+    let alarm = PrologAlarm::set(&cluster, 8);
+    let job = Job::submit("alarm", &format!("nodes=2:ppn=1,other=container=head:{port}/slow:1"), "#!/bin/bash\necho ran\n");
+    let (out, err) = job.finish();
+    drop(alarm);
+    let _ = cluster.run(&format!("kill $(cat {pidfile}) 2>/dev/null; rm -f {pidfile}"));
+    assert!(!out.contains("ran"), "the script ran: {out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)), "{err}");
+    assert!(lines[0].contains("not done in the prologue's share of $prologalarm (8 s in mom_priv/config"), "{err}");
+    assert_eq!(job.exit_status(), Some(1));
     job.assert_gone();
 }

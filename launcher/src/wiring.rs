@@ -22,10 +22,14 @@ pub struct WireArgs {
     /// Slots per node, in the same order (default: 1 each).
     #[arg(long, value_delimiter = ',')]
     slots: Vec<u32>,
+    /// `--nodes` may lack some of the job's nodes: route any other host name to the
+    /// job's port too (Torque's sisters, which know only the first node and themselves).
+    #[arg(long)]
+    unlisted_nodes: bool,
 }
 
 pub fn wire(config: &Config, args: WireArgs) -> ExitCode {
-    let request = Request { job: args.job, name: args.name, nodes: args.nodes, slots: args.slots };
+    let request = Request { job: args.job, name: args.name, nodes: args.nodes, slots: args.slots, unlisted_nodes: args.unlisted_nodes };
     match wiring::wire(config, &request) {
         Ok(wired) => {
             println!("{}", serde_json::to_string(&wired).unwrap_or_default());

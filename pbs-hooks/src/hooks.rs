@@ -4,10 +4,19 @@
 //! - `prologue` (mother superior): `berth container create`, then `berth container
 //!   wire` with the job's nodes and slots from `$PBS_NODEFILE`.
 //! - `prologue.parallel` (each sister): the same, with the nodes it knows of
-//!   (`$PBS_MSHOST` and itself; Torque gives sisters no nodefile, prolog.c
-//!   `setup_pelog_environment` sets it only where MOM_HAS_NODEFILE).
+//!   (`$PBS_MSHOST` and itself) and `--unlisted-nodes`, so that ssh reaches the job's
+//!   other nodes by name too. A sister cannot know them: Torque gives it no nodefile
+//!   (prolog.c `setup_pelog_environment` sets it only where MOM_HAS_NODEFILE) and runs
+//!   prologue.parallel before it saves the job file holding exec_host
+//!   (`im_join_job_as_sister`, src/resmom/mom_comm.c). The node's /etc/hosts and
+//!   /etc/resolv.conf are bound into every container so those names resolve.
 //! - `epilogue`, `epilogue.parallel`: `berth container destroy`, idempotent, so it
 //!   also cleans up after a prologue that failed or never ran.
+//!
+//! Every prologue first removes what an earlier attempt of the same job left (pbs_mom
+//! runs no epilogue after an aborted start), and gives `berth container create` only
+//! its share of `$prologalarm` ([`Budget`]), so that a slow pull fails the job with a
+//! line instead of getting it requeued by pbs_mom.
 //!
 //! Exit codes, from Torque 6.1.3 (src/resmom/start_exec.c, `run_prologue_scripts`): a
 //! prologue exiting 1 aborts the job (JOB_EXEC_FAIL2), any other non-zero status
@@ -18,10 +27,12 @@
 //! into the job's error file and fails the job; the epilogue's destroy removes it.
 //! Only a failure to record exits 1. Never holds container logic of its own.
 
-use crate::request::{Pelog, RequestError};
+use crate::request::{Pelog, Request, RequestError};
+use berth_engine::container::UserMount;
 use berth_engine::config::{Config, ConfigError};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -35,6 +46,10 @@ pub enum HookError {
     Nodefile { path: String, source: std::io::Error },
     #[error("{action}: {why}")]
     Berth { action: &'static str, why: String },
+    #[error("cannot write {path}: {source}")]
+    Record { path: String, source: std::io::Error },
+    #[error("{action}: not done in the prologue's share of $prologalarm ({seconds} s in mom_priv/config; a first pull of a large image takes longest): ask the admin to raise it, or try again once the image is on the nodes")]
+    Timeout { action: &'static str, seconds: u64 },
 }
 
 /// How the job's nodes are known on this node.
@@ -45,18 +60,80 @@ pub enum Role {
 
 /// Runs `berth ARGS`; its last stderr line (without the `berth: ` prefix) on failure.
 fn berth(config: &Config, action: &'static str, args: &[&str]) -> Result<String, HookError> {
+    berth_within(config, action, args, None)
+}
+
+/// `berth`, killed when it is still running at `deadline`.
+fn berth_within(config: &Config, action: &'static str, args: &[&str], deadline: Option<Budget>) -> Result<String, HookError> {
+    use std::io::Read;
     let binary = config.berth_binary.display().to_string();
-    let out = Command::new(&config.berth_binary)
+    let mut child = Command::new(&config.berth_binary)
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|source| HookError::Spawn { binary: binary.clone(), source })?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    // berth prints one line either way, far less than a pipe holds: poll, then read.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(source) => return Err(HookError::Spawn { binary, source }),
+        }
+        if let Some(budget) = &deadline {
+            if budget.until <= Instant::now() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HookError::Timeout { action, seconds: budget.alarm });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child.stdout.take().map(|mut o| o.read_to_string(&mut stdout));
+    child.stderr.take().map(|mut e| e.read_to_string(&mut stderr));
+    if status.success() {
+        return Ok(stdout);
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
     let why = line.strip_prefix("berth: ").unwrap_or(line).to_string();
-    Err(HookError::Berth { action, why: format!("{why} ({binary} exited with {})", out.status) })
+    Err(HookError::Berth { action, why: format!("{why} ({binary} exited with {status})") })
+}
+
+/// Torque's default `$prologalarm` (PBS_PROLOG_TIME, src/include/mom_config.h).
+const DEFAULT_PROLOGALARM: u64 = 300;
+
+/// How long the prologue's own work may take.
+struct Budget {
+    until: Instant,
+    /// `$prologalarm`, for the message.
+    alarm: u64,
+}
+
+impl Budget {
+    /// pbs_mom SIGKILLs a prologue's whole session 10 s before `$prologalarm` when it
+    /// is over 10 s, at it otherwise (`get_child_exit_status`, src/resmom/prolog.c).
+    /// Besides, the mother superior requeues a job still starting after `$prologalarm`
+    /// (`TMOMScanForStarting`, src/resmom/mom_main.c), and that time holds the sisters'
+    /// prologue.parallel and then its own prologue, one after the other. Either way the
+    /// job is requeued with whatever the prologue left. So each prologue takes half,
+    /// less a margin to remove the half-made container and record why.
+    fn from_mom_config(start: Instant) -> Budget {
+        // pbs_mom runs prologues in mom_priv, where its config is.
+        let alarm = std::fs::read_to_string("config").ok().and_then(|text| prologalarm(&text)).unwrap_or(DEFAULT_PROLOGALARM);
+        let killed_at = if alarm > 10 { alarm - 10 } else { alarm };
+        let half_ms = killed_at * 500;
+        let ours = if half_ms > 12_000 { half_ms - 3_000 } else { half_ms * 3 / 4 };
+        Budget { until: start + Duration::from_millis(ours), alarm }
+    }
+}
+
+/// `$prologalarm N` from mom_priv/config's text.
+fn prologalarm(config: &str) -> Option<u64> {
+    config.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("$prologalarm")).then(|| words.next()?.parse().ok()).flatten()
+    })
 }
 
 /// Nodes in nodefile order, each with the number of its lines (its slots).
@@ -101,27 +178,81 @@ fn job_nodes(role: &Role) -> Result<(Vec<String>, Vec<u32>), HookError> {
     }
 }
 
+/// The node's name service files, bound read-only into every container so that the
+/// job's node names resolve inside as on the node (a sister's wiring knows only some of
+/// them by address; MPICH's proxies call back by name). A user's mount of the same
+/// path wins.
+const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
+
 /// prologue / prologue.parallel: the job's container on this node, wired for MPI.
-/// Returns the image, or None for a job that asked for none.
-pub fn prologue(config: &Config, pelog: &Pelog, role: Role) -> Result<Option<String>, HookError> {
-    let Some(image) = pelog.image()? else { return Ok(None) };
+/// Returns the request, or None for a job that asked for no container.
+pub fn prologue(config: &Config, pelog: &Pelog, role: Role, start: Instant) -> Result<Option<Request>, HookError> {
+    // A requeued job's earlier attempt may have left its container or failure line
+    // here (pbs_mom runs no epilogue after an aborted start): start clean.
+    if failure_file(config, &pelog.job).and_then(|f| f.parent().map(Path::exists)).unwrap_or(false) {
+        berth(config, "cannot remove what an earlier attempt of the job left", &["container", "destroy", "--job", &pelog.job])?;
+    }
+    let Some(request) = pelog.request()? else { return Ok(None) };
     let (nodes, slots) = job_nodes(&role)?;
-    let mut create = vec!["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &image];
-    let submit_dir = std::env::var("PBS_O_WORKDIR").ok().filter(|d| Path::new(d).is_dir());
-    if let Some(dir) = &submit_dir {
-        create.extend(["--submit-dir", dir]);
+    let mut create: Vec<String> = ["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &request.image, "--pull", request.pull.as_str()]
+        .map(String::from)
+        .to_vec();
+    if let Some(dir) = std::env::var("PBS_O_WORKDIR").ok().filter(|d| Path::new(d).is_dir()) {
+        create.extend(["--submit-dir".into(), dir]);
+    }
+    for mount in &request.mounts {
+        create.extend(["--mount".into(), mount.clone()]);
+    }
+    let user_targets: Vec<std::path::PathBuf> = request.mounts.iter().filter_map(|m| UserMount::parse(m)).map(|m| m.target).collect();
+    for file in NAME_SERVICE_FILES {
+        if Path::new(file).is_file() && !user_targets.iter().any(|t| t == Path::new(file)) {
+            create.extend(["--mount".into(), format!("{file}:{file}:ro")]);
+        }
+    }
+    if let Some(dir) = &request.workdir {
+        create.extend(["--workdir".into(), dir.clone()]);
+    }
+    if request.no_home {
+        create.push("--no-home".into());
+    }
+    if request.readonly {
+        create.push("--readonly".into());
     }
     let nodes = nodes.join(",");
     let slots = slots.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let made = berth(config, "cannot start the container", &create).and_then(|_| {
-        berth(config, "cannot wire MPI between the job's containers", &["container", "wire", "--job", &pelog.job, "--nodes", &nodes, "--slots", &slots])
-    });
+    let mut wire = vec!["container", "wire", "--job", &pelog.job, "--nodes", &nodes, "--slots", &slots];
+    if matches!(role, Role::Sister) {
+        wire.push("--unlisted-nodes");
+    }
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
+    let budget = Budget::from_mom_config(start);
+    let made = berth_within(config, "cannot start the container", &create, Some(budget))
+        .and_then(|_| record_image_env(config, &pelog.job, &request.env))
+        .and_then(|_| berth(config, "cannot wire MPI between the job's containers", &wire));
     if let Err(e) = made {
-        // create removes what it made when it fails; wiring failed after it: undo both.
+        // create removes what it made when it fails; what failed after it: undo both.
         let _ = berth(config, "cannot remove the container", &["container", "destroy", "--job", &pelog.job]);
         return Err(e);
     }
-    Ok(Some(image))
+    Ok(Some(request))
+}
+
+/// Where the prologue leaves the `container-env` names for the job starter.
+pub fn image_env_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
+    berth_engine::container::check_name("job", job).ok()?;
+    Some(config.runtime_dir.join(job).join("container-env"))
+}
+
+/// Records the names the job takes from the image (one a line) in the job's runtime
+/// dir, which create made and destroy removes.
+fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<String, HookError> {
+    let Some(path) = image_env_file(config, job) else { return Ok(String::new()) };
+    if names.is_empty() {
+        return Ok(String::new());
+    }
+    let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+    std::fs::write(&path, text).map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
+    Ok(String::new())
 }
 
 /// Where a failed prologue leaves its line for the job starter.
@@ -154,5 +285,12 @@ mod tests {
         let (nodes, slots) = nodes_and_slots("node2\nnode2\nnode1\nnode2\n\nnode1\n");
         assert_eq!(nodes, ["node2", "node1"]);
         assert_eq!(slots, [3, 2]);
+    }
+
+    #[test]
+    fn prologalarm_comes_from_mom_config() {
+        assert_eq!(prologalarm("$pbsserver head\n$prologalarm 45\n$logevent 255\n"), Some(45));
+        assert_eq!(prologalarm("$pbsserver head\n"), None);
+        assert_eq!(prologalarm("$prologalarm soon\n"), None);
     }
 }

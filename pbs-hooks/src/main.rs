@@ -16,6 +16,8 @@ use std::process::ExitCode;
 const HOOKS: &[&str] = &["prologue", "prologue.parallel", "epilogue", "epilogue.parallel", "job_starter"];
 
 fn main() -> ExitCode {
+    // pbs_mom's alarm runs from the prologue's start.
+    let start = std::time::Instant::now();
     let mut args: Vec<String> = std::env::args().collect();
     let called = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
     let hook = if HOOKS.contains(&called.as_str()) {
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return fail(e.to_string()),
             };
-            match hooks::prologue(&config, &pelog, role) {
+            match hooks::prologue(&config, &pelog, role, start) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     // pbs_mom already gives this stderr to the job's error file; the

@@ -10,13 +10,15 @@
 //! inside. pbs_mom hands the shell the script's host path on a pipe (stdin,
 //! `[exec ]PATH [ARGS]`, start_exec.c under SHELL_INVOKE); that path does not exist in
 //! the container, so the starter opens the script as the shell's stdin and has the shell
-//! source it from there (qsub -F's ARGS as its arguments). A job whose prologue failed: print the prologue's line
+//! source it from there (qsub -F's ARGS as its arguments). The image's values of the
+//! names listed with `container-env` are passed as `--env`, so they beat the job's. A
+//! job whose prologue failed: print the prologue's line
 //! (the job's error file) and fail. Any other job: become the job user and exec the
 //! shell as pbs_mom would.
 //! Never creates anything; what the prologue did not make does not exist.
 
 use berth_engine::config::{Config, ConfigError};
-use berth_engine::container::{self, ContainerError};
+use berth_engine::container::{self, env, ContainerError};
 use berth_engine::wiring::files;
 use nix::unistd::{Gid, Uid, User};
 use std::os::unix::process::CommandExt;
@@ -74,6 +76,12 @@ pub fn start(config: &Config, args: &[String]) -> StarterError {
     };
     let mut command = Command::new(&config.berth_binary);
     command.args(["container", "exec", "--job", &job]);
+    for (name, value) in image_values(config, &job, &dir) {
+        let mut entry = name;
+        entry.push("=");
+        entry.push(value);
+        command.arg("--env").arg(entry);
+    }
     if dir.join("wiring.json").exists() {
         command.args(["--env", &format!("PBS_NODEFILE={}", files::path("hostfile"))]);
     }
@@ -85,6 +93,15 @@ pub fn start(config: &Config, args: &[String]) -> StarterError {
     command.arg("--").arg(shell).args(shell_args).args(["-c", source, shell]).args(script_args);
     let source = command.exec();
     StarterError::Exec { program: config.berth_binary.display().to_string(), source }
+}
+
+/// The image's values of the names the job listed with `container-env` (recorded by
+/// the prologue), which must win over the job's own.
+fn image_values(config: &Config, job: &str, dir: &std::path::Path) -> Vec<env::Var> {
+    let Some(names) = crate::hooks::image_env_file(config, job).and_then(|f| std::fs::read_to_string(f).ok()) else { return Vec::new() };
+    let image = std::fs::read(dir.join("env")).map(|bytes| env::decode(&bytes)).unwrap_or_default();
+    let names: Vec<&str> = names.lines().collect();
+    image.into_iter().filter(|(name, _)| names.iter().any(|n| name == n)).collect()
 }
 
 /// Reads `[exec ]PATH [ARGS]` from stdin, makes the script at PATH the new stdin and
@@ -145,4 +162,24 @@ fn become_job_user() -> Result<(), StarterError> {
     nix::unistd::setresgid(user.gid, user.gid, user.gid).map_err(|e| fail("setresgid", e))?;
     let uid: Uid = user.uid;
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| fail("setresuid", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_names_take_the_images_values_when_it_has_them() {
+        let root = std::env::temp_dir().join(format!("berth-pbs-starter-{}", std::process::id()));
+        let config = Config { runtime_dir: root.clone(), ..Config::default() };
+        let dir = root.join("7.head").join("node");
+        std::fs::create_dir_all(&dir).unwrap();
+        let image: Vec<env::Var> = vec![("HOME".into(), "/opt/app".into()), ("PATH".into(), "/opt/app/bin".into())];
+        std::fs::write(dir.join("env"), env::encode(&image)).unwrap();
+        assert!(image_values(&config, "7.head", &dir).is_empty(), "no names listed");
+        std::fs::write(root.join("7.head").join("container-env"), "HOME\nOMPI_MCA_x\n").unwrap();
+        let got = image_values(&config, "7.head", &dir);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(got, vec![("HOME".into(), "/opt/app".into())]);
+    }
 }

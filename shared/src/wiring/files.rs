@@ -34,13 +34,15 @@ pub fn hostfile(nodes: &[Node]) -> String {
 /// The ssh client config (read through `ssh -F`, so no other config interferes):
 /// each node name goes to its address and the job's port, checked against the job's
 /// host key, logging in with the job's client key. No `User`: the client's name for its
-/// uid comes from the same image's /etc/passwd as the server's.
-pub fn ssh_config(job: &str, nodes: &[Node], port: u16) -> String {
+/// uid comes from the same image's /etc/passwd as the server's. With `unlisted_nodes`
+/// any other name goes to the job's port too: a host that is not one of the job's
+/// nodes has no sshd with the job's host key there, so the login fails.
+pub fn ssh_config(job: &str, nodes: &[Node], port: u16, unlisted_nodes: bool) -> String {
     let mut out = format!("# berth: MPI wiring of job {job}. Generated; changes are lost.\n");
     for n in nodes {
         out.push_str(&format!("Host {}\n  HostName {}\n", n.name, n.addr));
     }
-    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    let names: Vec<&str> = if unlisted_nodes { vec!["*"] } else { nodes.iter().map(|n| n.name.as_str()).collect() };
     out.push_str(&format!(
         "Host {names}\n  Port {port}\n  HostKeyAlias {alias}\n  UserKnownHostsFile {known}\n  \
          GlobalKnownHostsFile {known}\n  StrictHostKeyChecking yes\n  CheckHostIP no\n  UpdateHostKeys no\n  \
@@ -151,11 +153,14 @@ mod tests {
 
     #[test]
     fn ssh_config_maps_every_node_to_its_address_and_the_jobs_port_and_key() {
-        let text = ssh_config("77", &nodes(), 20077);
+        let text = ssh_config("77", &nodes(), 20077, false);
         assert!(text.contains("Host node2\n  HostName 10.0.0.2\n"), "{text}");
         assert!(text.contains("Host node1 node2\n  Port 20077\n  HostKeyAlias berth-job-77\n"), "{text}");
         assert!(text.contains("StrictHostKeyChecking yes"));
         assert!(text.contains("IdentityFile /.berth/wiring/id_ed25519"));
+        let partial = ssh_config("77", &nodes(), 20077, true);
+        assert!(partial.contains("Host node2\n  HostName 10.0.0.2\n"), "{partial}");
+        assert!(partial.contains("Host *\n  Port 20077\n  HostKeyAlias berth-job-77\n"), "{partial}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The part of wiring that runs in a job's container's mount namespace, in a forked
 //! child of `berth`: adds the job user, group and nodes to the container's
-//! /etc/passwd, /etc/group and /etc/hosts (in its upper dir, through the overlay),
+//! /etc/passwd, /etc/group and /etc/hosts (in its upper dir, through the overlay, also
+//! when the root is read-only; not a read-only /etc/hosts, which is the node's own),
 //! attaches the wiring dir read-only at /.berth/wiring, and starts sshd as the job user
 //! (no capabilities, no_new_privs, in its own session). Every path is resolved inside
 //! the container's root. Must never run anything as root inside the container, nor
@@ -10,6 +11,8 @@ use super::files::{self, Node};
 use crate::container::sys::{self, open_in_root};
 use crate::container::Credentials;
 use nix::errno::Errno;
+use nix::mount::MsFlags;
+use nix::sys::statvfs::FsFlags;
 use nix::fcntl::OFlag;
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -45,6 +48,24 @@ pub struct Inside<'a> {
 /// Runs in the forked child, already in the container's mount namespace: prepares
 /// the container and forks sshd; returns sshd's pid.
 pub fn prepare_and_start(what: &Inside<'_>) -> Result<i32, String> {
+    // A read-only root (`create --readonly`) is a read-only bind remount of the
+    // overlay: lift it for the additions below and put it back before sshd starts, so
+    // the job never sees it writable.
+    let root_flags = nix::sys::statvfs::statvfs("/").map_err(|e| format!("cannot stat the container's root: {e}"))?.flags();
+    let read_only = root_flags.contains(FsFlags::ST_RDONLY);
+    if read_only {
+        remount_root(root_flags, false)?;
+    }
+    let prepared = prepare(what);
+    if read_only {
+        remount_root(root_flags, true)?;
+    }
+    prepared?;
+    start_sshd(what)
+}
+
+/// The job user, group and nodes in the container's files; the wiring dir attached.
+fn prepare(what: &Inside<'_>) -> Result<(), String> {
     let root = open_in_root_dir(Path::new("/")).map_err(|e| format!("cannot open the container's root: {e}"))?;
     let root = root.as_fd();
     let passwd = read(root, "/etc/passwd")?;
@@ -58,13 +79,31 @@ pub fn prepare_and_start(what: &Inside<'_>) -> Result<i32, String> {
     }
     let hosts = read(root, "/etc/hosts")?;
     let lines = files::hosts_lines(&hosts, what.nodes);
-    if !lines.is_empty() {
+    // A read-only /etc/hosts is the node's own, bound in by the adapter (Torque's
+    // hooks): names resolve as on the node, nothing to add.
+    let read_only = matches!(open_in_root(root, Path::new("/etc/hosts"), OFlag::O_WRONLY | OFlag::O_NOFOLLOW, 0), Err(Errno::EROFS));
+    if !lines.is_empty() && !read_only {
         append(root, "/etc/hosts", &lines)?;
     }
     let target = mkdirs(root, files::MOUNT_POINT)?;
     sys::attach_tree(what.tree, target.as_fd())
-        .map_err(|e| format!("cannot mount the wiring dir at {}: {e}", files::MOUNT_POINT))?;
-    start_sshd(what)
+        .map_err(|e| format!("cannot mount the wiring dir at {}: {e}", files::MOUNT_POINT))
+}
+
+/// Remounts the container's root (a bind of its overlay) read-only or writable,
+/// keeping its other per-mount flags.
+fn remount_root(flags: FsFlags, read_only: bool) -> Result<(), String> {
+    let mut ms = MsFlags::MS_REMOUNT | MsFlags::MS_BIND;
+    for (fs, m) in [(FsFlags::ST_NOSUID, MsFlags::MS_NOSUID), (FsFlags::ST_NODEV, MsFlags::MS_NODEV), (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC)] {
+        if flags.contains(fs) {
+            ms |= m;
+        }
+    }
+    if read_only {
+        ms |= MsFlags::MS_RDONLY;
+    }
+    nix::mount::mount(None::<&str>, "/", None::<&str>, ms, None::<&str>)
+        .map_err(|e| format!("cannot make the container's read-only root {} for the wiring: {e}", if read_only { "read-only again" } else { "writable" }))
 }
 
 fn open_in_root_dir(path: &Path) -> nix::Result<OwnedFd> {

@@ -80,6 +80,10 @@ pub struct Request {
     pub nodes: Vec<String>,
     /// One per node; empty means one slot each.
     pub slots: Vec<u32>,
+    /// The list may lack some of the job's nodes (a Torque sister's prologue knows only
+    /// the mother superior and itself): route every other host name to the job's port
+    /// too, resolved by the container's resolver.
+    pub unlisted_nodes: bool,
 }
 
 /// What `wiring.json` records and `berth container wire` prints.
@@ -268,7 +272,7 @@ fn stage(dir: &Path, request: &Request, nodes: &[Node], keys: &secrets::JobSecre
     std::fs::create_dir(&bin).map_err(io("create", &bin))?;
     write_file(&bin.join("ssh"), &files::ssh_wrapper(&loader), 0o755)?;
     write_file(&dir.join("hostfile"), &files::hostfile(nodes), 0o644)?;
-    write_file(&dir.join("ssh_config"), &files::ssh_config(&request.job, nodes, keys.port), 0o644)?;
+    write_file(&dir.join("ssh_config"), &files::ssh_config(&request.job, nodes, keys.port, request.unlisted_nodes), 0o644)?;
     write_file(&dir.join("known_hosts"), &files::known_hosts(&request.job, &keys.host_public), 0o644)?;
     write_file(&dir.join("authorized_keys"), &files::authorized_keys(&keys.client_public), 0o644)?;
     write_file(&dir.join("sshd_config"), &files::sshd_config(keys.port, env), 0o644)?;
@@ -368,6 +372,7 @@ mod tests {
             name: "node".into(),
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
             slots: slots.to_vec(),
+            unlisted_nodes: false,
         };
         assert!(resolve(&req(&[], &[])).is_err());
         assert!(resolve(&req(&["localhost"], &[1, 2])).is_err());
