@@ -392,3 +392,40 @@ fn slow_pull_fails_the_job_within_prologalarm_and_leaves_nothing() {
     assert_eq!(job.exit_status(), Some(1));
     job.assert_gone();
 }
+
+/// `remap_user = true` in the nodes' berth config (one file every host binds) while alive.
+struct RemapUser<'a> {
+    cluster: &'a Cluster,
+}
+
+impl Drop for RemapUser<'_> {
+    fn drop(&mut self) {
+        let node = &self.cluster.nodes()[0];
+        let _ = self.cluster.on_node(node, "sed -i '/^remap_user = true$/d' /etc/berth/berth.toml");
+    }
+}
+
+#[test]
+fn remap_root_runs_the_script_as_root_mapped_to_the_user_where_the_site_allows_it() {
+    // Alone: the config change would reach every job starting meanwhile.
+    let _moms = MOMS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let script = "#!/bin/bash\necho uid=$(id -u); touch made-by-root\n";
+    let resources = format!("nodes=1:ppn=1,other=container={IMAGE};container-remap-root");
+    let job = Job::submit("remap-off", &resources, script);
+    let (out, err) = job.finish();
+    assert!(!out.contains("uid="), "the script ran: {out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("does not allow running as root") && err.contains("remap_user"), "{err}");
+    job.assert_gone();
+
+    let cluster = torque();
+    stdout_ok(&cluster.on_node(&cluster.nodes()[0], "echo 'remap_user = true' >> /etc/berth/berth.toml"));
+    let _remap = RemapUser { cluster: &cluster };
+    let job = Job::submit("remap-on", &resources, script);
+    let (out, err) = job.finish();
+    assert!(out.contains("uid=0"), "stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    let owner = stdout_ok(&cluster.run(&format!("stat -c %U {}/made-by-root", job.dir)));
+    assert_eq!(owner.trim(), cluster.users()[0], "a file made by remapped root must be the user's");
+    job.assert_gone();
+}

@@ -48,6 +48,8 @@ pub enum HookError {
     Berth { action: &'static str, why: String },
     #[error("cannot write {path}: {source}")]
     Record { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Remap(#[from] berth_engine::container::remap::RemapError),
     #[error("{action}: not done in the prologue's share of $prologalarm ({seconds} s in mom_priv/config; a first pull of a large image takes longest): ask the admin to raise it, or try again once the image is on the nodes")]
     Timeout { action: &'static str, seconds: u64 },
 }
@@ -193,6 +195,9 @@ pub fn prologue(config: &Config, pelog: &Pelog, role: Role, start: Instant) -> R
         berth(config, "cannot remove what an earlier attempt of the job left", &["container", "destroy", "--job", &pelog.job])?;
     }
     let Some(request) = pelog.request()? else { return Ok(None) };
+    if request.remap_root && !config.remap_user {
+        return Err(berth_engine::container::remap::RemapError::NotAllowed.into());
+    }
     let (nodes, slots) = job_nodes(&role)?;
     let mut create: Vec<String> = ["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &request.image, "--pull", request.pull.as_str()]
         .map(String::from)
@@ -228,6 +233,7 @@ pub fn prologue(config: &Config, pelog: &Pelog, role: Role, start: Instant) -> R
     let budget = Budget::from_mom_config(start);
     let made = berth_within(config, "cannot start the container", &create, Some(budget))
         .and_then(|_| record_image_env(config, &pelog.job, &request.env))
+        .and_then(|_| record_remap_root(config, &pelog.job, request.remap_root))
         .and_then(|_| berth(config, "cannot wire MPI between the job's containers", &wire));
     if let Err(e) = made {
         // create removes what it made when it fails; what failed after it: undo both.
@@ -252,6 +258,18 @@ fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<Stri
     }
     let text: String = names.iter().map(|n| format!("{n}\n")).collect();
     std::fs::write(&path, text).map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
+    Ok(String::new())
+}
+
+/// Where the prologue notes that the job script runs as remapped root.
+pub fn remap_root_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
+    berth_engine::container::check_name("job", job).ok()?;
+    Some(config.runtime_dir.join(job).join("remap-root"))
+}
+
+fn record_remap_root(config: &Config, job: &str, remap_root: bool) -> Result<String, HookError> {
+    let Some(path) = remap_root_file(config, job).filter(|_| remap_root) else { return Ok(String::new()) };
+    std::fs::write(&path, b"").map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
     Ok(String::new())
 }
 

@@ -47,7 +47,8 @@ const NO_HOME: &str = "no-container-mount-home";
 const PER_RANK: &str = "container-per-rank";
 const PULL: &str = "container-pull";
 const READONLY: &str = "container-readonly";
-const KNOWN: &[&str] = &[IMAGE, IMAGE_LONG, MOUNTS, WORKDIR, ENV, NO_HOME, PER_RANK, PULL, READONLY];
+const REMAP_ROOT: &str = "container-remap-root";
+const KNOWN: &[&str] = &[IMAGE, IMAGE_LONG, MOUNTS, WORKDIR, ENV, NO_HOME, PER_RANK, PULL, READONLY, REMAP_ROOT];
 
 /// A prologue's or epilogue's arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +107,9 @@ pub struct Request {
     pub no_home: bool,
     pub pull: Pull,
     pub readonly: bool,
+    /// The job script runs as root in a user namespace mapped to the job user (where
+    /// the admin set `remap_user`).
+    pub remap_root: bool,
 }
 
 impl Request {
@@ -148,8 +152,9 @@ impl Request {
             match (option, value) {
                 (NO_HOME, None) => request.no_home = true,
                 (READONLY, None) => request.readonly = true,
+                (REMAP_ROOT, None) => request.remap_root = true,
                 (PER_RANK, None) => return Err(RequestError::PerRank),
-                (NO_HOME | READONLY | PER_RANK, Some(_)) => return Err(bad("a flag takes no value")),
+                (NO_HOME | READONLY | PER_RANK | REMAP_ROOT, Some(_)) => return Err(bad("a flag takes no value")),
                 (_, None) => return Err(bad("needs a value")),
                 (IMAGE | IMAGE_LONG, Some(v)) => {
                     if v.is_empty() {
@@ -292,6 +297,7 @@ mod tests {
             no_home: true,
             pull: Pull::Always,
             readonly: true,
+            remap_root: false,
         };
         let semicolons = "nodes=2,other=container=mpi:latest;container-mounts=/scratch:/data:ro;container-mounts=/tmp/x;container-workdir=/data;container-env=PATH;container-env=LANG;no-container-mount-home;container-pull=always;container-readonly,walltime=00:10:00";
         assert_eq!(parse(semicolons).unwrap().unwrap(), want);
@@ -311,6 +317,9 @@ mod tests {
         assert!(err("other=container=a;container-workdir=data").contains("absolute directory"));
         assert!(err("other=container=a;container-env=A-B").contains("variable names"));
         assert!(err("other=container=a;container-readonly=yes").contains("takes no value"));
+        assert!(err("other=container=a;container-remap-root=1").contains("takes no value"));
+        let remap = Request::from_resource_list("other=container=a;container-remap-root").unwrap().unwrap();
+        assert!(remap.remap_root);
         assert!(err("other=container=a;container-workdir").contains("needs a value"));
         assert_eq!(parse("other=container=a;container-per-rank").unwrap_err(), RequestError::PerRank);
         assert!(err("other=container-mounts=/x").contains("add container=IMAGE"));

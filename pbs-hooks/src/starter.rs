@@ -76,6 +76,9 @@ pub fn start(config: &Config, args: &[String]) -> StarterError {
     };
     let mut command = Command::new(&config.berth_binary);
     command.args(["container", "exec", "--job", &job]);
+    if crate::hooks::remap_root_file(config, &job).is_some_and(|f| f.exists()) {
+        command.arg("--remap-root");
+    }
     for (name, value) in image_values(config, &job, &dir) {
         let mut entry = name;
         entry.push("=");
