@@ -22,10 +22,13 @@ use crate::args::{Args, Mount};
 use crate::berth::{self, CreateRequest};
 use crate::env;
 use crate::ffi::{self, Spank};
+use crate::hostfile;
+use crate::pmix;
 use crate::slurm_client;
 use crate::sys;
 use berth_engine::config::Config;
 use berth_engine::container;
+use berth_engine::teardown;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -143,7 +146,19 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     berth::create(config, &req)?;
 
     let name = container_name(prepared.args.per_rank, rank.unwrap_or(0));
-    let joined = container::join(config, &prepared.job.to_string(), &name).map_err(|err| format!("berth: {err}"))?;
+    let job = prepared.job.to_string();
+    // What comes from the node's mount namespace must be taken before joining.
+    let pmix = pmix_dirs(sp, prepared)?;
+    let job_lock = match &pmix {
+        Some(_) => teardown::lock_job(&config.runtime_dir.join(&job), false).map_err(|err| format!("berth: {err}"))?,
+        None => None,
+    };
+    let joined = container::join(config, &job, &name).map_err(|err| format!("berth: {err}"))?;
+    if let Some(dirs) = &pmix {
+        pmix::attach(dirs).map_err(|why| format!("berth: srun --mpi=pmix: {why}"))?;
+    }
+    drop(job_lock);
+    let hostfile = write_hostfile(sp);
     // Slurm's meaning of a step's directory (sbatch -D, srun --chdir, the submit
     // directory) is kept when the container has it; join chose the container's own
     // (the image's WorkingDir, else /) for when it does not.
@@ -159,12 +174,57 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     for (name, value) in env::to_set(&joined.env, &prepared.args.env, job_has) {
         sp.setenv(&name, &value).map_err(|e| format!("berth: cannot set {}: {e}", name.to_string_lossy()))?;
     }
+    if hostfile {
+        sp.setenv(OsStr::new("BERTH_HOSTFILE"), OsStr::new(hostfile::PATH)).map_err(|e| format!("berth: cannot set BERTH_HOSTFILE: {e}"))?;
+    }
     if prepared.extra_mounts.iter().any(|m| m.target == Path::new(slurm_client::BIN_DIR)) {
         let path = sp.getenv("PATH").map_err(|e| e.to_string())?;
         let path = slurm_client::path_with_wrappers(path.as_deref());
         sp.setenv(OsStr::new("PATH"), OsStr::new(&path)).map_err(|e| format!("berth: cannot set PATH: {e}"))?;
     }
     Ok(())
+}
+
+/// For a step of Slurm's PMIx plugin, its server and client dirs, cloned from the node
+/// (see `pmix.rs`); `None` for other steps.
+fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detached>>, String> {
+    let getenv = |name: &str| sp.getenv(name).map_err(|e| e.to_string());
+    if !pmix::is_pmix(getenv("SLURM_MPI_TYPE")?.as_deref()) {
+        return Ok(None);
+    }
+    let node = ffi::node_settings().ok_or("berth: srun --mpi=pmix: cannot read SlurmdSpoolDir from slurmstepd's config; run without --mpi=pmix and report it to your admins")?;
+    let mpi_conf = node.conf_file.as_deref().and_then(Path::parent).map(|dir| dir.join("mpi.conf"));
+    let mpi_conf_base = mpi_conf.and_then(|file| std::fs::read_to_string(file).ok()).and_then(|text| pmix::client_base_from_mpi_conf(&text));
+    let step = sp.step_id().map_err(|e| e.to_string())?;
+    let candidates = pmix::candidates(
+        &node,
+        getenv("SLURM_PMIX_TMPDIR")?.as_deref(),
+        mpi_conf_base,
+        getenv("TMPDIR")?.as_deref(),
+        prepared.job,
+        step,
+        prepared.uid,
+    );
+    pmix::detach(&candidates).map(Some).map_err(|why| format!("berth: srun --mpi=pmix: {why}"))
+}
+
+/// Writes `$BERTH_HOSTFILE` in the container (inside it, as root); whether it is there.
+/// A job without the allocation's variables, or a read-only container root, goes without
+/// one: a line in the slurmd log says why.
+fn write_hostfile(sp: &Spank) -> bool {
+    let var = |name: &str| sp.getenv(name).ok().flatten().ok_or_else(|| format!("{name} is not set"));
+    let text = var("SLURM_JOB_NODELIST").and_then(|list| {
+        let nodes = hostfile::expand_hostlist(&list)?;
+        let slots = hostfile::expand_counts(&var("SLURM_JOB_CPUS_PER_NODE")?)?;
+        hostfile::text(&nodes, &slots)
+    });
+    match text.and_then(|text| hostfile::write(&text).map_err(|e| format!("cannot write {}: {e}", hostfile::PATH))) {
+        Ok(()) => true,
+        Err(why) => {
+            ffi::log_info(&format!("berth: no BERTH_HOSTFILE in this container: {why}"));
+            false
+        }
+    }
 }
 
 pub fn task_init() -> Result<(), String> {

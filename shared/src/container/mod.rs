@@ -14,7 +14,7 @@
 
 pub mod env;
 pub mod mounts;
-pub(crate) mod sys;
+pub mod sys;
 pub mod user;
 
 use crate::config::Config;
