@@ -166,6 +166,19 @@ fn scancel_of_a_running_mpirun_job_leaves_nothing_on_any_node() {
     assert_nodes_clean(&cluster, &job);
 }
 
+/// The option that names the image for a `--mpi=pmix` step. Slurm 24.11's pmix plugin
+/// fails a step that carries Slurm's own `--container` when there is no oci.conf
+/// ("Cannot bind() UNIX socket (null)/stepd.slurm.pmix.J.S", before any plugin hook), so
+/// there it must be berth's `--container-image`; 22.05 takes either.
+fn pmix_image_option(cluster: &Cluster) -> &'static str {
+    let version = stdout_ok(&cluster.run("srun --version"));
+    if version.starts_with("slurm 22.") {
+        "--container"
+    } else {
+        "--container-image"
+    }
+}
+
 #[test]
 fn srun_mpi_pmix_container_runs_openmpi_ranks_on_every_node() {
     let cluster = cluster();
@@ -175,8 +188,9 @@ fn srun_mpi_pmix_container_runs_openmpi_ranks_on_every_node() {
     // that did not would fail MPI_Init (or print "rank 0 of 1" as a singleton). Two
     // steps in one job: the second step's PMIx dirs reach the container the first made.
     let step = format!(
-        "srun --mpi=pmix -N{} --ntasks-per-node={PER_NODE} --container={} /opt/berth-test/bin/hello-openmpi",
+        "srun --mpi=pmix -N{} --ntasks-per-node={PER_NODE} {}={} /opt/berth-test/bin/hello-openmpi",
         nodes.len(),
+        pmix_image_option(&cluster),
         mpi_image(&cluster)
     );
     let out = cluster.run(&format!(
@@ -198,7 +212,7 @@ fn a_batch_script_on_the_host_runs_srun_mpi_pmix_in_the_image() {
     // the node's libpmix by its absolute path): the script runs on the node, the step
     // in the image.
     let options = format!("-N{} --ntasks-per-node={PER_NODE}", nodes.len());
-    let launch = format!("srun --mpi=pmix --container={} /opt/berth-test/bin/hello-openmpi", mpi_image(&cluster));
+    let launch = format!("srun --mpi=pmix --container-image={} /opt/berth-test/bin/hello-openmpi", mpi_image(&cluster));
     let out = sbatch(&cluster, "bob", "slurm-mpi-pmix", &options, &script("", &launch));
     assert!(out.contains("rc=0"), "{out}");
     assert_every_rank_in_the_image_on_every_node(&out, &nodes);

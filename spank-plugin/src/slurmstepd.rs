@@ -49,6 +49,8 @@ struct Prepared {
 static PREPARED: OnceLock<Prepared> = OnceLock::new();
 /// Bound read-only from the node into every container (docker and enroot do the same).
 const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
+/// Where Slurm reads slurm.conf when nothing says otherwise (Debian's and Slurm's default).
+const DEFAULT_SLURM_CONF: &str = "/etc/slurm/slurm.conf";
 /// The task's working directory inside the container, chosen in `task_init_privileged`.
 static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
 
@@ -193,8 +195,14 @@ fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detache
         return Ok(None);
     }
     let node = ffi::node_settings().ok_or("berth: srun --mpi=pmix: cannot read SlurmdSpoolDir from slurmstepd's config; run without --mpi=pmix and report it to your admins")?;
-    let mpi_conf = node.conf_file.as_deref().and_then(Path::parent).map(|dir| dir.join("mpi.conf"));
-    let mpi_conf_base = mpi_conf.and_then(|file| std::fs::read_to_string(file).ok()).and_then(|text| pmix::client_base_from_mpi_conf(&text));
+    // mpi.conf sits beside slurm.conf: the one slurmstepd names (Slurm 22.05), else the
+    // one its environment or Slurm's default path names (24.11 leaves the path unset).
+    let conf_files = [node.conf_file.clone(), std::env::var_os("SLURM_CONF").map(PathBuf::from), Some(PathBuf::from(DEFAULT_SLURM_CONF))];
+    let mpi_conf_base = conf_files
+        .iter()
+        .flatten()
+        .filter_map(|conf| std::fs::read_to_string(conf.parent()?.join("mpi.conf")).ok())
+        .find_map(|text| pmix::client_base_from_mpi_conf(&text));
     let step = sp.step_id().map_err(|e| e.to_string())?;
     let candidates = pmix::candidates(
         &node,
