@@ -107,7 +107,9 @@ fn srun_mpi_pmi2_container_gives_every_rank_its_own_rank() {
 fn a_batch_script_in_the_image_runs_srun_mpi_pmi2() {
     let cluster = cluster();
     let nodes = cluster.nodes();
-    let options = format!("-N{} --ntasks-per-node={PER_NODE} --container={}", nodes.len(), mpi_image(&cluster));
+    // A job environment that names pmix (as users export SLURM_MPI_TYPE to make it srun's
+    // default) must not stop the batch step, which has no PMIx server.
+    let options = format!("-N{} --ntasks-per-node={PER_NODE} --export=ALL,SLURM_MPI_TYPE=pmix --container={}", nodes.len(), mpi_image(&cluster));
     let out = sbatch(&cluster, "bob", "slurm-mpi-srun", &options, &script("", "srun --mpi=pmi2 /opt/berth-test/bin/hello-mpich"));
     assert!(out.contains("rc=0"), "{out}");
     assert_every_rank_in_the_image_on_every_node(&out, &nodes);

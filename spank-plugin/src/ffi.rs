@@ -11,7 +11,7 @@ mod bindings {
     include!(concat!(env!("OUT_DIR"), "/spank.rs"));
 }
 
-pub use bindings::{spank_t, SLURM_BATCH_SCRIPT, SLURM_EXTERN_CONT, SLURM_VERSION_NUMBER};
+pub use bindings::{spank_t, SLURM_BATCH_SCRIPT, SLURM_EXTERN_CONT, SLURM_INTERACTIVE_STEP, SLURM_VERSION_NUMBER};
 
 /// What a SPANK callback returns on success / failure.
 pub const SUCCESS: c_int = 0;

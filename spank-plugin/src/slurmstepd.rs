@@ -14,6 +14,8 @@
 //!   `<runtime_dir>/<job>/<name>/`, `chdir` to its working directory; no threads, no
 //!   HTTP) and set the container's environment. Slurm searches `PATH` for a bare command
 //!   after this hook, inside the container and with the image's `PATH`.
+//!   For a `--mpi=pmix` step it also binds the step's PMIx dirs into the container
+//!   (`pmix.rs`), and every task writes `$BERTH_HOSTFILE` there (`hostfile.rs`).
 //! - `task_init` (as the user, just before exec): slurmstepd has `chdir`ed back to the
 //!   job's directory after `task_init_privileged`, so the working directory is set again;
 //!   and `no_new_privs`, so nothing the task execs gains privileges.
@@ -191,7 +193,10 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
 /// (see `pmix.rs`); `None` for other steps.
 fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detached>>, String> {
     let getenv = |name: &str| sp.getenv(name).map_err(|e| e.to_string());
-    if !pmix::is_pmix(getenv("SLURM_MPI_TYPE")?.as_deref()) {
+    let step = sp.step_id().map_err(|e| e.to_string())?;
+    // The batch and interactive steps never run an MPI plugin, whatever SLURM_MPI_TYPE
+    // the job's environment carries (users export it to make pmix srun's default).
+    if step == ffi::SLURM_BATCH_SCRIPT || step == ffi::SLURM_INTERACTIVE_STEP || !pmix::is_pmix(getenv("SLURM_MPI_TYPE")?.as_deref()) {
         return Ok(None);
     }
     let node = ffi::node_settings().ok_or("berth: srun --mpi=pmix: cannot read SlurmdSpoolDir from slurmstepd's config; run without --mpi=pmix and report it to your admins")?;
@@ -203,7 +208,6 @@ fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detache
         .flatten()
         .filter_map(|conf| std::fs::read_to_string(conf.parent()?.join("mpi.conf")).ok())
         .find_map(|text| pmix::client_base_from_mpi_conf(&text));
-    let step = sp.step_id().map_err(|e| e.to_string())?;
     let candidates = pmix::candidates(
         &node,
         getenv("SLURM_PMIX_TMPDIR")?.as_deref(),
