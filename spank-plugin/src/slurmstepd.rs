@@ -217,7 +217,9 @@ fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detache
         step,
         prepared.uid,
     );
-    pmix::detach(&candidates).map(Some).map_err(|why| format!("berth: srun --mpi=pmix: {why}"))
+    pmix::detach(&candidates)
+        .map(Some)
+        .map_err(|why| format!("berth: srun --mpi=pmix: {why}; use mpirun or --mpi=pmi2 meanwhile, and show this line to your admins"))
 }
 
 /// Writes `$BERTH_HOSTFILE` in the container (inside it, as root); whether it is there.
