@@ -344,3 +344,31 @@ fn scancel_during_a_slow_image_pull_leaves_nothing_and_the_next_pull_completes()
     assert_nodes_clean(&cluster, &job_of(&out));
     assert_no_berth_work_left(&cluster, &node, &job_of(&out));
 }
+
+#[test]
+fn a_slurmstepd_killed_during_a_slow_image_pull_leaves_nothing_and_the_next_pull_completes() {
+    let cluster = cluster();
+    let node = cluster.nodes()[0].clone();
+    let (image, sha) = push_fresh_big_image(&cluster, 48);
+    let job = {
+        let _slow = SlowRegistryLink::new("2mbit");
+        let job = stdout_ok(&cluster.run(&format!("sbatch --parsable -N1 -w {node} -o /dev/null --container={image} --wrap 'sleep 1'")))
+            .trim()
+            .to_string();
+        let pulling = format!("pgrep -f -- '--jo[b] {job} ' >/dev/null && test -n \"$(ls -A /var/lib/berth/tmp 2>/dev/null)\"");
+        wait_on_node(&cluster, &node, &pulling, 60, &format!("job {job} never started pulling {image}"));
+        // The batch step's slurmstepd dies while its task waits for berth's pull: nobody
+        // is left to kill the task when the job is cancelled.
+        cluster.on_node(&node, &format!("pkill -KILL -f 'slurmstepd: \\[{job}\\.batch\\]'"));
+        stdout_ok(&cluster.run(&format!("scancel {job}")));
+        assert_nodes_clean(&cluster, &job);
+        assert_no_berth_work_left(&cluster, &node, &job);
+        job
+    };
+    let out = stdout_ok(&cluster.run(&format!("srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; sha256sum /big'")));
+    assert!(out.contains(&sha), "after job {job}, whose slurmstepd was killed: {out}");
+    assert_nodes_clean(&cluster, &job_of(&out));
+    assert_no_berth_work_left(&cluster, &node, &job_of(&out));
+    // Nothing of the killed job came back later either (a pull finishing after the epilog).
+    assert_nodes_clean(&cluster, &job);
+}
