@@ -24,6 +24,9 @@ fn main() {
         .allowlist_type("spank_option")
         .allowlist_type("spank_item")
         .allowlist_type("spank_context")
+        // slurmstepd's parsed slurm.conf (`slurm_conf`, libslurm's global of this type):
+        // where the PMIx plugin keeps a step's files.
+        .allowlist_type("slurm_conf_t")
         .allowlist_var("SLURM_VERSION_NUMBER")
         .allowlist_var("SLURM_(BATCH_SCRIPT|EXTERN_CONT|INTERACTIVE_STEP)")
         .allowlist_var("ESPANK_.*")

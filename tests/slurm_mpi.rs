@@ -1,6 +1,7 @@
 //! Slurm users running MPI programs from an image with berth's SPANK plugin, on the
 //! slurm-test-env cluster, with no flag but `--container`: `mpirun` (Open MPI) and
-//! `mpiexec.mpich` started by a batch script inside the image, and `srun --mpi=pmi2`.
+//! `mpiexec.mpich` started by a batch script inside the image (also with
+//! `$BERTH_HOSTFILE`), `srun --mpi=pmi2` (MPICH) and `srun --mpi=pmix` (Open MPI).
 //! Under Slurm both MPIs start their daemons with `srun` (Open MPI's plm/slurm, MPICH's
 //! Hydra slurm bootstrap), which the image reaches through berth's `/.berth/bin`
 //! wrappers, so every rank enters its node's container like any other task. Every test
@@ -106,7 +107,9 @@ fn srun_mpi_pmi2_container_gives_every_rank_its_own_rank() {
 fn a_batch_script_in_the_image_runs_srun_mpi_pmi2() {
     let cluster = cluster();
     let nodes = cluster.nodes();
-    let options = format!("-N{} --ntasks-per-node={PER_NODE} --container={}", nodes.len(), mpi_image(&cluster));
+    // A job environment that names pmix (as users export SLURM_MPI_TYPE to make it srun's
+    // default) must not stop the batch step, which has no PMIx server.
+    let options = format!("-N{} --ntasks-per-node={PER_NODE} --export=ALL,SLURM_MPI_TYPE=pmix --container={}", nodes.len(), mpi_image(&cluster));
     let out = sbatch(&cluster, "bob", "slurm-mpi-srun", &options, &script("", "srun --mpi=pmi2 /opt/berth-test/bin/hello-mpich"));
     assert!(out.contains("rc=0"), "{out}");
     assert_every_rank_in_the_image_on_every_node(&out, &nodes);
@@ -163,4 +166,99 @@ fn scancel_of_a_running_mpirun_job_leaves_nothing_on_any_node() {
     }
     stdout_ok(&cluster.run(&format!("scancel {job}")));
     assert_nodes_clean(&cluster, &job);
+}
+
+/// The option that names the image for a `--mpi=pmix` step. Slurm 24.11's pmix plugin
+/// fails a step that carries Slurm's own `--container` when there is no oci.conf
+/// ("Cannot bind() UNIX socket (null)/stepd.slurm.pmix.J.S", before any plugin hook), so
+/// there it must be berth's `--container-image`; 22.05 takes either.
+fn pmix_image_option(cluster: &Cluster) -> &'static str {
+    let version = stdout_ok(&cluster.run("srun --version"));
+    if version.starts_with("slurm 22.") {
+        "--container"
+    } else {
+        "--container-image"
+    }
+}
+
+#[test]
+fn srun_mpi_pmix_container_runs_openmpi_ranks_on_every_node() {
+    let cluster = cluster();
+    assert_hosts_lack_the_programs(&cluster);
+    let nodes = cluster.nodes();
+    // Open MPI's ranks reach slurmstepd's PMIx server from inside the container; a rank
+    // that did not would fail MPI_Init (or print "rank 0 of 1" as a singleton). Two
+    // steps in one job: the second step's PMIx dirs reach the container the first made.
+    let step = format!(
+        "srun --mpi=pmix -N{} --ntasks-per-node={PER_NODE} {}={} /opt/berth-test/bin/hello-openmpi",
+        nodes.len(),
+        pmix_image_option(&cluster),
+        mpi_image(&cluster)
+    );
+    let out = cluster.run(&format!(
+        "salloc -N{} --ntasks-per-node={PER_NODE} bash -c 'echo JOB=$SLURM_JOB_ID; {step} && echo second step && {step}'",
+        nodes.len()
+    ));
+    let out = stdout_ok(&out);
+    let (first, second) = out.split_once("second step").unwrap_or_else(|| panic!("the first step failed: {out}"));
+    assert_every_rank_in_the_image_on_every_node(first, &nodes);
+    assert_every_rank_in_the_image_on_every_node(second, &nodes);
+    assert_nodes_clean(&cluster, &job_of(&out));
+}
+
+#[test]
+fn a_batch_script_on_the_host_runs_srun_mpi_pmix_in_the_image() {
+    let cluster = cluster();
+    let nodes = cluster.nodes();
+    // `srun --mpi=pmix` itself cannot run inside the image (Slurm's pmix plugin loads
+    // the node's libpmix by its absolute path): the script runs on the node, the step
+    // in the image.
+    let options = format!("-N{} --ntasks-per-node={PER_NODE}", nodes.len());
+    let launch = format!("srun --mpi=pmix --container-image={} /opt/berth-test/bin/hello-openmpi", mpi_image(&cluster));
+    let out = sbatch(&cluster, "bob", "slurm-mpi-pmix", &options, &script("", &launch));
+    assert!(out.contains("rc=0"), "{out}");
+    assert_every_rank_in_the_image_on_every_node(&out, &nodes);
+    assert_nodes_clean(&cluster, &job_of(&out));
+}
+
+#[test]
+fn srun_mpi_pmi2_cannot_start_debians_openmpi_and_open_mpi_says_why() {
+    let cluster = cluster();
+    let nodes = cluster.nodes();
+    // Debian's Open MPI has no PMI-1/PMI-2 client (ompi_info lists pmix components
+    // ext3x, isolated and flux: no s1/s2, it was configured without --with-pmi), so its
+    // ranks refuse a pmi2 launch: what docs/user.md says. If this starts to pass, the
+    // docs are wrong.
+    let out = cluster.run(&format!(
+        "srun -N{} --ntasks-per-node={PER_NODE} --mpi=pmi2 --container={} sh -c 'echo JOB=$SLURM_JOB_ID; exec /opt/berth-test/bin/hello-openmpi' 2>&1; echo rc=$?",
+        nodes.len(),
+        mpi_image(&cluster)
+    ));
+    let out = stdout_ok(&out);
+    assert!(!out.contains("rc=0") && out.contains("OMPI was not built with SLURM's PMI support"), "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("rank ")), "{out}");
+    assert_nodes_clean(&cluster, &job_of(&out));
+}
+
+#[test]
+fn mpirun_and_mpiexec_with_berth_hostfile_land_in_the_image_on_every_node() {
+    let cluster = cluster();
+    let nodes = cluster.nodes();
+    let n = PER_NODE * nodes.len();
+    let options = format!("-N{} --ntasks-per-node={PER_NODE} --container={}", nodes.len(), mpi_image(&cluster));
+    // The hostfile names each node once per slot; both MPIs still launch through srun.
+    let launch = format!(
+        "echo hostfile=$BERTH_HOSTFILE; tr '\\n' ' ' <$BERTH_HOSTFILE; echo\n\
+         mpirun -hostfile $BERTH_HOSTFILE -np {n} /opt/berth-test/bin/hello-openmpi || exit 1\n\
+         mpiexec.mpich -f $BERTH_HOSTFILE -n {n} /opt/berth-test/bin/hello-mpich | sed 's/^rank/mpich rank/'"
+    );
+    let out = sbatch(&cluster, "alice", "slurm-mpi-hostfile", &options, &script("", &launch));
+    assert!(out.contains("rc=0"), "{out}");
+    assert!(out.contains("hostfile=/.berth/slurm/hostfile"), "{out}");
+    let lines: String = nodes.iter().map(|node| format!("{node} ").repeat(PER_NODE)).collect();
+    assert!(out.lines().any(|l| l == lines), "one line per slot, {lines:?}: {out}");
+    assert_every_rank_in_the_image_on_every_node(&out, &nodes);
+    let mpich: String = out.lines().filter_map(|l| l.strip_prefix("mpich ")).map(|l| format!("{l}\n")).collect();
+    assert_every_rank_in_the_image_on_every_node(&mpich, &nodes);
+    assert_nodes_clean(&cluster, &job_of(&out));
 }

@@ -221,22 +221,154 @@ fn container_readonly_forbids_writes_to_the_image_root() {
     assert_nodes_clean(&cluster, &job_of(&stdout));
 }
 
+/// A shell line that runs the node's own `berth` (the one plugstack.conf names) as `$B`.
+const NODE_BERTH: &str = "B=$(sed -n 's/^berth_binary = \"\\(.*\\)\"$/\\1/p' /etc/berth/berth.toml);";
+
+/// Waits until `check` succeeds on `node`, or panics with `what` after `secs`.
+fn wait_on_node(cluster: &Cluster, node: &str, check: &str, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cluster.on_node(node, check).status.success() {
+        assert!(Instant::now() < deadline, "{what} on {node}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// No berth process of `job` on `node` (a `container create` still pulling, say), and a
+/// store that `berth gc` finds consistent: nothing left in its `tmp/`.
+fn assert_no_berth_work_left(cluster: &Cluster, node: &str, job: &str) {
+    wait_on_node(cluster, node, &format!("! pgrep -f -- '--jo[b] {job} '"), 20, &format!("a berth process of job {job} is still running"));
+    let out = cluster.on_node(node, &format!("{NODE_BERTH} \"$B\" gc >/dev/null && test -z \"$(ls -A /var/lib/berth/tmp)\""));
+    assert!(out.status.success(), "the store on {node} is not clean after job {job}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn scancel_and_a_killed_slurmstepd_leave_nothing_behind() {
     let cluster = cluster();
     let node = cluster.nodes()[0].clone();
-    let job = stdout_ok(&cluster.run(&format!(
-        "sbatch --parsable -N1 -w {node} -o /dev/null --container={} --wrap 'sleep 300'",
-        minimal(&cluster)
-    )))
-    .trim()
-    .to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cluster.on_node(&node, &format!("test -e /run/berth/{job}/node/mnt")).status.success() {
-        assert!(Instant::now() < deadline, "job {job} never got its container");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let image = minimal(&cluster);
+    let job = stdout_ok(&cluster.run(&format!("sbatch --parsable -N1 -w {node} -o /dev/null --container={image} --wrap 'sleep 300'")))
+        .trim()
+        .to_string();
+    wait_on_node(&cluster, &node, &format!("test -e /run/berth/{job}/node/mnt"), 30, &format!("job {job} never got its container"));
+    // Also a step of its own, whose slurmstepd dies the same way.
+    let step = cluster.run(&format!("srun --jobid={job} --overlap -w {node} --container={image} sleep 300 >/dev/null 2>&1 & sleep 0.1; echo started"));
+    stdout_ok(&step);
+    wait_on_node(&cluster, &node, &format!("pgrep -f 'slurmstepd: \\[{job}\\.0\\]'"), 30, &format!("step {job}.0 never started"));
+    cluster.on_node(&node, &format!("pkill -KILL -f 'slurmstepd: \\[{job}\\.0\\]'"));
     cluster.on_node(&node, &format!("pkill -KILL -f 'slurmstepd: \\[{job}\\.batch\\]'"));
     stdout_ok(&cluster.run(&format!("scancel {job}")));
+    assert_nodes_clean(&cluster, &job);
+    assert_no_berth_work_left(&cluster, &node, &job);
+    // The image is still whole in the store: the next job starts from it.
+    let out = stdout_ok(&cluster.run(&format!("srun -N1 -w {node} --container={image} --container-pull=never sh -c 'echo JOB=$SLURM_JOB_ID; grep ^NAME= /etc/os-release'")));
+    assert!(out.contains("NAME=\"berth minimal\""), "{out}");
+    assert_nodes_clean(&cluster, &job_of(&out));
+}
+
+/// The registry host's link, rate-limited with `tc` in its network namespace while
+/// this lives, so that a pull is slow for real.
+struct SlowRegistryLink {
+    netns: String,
+}
+
+impl SlowRegistryLink {
+    fn new(rate: &str) -> SlowRegistryLink {
+        let cluster_id = std::env::var("BERTH_TEST_CLUSTER").unwrap_or_else(|_| "0".into());
+        let netns = format!("berth{cluster_id}-head");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "32kb", "latency", "2s"])
+            .output()
+            .expect("run ip netns exec tc");
+        assert!(out.status.success(), "cannot rate-limit {netns}: {}", String::from_utf8_lossy(&out.stderr));
+        SlowRegistryLink { netns }
+    }
+}
+
+impl Drop for SlowRegistryLink {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "exec", &self.netns, "tc", "qdisc", "del", "dev", "eth0", "root"]).output();
+    }
+}
+
+/// A fresh image nobody has pulled: `minimal` plus a layer of `mb` MB of random bytes
+/// (gzip cannot shrink it), pushed under a unique name. Returns the reference and the
+/// big file's sha256.
+fn push_fresh_big_image(cluster: &Cluster, mb: usize) -> (String, String) {
+    let dir = std::env::temp_dir().join(format!("berth-e2e-big-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+    let layout = dir.join("layout");
+    let script = format!(
+        "set -e; cp -a {minimal} {layout}; head -c {mb}M /dev/urandom > {dir}/rootfs/big; \
+         tar --owner=0 --group=0 -C {dir}/rootfs -cf {dir}/big.tar big; \
+         umoci tag --image {layout}:latest big; umoci raw add-layer --image {layout}:big {dir}/big.tar; \
+         sha256sum {dir}/rootfs/big | cut -d' ' -f1",
+        minimal = berth_e2e::image_layout("minimal").display(),
+        layout = layout.display(),
+        dir = dir.display(),
+    );
+    let out = std::process::Command::new("bash").args(["-c", &script]).output().unwrap();
+    let sha = stdout_ok(&out).trim().to_string();
+    let name = format!("big-{}-{}:1", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+    let push = std::process::Command::new(berth_e2e::repo_root().join("slurm-test-env/push")).arg(format!("{}:big", layout.display())).arg(&name).output().unwrap();
+    stdout_ok(&push);
+    std::fs::remove_dir_all(&dir).unwrap();
+    (format!("{}/{name}", cluster.registry()), sha)
+}
+
+#[test]
+fn scancel_during_a_slow_image_pull_leaves_nothing_and_the_next_pull_completes() {
+    let cluster = cluster();
+    let node = cluster.nodes()[0].clone();
+    let (image, sha) = push_fresh_big_image(&cluster, 48);
+    let job = {
+        // 48 MB at 2 Mbit/s takes over 3 minutes: the job is cancelled long before.
+        let _slow = SlowRegistryLink::new("2mbit");
+        let job = stdout_ok(&cluster.run(&format!("sbatch --parsable -N1 -w {node} -o /dev/null --container={image} --wrap 'sleep 1'")))
+            .trim()
+            .to_string();
+        // Pulling: berth's create of this job runs and the store holds work in progress.
+        let pulling = format!("pgrep -f -- '--jo[b] {job} ' >/dev/null && test -n \"$(ls -A /var/lib/berth/tmp 2>/dev/null)\"");
+        wait_on_node(&cluster, &node, &pulling, 60, &format!("job {job} never started pulling {image}"));
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(cluster.on_node(&node, &pulling).status.success(), "the pull of job {job} ended before scancel: the link is not slow");
+        stdout_ok(&cluster.run(&format!("scancel {job}")));
+        assert_nodes_clean(&cluster, &job);
+        assert_no_berth_work_left(&cluster, &node, &job);
+        job
+    };
+    // At full speed again: the next job pulls the whole image and sees the big file intact.
+    let out = cluster.run(&format!("srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; sha256sum /big'"));
+    let out = stdout_ok(&out);
+    assert!(out.contains(&sha), "after cancelled job {job}: {out}");
+    assert_nodes_clean(&cluster, &job_of(&out));
+    assert_no_berth_work_left(&cluster, &node, &job_of(&out));
+}
+
+#[test]
+fn a_slurmstepd_killed_during_a_slow_image_pull_leaves_nothing_and_the_next_pull_completes() {
+    let cluster = cluster();
+    let node = cluster.nodes()[0].clone();
+    let (image, sha) = push_fresh_big_image(&cluster, 48);
+    let job = {
+        let _slow = SlowRegistryLink::new("2mbit");
+        let job = stdout_ok(&cluster.run(&format!("sbatch --parsable -N1 -w {node} -o /dev/null --container={image} --wrap 'sleep 1'")))
+            .trim()
+            .to_string();
+        let pulling = format!("pgrep -f -- '--jo[b] {job} ' >/dev/null && test -n \"$(ls -A /var/lib/berth/tmp 2>/dev/null)\"");
+        wait_on_node(&cluster, &node, &pulling, 60, &format!("job {job} never started pulling {image}"));
+        // The batch step's slurmstepd dies while its task waits for berth's pull: nobody
+        // is left to kill the task when the job is cancelled.
+        cluster.on_node(&node, &format!("pkill -KILL -f 'slurmstepd: \\[{job}\\.batch\\]'"));
+        stdout_ok(&cluster.run(&format!("scancel {job}")));
+        assert_nodes_clean(&cluster, &job);
+        assert_no_berth_work_left(&cluster, &node, &job);
+        job
+    };
+    let out = stdout_ok(&cluster.run(&format!("srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; sha256sum /big'")));
+    assert!(out.contains(&sha), "after job {job}, whose slurmstepd was killed: {out}");
+    assert_nodes_clean(&cluster, &job_of(&out));
+    assert_no_berth_work_left(&cluster, &node, &job_of(&out));
+    // Nothing of the killed job came back later either (a pull finishing after the epilog).
     assert_nodes_clean(&cluster, &job);
 }

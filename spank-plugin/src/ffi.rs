@@ -11,7 +11,7 @@ mod bindings {
     include!(concat!(env!("OUT_DIR"), "/spank.rs"));
 }
 
-pub use bindings::{spank_t, SLURM_BATCH_SCRIPT, SLURM_EXTERN_CONT, SLURM_VERSION_NUMBER};
+pub use bindings::{spank_t, SLURM_BATCH_SCRIPT, SLURM_EXTERN_CONT, SLURM_INTERACTIVE_STEP, SLURM_VERSION_NUMBER};
 
 /// What a SPANK callback returns on success / failure.
 pub const SUCCESS: c_int = 0;
@@ -248,4 +248,44 @@ pub fn log_info(message: &str) {
     let message = cstring(message);
     // SAFETY: as in log_error.
     unsafe { bindings::slurm_info(FORMAT.as_ptr(), message.as_ptr()) }
+}
+
+/// The node settings of slurm.conf the plugin needs, as the loading Slurm program parsed
+/// them (and resolved its defaults).
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// `SlurmdSpoolDir`.
+    pub spool_dir: std::path::PathBuf,
+    /// `TmpFS`.
+    pub tmp_fs: Option<std::path::PathBuf>,
+    /// The slurm.conf file read (its directory holds mpi.conf).
+    pub conf_file: Option<std::path::PathBuf>,
+}
+
+/// Reads slurmstepd's own parsed config: libslurm's global `slurm_conf`, of the type
+/// `slurm_conf_t` that slurm.h declares. There is no SPANK item for these, and asking
+/// slurmctld (`scontrol show config`) would be network work inside slurmstepd.
+/// `None` outside a Slurm program or before it loaded its config.
+pub fn node_settings() -> Option<NodeSettings> {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only searches the
+    // loaded objects' symbol tables.
+    let symbol = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"slurm_conf".as_ptr()) };
+    if symbol.is_null() {
+        return None;
+    }
+    // SAFETY: `slurm_conf` is libslurm's `slurm_conf_t`, laid out as in the slurm.h this
+    // plugin was built against, which Slurm's loader guarantees is the running
+    // release's (plugin_version). slurmstepd filled it before loading plugins; it is
+    // only read here, in a hook of the thread that runs the plugin stack.
+    let conf = unsafe { &*(symbol as *const bindings::slurm_conf_t) };
+    let path = |ptr: *mut c_char| -> Option<std::path::PathBuf> {
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: non-NULL strings of slurm_conf are NUL-terminated and live as long as
+        // the config; the bytes are copied out at once.
+        let bytes = unsafe { CStr::from_ptr(ptr) }.to_bytes();
+        (!bytes.is_empty()).then(|| std::path::PathBuf::from(OsStr::from_bytes(bytes)))
+    };
+    Some(NodeSettings { spool_dir: path(conf.slurmd_spooldir)?, tmp_fs: path(conf.tmp_fs), conf_file: path(conf.slurm_conf) })
 }

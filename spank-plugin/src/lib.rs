@@ -8,6 +8,8 @@
 //!
 //! `args.rs` holds the user's options, `config.rs` the admin's plugstack.conf keys,
 //! `slurm_client.rs` makes `srun` and friends work inside containers,
+//! `pmix.rs` binds the PMIx server's step dirs for `srun --mpi=pmix`, `hostfile.rs`
+//! writes `$BERTH_HOSTFILE`,
 //! `berth.rs` runs the `berth` binary, `env.rs` picks the task's variables; `ffi.rs` and
 //! `sys.rs` are the only places with `unsafe`; joining a container is the engine's
 //! `container::join`.
@@ -21,6 +23,8 @@ mod berth;
 mod config;
 mod env;
 mod ffi;
+mod hostfile;
+mod pmix;
 mod slurm_client;
 mod slurmd;
 mod slurmstepd;

@@ -14,6 +14,8 @@
 //!   `<runtime_dir>/<job>/<name>/`, `chdir` to its working directory; no threads, no
 //!   HTTP) and set the container's environment. Slurm searches `PATH` for a bare command
 //!   after this hook, inside the container and with the image's `PATH`.
+//!   For a `--mpi=pmix` step it also binds the step's PMIx dirs into the container
+//!   (`pmix.rs`), and every task writes `$BERTH_HOSTFILE` there (`hostfile.rs`).
 //! - `task_init` (as the user, just before exec): slurmstepd has `chdir`ed back to the
 //!   job's directory after `task_init_privileged`, so the working directory is set again;
 //!   and `no_new_privs`, so nothing the task execs gains privileges. Where the admin
@@ -24,10 +26,13 @@ use crate::args::{Args, Mount};
 use crate::berth::{self, CreateRequest};
 use crate::env;
 use crate::ffi::{self, Spank};
+use crate::hostfile;
+use crate::pmix;
 use crate::slurm_client;
 use crate::sys;
 use berth_engine::config::Config;
 use berth_engine::container;
+use berth_engine::teardown;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -48,6 +53,8 @@ struct Prepared {
 static PREPARED: OnceLock<Prepared> = OnceLock::new();
 /// Bound read-only from the node into every container (docker and enroot do the same).
 const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
+/// Where Slurm reads slurm.conf when nothing says otherwise (Debian's and Slurm's default).
+const DEFAULT_SLURM_CONF: &str = "/etc/slurm/slurm.conf";
 /// The task's working directory inside the container, chosen in `task_init_privileged`.
 static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
 /// Whom the task runs as in a user namespace of its own (the admin's `remap_user`),
@@ -152,11 +159,23 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     berth::create(config, &req)?;
 
     let name = container_name(prepared.args.per_rank, rank.unwrap_or(0));
-    let mut joined = container::join(config, &prepared.job.to_string(), &name).map_err(|err| format!("berth: {err}"))?;
+    let job = prepared.job.to_string();
+    // What comes from the node's mount namespace must be taken before joining.
+    let pmix = pmix_dirs(sp, prepared)?;
+    let job_lock = match &pmix {
+        Some(_) => teardown::lock_job(&config.runtime_dir.join(&job), false).map_err(|err| format!("berth: {err}"))?,
+        None => None,
+    };
+    let mut joined = container::join(config, &job, &name).map_err(|err| format!("berth: {err}"))?;
+    if let Some(dirs) = &pmix {
+        pmix::attach(dirs).map_err(|why| format!("berth: srun --mpi=pmix: {why}"))?;
+    }
+    drop(job_lock);
     joined.choose_inside(config, prepared.args.remap_root).map_err(|err| format!("berth: {err}"))?;
     if let Some(inside) = joined.inside {
         let _ = INSIDE.set(inside);
     }
+    let hostfile = write_hostfile(sp);
     // Slurm's meaning of a step's directory (sbatch -D, srun --chdir, the submit
     // directory) is kept when the container has it; join chose the container's own
     // (the image's WorkingDir, else /) for when it does not.
@@ -172,12 +191,67 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     for (name, value) in env::to_set(&joined.env, &prepared.args.env, job_has) {
         sp.setenv(&name, &value).map_err(|e| format!("berth: cannot set {}: {e}", name.to_string_lossy()))?;
     }
+    if hostfile {
+        sp.setenv(OsStr::new("BERTH_HOSTFILE"), OsStr::new(hostfile::PATH)).map_err(|e| format!("berth: cannot set BERTH_HOSTFILE: {e}"))?;
+    }
     if prepared.extra_mounts.iter().any(|m| m.target == Path::new(slurm_client::BIN_DIR)) {
         let path = sp.getenv("PATH").map_err(|e| e.to_string())?;
         let path = slurm_client::path_with_wrappers(path.as_deref());
         sp.setenv(OsStr::new("PATH"), OsStr::new(&path)).map_err(|e| format!("berth: cannot set PATH: {e}"))?;
     }
     Ok(())
+}
+
+/// For a step of Slurm's PMIx plugin, its server and client dirs, cloned from the node
+/// (see `pmix.rs`); `None` for other steps.
+fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detached>>, String> {
+    let getenv = |name: &str| sp.getenv(name).map_err(|e| e.to_string());
+    let step = sp.step_id().map_err(|e| e.to_string())?;
+    // The batch and interactive steps never run an MPI plugin, whatever SLURM_MPI_TYPE
+    // the job's environment carries (users export it to make pmix srun's default).
+    if step == ffi::SLURM_BATCH_SCRIPT || step == ffi::SLURM_INTERACTIVE_STEP || !pmix::is_pmix(getenv("SLURM_MPI_TYPE")?.as_deref()) {
+        return Ok(None);
+    }
+    let node = ffi::node_settings().ok_or("berth: srun --mpi=pmix: cannot read SlurmdSpoolDir from slurmstepd's config; run without --mpi=pmix and report it to your admins")?;
+    // mpi.conf sits beside slurm.conf: the one slurmstepd names (Slurm 22.05), else the
+    // one its environment or Slurm's default path names (24.11 leaves the path unset).
+    let conf_files = [node.conf_file.clone(), std::env::var_os("SLURM_CONF").map(PathBuf::from), Some(PathBuf::from(DEFAULT_SLURM_CONF))];
+    let mpi_conf_base = conf_files
+        .iter()
+        .flatten()
+        .filter_map(|conf| std::fs::read_to_string(conf.parent()?.join("mpi.conf")).ok())
+        .find_map(|text| pmix::client_base_from_mpi_conf(&text));
+    let candidates = pmix::candidates(
+        &node,
+        getenv("SLURM_PMIX_TMPDIR")?.as_deref(),
+        mpi_conf_base,
+        getenv("TMPDIR")?.as_deref(),
+        prepared.job,
+        step,
+        prepared.uid,
+    );
+    pmix::detach(&candidates)
+        .map(Some)
+        .map_err(|why| format!("berth: srun --mpi=pmix: {why}; use mpirun or --mpi=pmi2 meanwhile, and show this line to your admins"))
+}
+
+/// Writes `$BERTH_HOSTFILE` in the container (inside it, as root); whether it is there.
+/// A job without the allocation's variables, or a read-only container root, goes without
+/// one: a line in the slurmd log says why.
+fn write_hostfile(sp: &Spank) -> bool {
+    let var = |name: &str| sp.getenv(name).ok().flatten().ok_or_else(|| format!("{name} is not set"));
+    let text = var("SLURM_JOB_NODELIST").and_then(|list| {
+        let nodes = hostfile::expand_hostlist(&list)?;
+        let slots = hostfile::expand_counts(&var("SLURM_JOB_CPUS_PER_NODE")?)?;
+        hostfile::text(&nodes, &slots)
+    });
+    match text.and_then(|text| hostfile::write(&text).map_err(|e| format!("cannot write {}: {e}", hostfile::PATH))) {
+        Ok(()) => true,
+        Err(why) => {
+            ffi::log_info(&format!("berth: no BERTH_HOSTFILE in this container: {why}"));
+            false
+        }
+    }
 }
 
 pub fn task_init() -> Result<(), String> {

@@ -32,3 +32,11 @@ pub fn own_dir() -> Option<std::path::PathBuf> {
     let path = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned();
     std::path::Path::new(&path).parent().map(std::path::Path::to_path_buf)
 }
+
+/// SIGKILLs `pid`; a process already gone is not an error worth reporting.
+pub fn kill_now(pid: i32) {
+    // SAFETY: kill takes no pointers; a stale pid at worst gets ESRCH.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}

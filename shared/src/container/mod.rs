@@ -14,8 +14,8 @@
 
 pub mod env;
 pub mod mounts;
-pub(crate) mod sys;
 pub mod remap;
+pub mod sys;
 pub mod user;
 
 use crate::config::Config;
