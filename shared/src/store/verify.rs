@@ -180,8 +180,8 @@ fn check_tree(path: &Path) -> Result<(), String> {
     while let Some(dir) = stack.pop() {
         let fd = rustix::fs::open(&dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
             .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
-        let mut entries = rustix::fs::Dir::read_from(&fd).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
-        while let Some(entry) = entries.next() {
+        let entries = rustix::fs::Dir::read_from(&fd).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        for entry in entries {
             let entry = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
             let name = entry.file_name().to_bytes();
             if name == b"." || name == b".." {
