@@ -618,3 +618,43 @@ fn a_node_with_debris_of_crashed_jobs_runs_the_next_job() {
         std::panic::resume_unwind(e);
     }
 }
+
+#[test]
+fn on_a_node_create_and_destroy_killed_at_random_moments_leave_no_anchor_mount_or_dir() {
+    // On the test cluster's nodes the kernel may refuse the nsfs bind, so pins may be
+    // anchor processes: a create killed half-way must not leave one behind.
+    let cluster = cluster();
+    let (node, _) = node_and_netns();
+    let b = berth_binary().display().to_string();
+    let user = &cluster.users()[0];
+    let image = format!("{}/minimal:latest", cluster.registry());
+    let job = format!("kill-node-{}", std::process::id());
+    let create = format!("{b} container create --job $J --user {user} --image {image}");
+    let calibrate = format!(
+        "J={job}-c; s=$(date +%s%N); {create} >/dev/null && e=$(date +%s%N) && {b} container destroy --job $J >/dev/null && echo $(( (e - s) / 1000 ))"
+    );
+    let create_us: u64 = stdout_ok(&cluster.on_node(&node, &calibrate)).trim().parse().unwrap();
+    let mut rng = Rng::from_env("kill -9 on a node");
+    let mut mid_create = 0;
+    for round in 0..16 {
+        // `timeout` and the shell cost part of the calibrated time: aim at the first two thirds.
+        let (d1, d2) = (rng.below(create_us * 2 / 3 + 1), rng.below(create_us / 2 + 1));
+        let script = format!(
+            "J={job}-{round}; timeout -s KILL {}.{:06} {create} >/dev/null 2>&1; echo create-status=$?; \
+             {create} >/dev/null && {b} container exec --job $J -- true && echo next-ok; \
+             timeout -s KILL {}.{:06} {b} container destroy --job $J >/dev/null 2>&1; \
+             {b} container destroy --job $J >/dev/null && test ! -e /run/berth/$J && echo destroyed; \
+             pgrep -f -- \"--job $J( |\\$)\" >/dev/null && echo process-left || echo no-process; \
+             echo mounts=$(grep -c \" /run/berth/$J/\" /proc/self/mountinfo)",
+            d1 / 1_000_000,
+            d1 % 1_000_000,
+            d2 / 1_000_000,
+            d2 % 1_000_000
+        );
+        let out = stdout_ok(&cluster.on_node(&node, &script));
+        eprintln!("round {round}: create killed after {d1} us, destroy after {d2} us: {}", out.replace('\n', " "));
+        assert!(out.contains("next-ok\ndestroyed\nno-process\nmounts=0\n"), "round {round} (delays {d1} us, {d2} us): {out}");
+        mid_create += out.contains("create-status=137") as u32;
+    }
+    eprintln!("kills that landed during create: {mid_create} of 16");
+}
