@@ -261,6 +261,10 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
     match command {
         ContainerCommand::Wire(args) => crate::wiring::wire(config, args),
         ContainerCommand::Create(args) => {
+            // Refuse a bad job id or name before any pull.
+            if let Err(e) = container::container_dir(config, &args.which.job, &args.which.name()) {
+                return fail(e);
+            }
             let user = match user_credentials(&args.user, args.gid, args.groups.clone()) {
                 Ok(user) => user,
                 Err(e) => return fail(e),

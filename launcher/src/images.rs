@@ -1,4 +1,4 @@
-//! `berth pull|images|inspect|rm|gc|export`: the image store commands. Each parses its
+//! `berth pull|images|inspect|rm|gc|verify|export`: the image store commands. Each parses its
 //! arguments, makes one store call and prints the result; errors go back to `main` as
 //! one line. Never reaches into the store's files itself.
 
@@ -32,6 +32,8 @@ pub enum ImageCommand {
     },
     /// Remove layers no image and no live container uses, and the leftovers of interrupted pulls.
     Gc,
+    /// Check the store: rehash blobs, check refs, layer dirs and debris; one line per problem.
+    Verify,
     /// Write an image's flattened root filesystem into DIR (pulled first if missing).
     Export { image: String, dir: PathBuf },
 }
@@ -83,6 +85,16 @@ pub fn run(command: ImageCommand, config: &Config) -> Result<(), String> {
                 "removed {} layers, {} blobs, {} leftovers of interrupted pulls; kept {} unreferenced layers live containers use",
                 report.layers, report.blobs, report.leftovers, report.in_use
             );
+        }
+        ImageCommand::Verify => {
+            let report = store.verify().map_err(|e| e.to_string())?;
+            for problem in &report.problems {
+                println!("{problem}");
+            }
+            if !report.problems.is_empty() {
+                return Err(format!("the image store {} has {} problems, listed above", store.root().display(), report.problems.len()));
+            }
+            println!("{}: {} images, {} layers, {} blobs verified", store.root().display(), report.images, report.layers, report.blobs);
         }
         ImageCommand::Export { image, dir } => {
             store.export(&image, &dir, Progress::auto()).map_err(|e| e.to_string())?;

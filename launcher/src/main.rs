@@ -35,7 +35,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print as clap prints them.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("berth: {} (see --help)", usage_error_line(&e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let mut config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -59,4 +67,11 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// A clap usage error as one line, like every other berth error: its first paragraph
+/// (the message and any list of arguments under it), without clap's `error: ` prefix.
+fn usage_error_line(rendered: &str) -> String {
+    let paragraph: Vec<&str> = rendered.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+    paragraph.join(" ").trim_start_matches("error: ").to_string()
 }

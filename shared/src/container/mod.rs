@@ -54,6 +54,8 @@ pub enum ContainerError {
     Mismatch { job: String, name: String, what: &'static str },
     #[error("cannot {action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot {action} {path}: no space left on its file system; free space there (the runtime dir is runtime_dir in the admin config)")]
+    NoSpace { action: &'static str, path: PathBuf },
     #[error("cannot {action}: {source}")]
     Sys { action: &'static str, source: Errno },
     #[error("bad environment entry '{entry}': expected KEY=VALUE")]
@@ -248,7 +250,12 @@ pub fn container_dir(config: &Config, job: &str, name: &str) -> Result<PathBuf> 
 }
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ContainerError + 'a {
-    move |source| ContainerError::Io { action, path: path.to_path_buf(), source }
+    move |source| {
+        if crate::unpack::is_no_space(&source) {
+            return ContainerError::NoSpace { action, path: path.to_path_buf() };
+        }
+        ContainerError::Io { action, path: path.to_path_buf(), source }
+    }
 }
 
 fn sys_err(action: &'static str) -> impl FnOnce(Errno) -> ContainerError {
@@ -311,8 +318,7 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     }
     let job_dir = config.runtime_dir.join(&spec.job);
     let _lock = teardown::lock_job(&job_dir, true)?;
-    if teardown::is_pinned(&dir.join("mnt")) {
-        let state = read_state(&dir)?;
+    if let Some(state) = live_state(&dir) {
         let mismatch = |what| ContainerError::Mismatch { job: spec.job.clone(), name: spec.name.clone(), what };
         if state.user != spec.user {
             return Err(mismatch("another user"));
@@ -332,6 +338,20 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
             Err(err)
         }
     }
+}
+
+/// The state of a finished container at `dir`: pinned, with a readable `state.json`
+/// naming the namespace the pin opens. Anything less (under the job lock) is what a
+/// crashed create or a dead anchor left: a pin without state, or a symlink pin to a
+/// reused pid's namespace.
+fn live_state(dir: &Path) -> Option<State> {
+    let mnt = dir.join("mnt");
+    if !teardown::is_pinned(&mnt) {
+        return None;
+    }
+    let state = read_state(dir).ok()?;
+    let inode = std::fs::metadata(&mnt).ok()?.ino();
+    (state.mnt_inode == 0 || state.mnt_inode == inode).then_some(state)
 }
 
 fn created(dir: &Path, state: &State, reused: bool) -> Created {
@@ -452,7 +472,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     }
     let pinned = inside?;
     let mnt_inode = nix::sys::stat::fstat(pinned[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
-    pin(dir, &namespaces, &pinned)?;
+    let anchor = pin(dir, &namespaces, &pinned)?;
 
     let state = State::of(spec, workdir, namespaces, mnt_inode);
     write_atomic(&dir.join("env"), &env::encode(&container_env))?;
@@ -463,6 +483,9 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         source: e.into(),
     })?;
     write_atomic(&dir.join("state.json"), &json)?;
+    if let Some(commit) = anchor {
+        nix::unistd::write(&commit, b"1").map_err(sys_err("keep the container's anchor"))?;
+    }
     Ok(state)
 }
 
@@ -471,8 +494,9 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
 /// cluster's node namespaces, never in the initial one); then a small anchor process
 /// joins the namespaces and idles, and each pin becomes a symlink to its
 /// `/proc/<pid>/ns/<ns>`. Either way, opening the pin opens the namespace; destroy
-/// kills the anchor with everything else inside.
-fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<()> {
+/// kills the anchor with everything else inside. Returns the anchor's commit pipe,
+/// to be written once the container's state is on disk (see `sys::become_anchor`).
+fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<Option<OwnedFd>> {
     let mut bound = Vec::new();
     for (ns, fd) in namespaces.iter().zip(fds) {
         let target = dir.join(ns);
@@ -483,15 +507,16 @@ fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<()> {
                 for done in &bound {
                     let _ = nix::mount::umount2(done, MntFlags::MNT_DETACH);
                 }
-                return pin_with_anchor(dir, namespaces, fds);
+                return pin_with_anchor(dir, namespaces, fds).map(Some);
             }
             Err(e) => return Err(sys_err("pin the container's namespace")(e)),
         }
     }
-    Ok(())
+    Ok(None)
 }
 
-fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<()> {
+fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<OwnedFd> {
+    let (commit_read, commit_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("start the container's anchor"))?;
     let anchor = match sys::fork().map_err(sys_err("start the container's anchor"))? {
         sys::Forked::Child => {
             for (ns, fd) in namespaces.iter().zip(fds) {
@@ -499,10 +524,11 @@ fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result
                     sys::exit_now(1);
                 }
             }
-            sys::become_anchor()
+            sys::become_anchor(&commit_read)
         }
         sys::Forked::Parent(pid) => pid,
     };
+    drop(commit_read);
     for ns in namespaces {
         let target = dir.join(ns);
         std::fs::remove_file(&target).map_err(io("replace", &target))?;
@@ -513,7 +539,7 @@ fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result
     let want = nix::sys::stat::fstat(fds[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
     for _ in 0..1000 {
         if std::fs::metadata(&mnt).map(|m| m.ino()).ok() == Some(want) {
-            return Ok(());
+            return Ok(commit_write);
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }

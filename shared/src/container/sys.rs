@@ -274,8 +274,14 @@ pub fn attach_tree(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> nix::Result<
 
 /// Turns a forked child into a namespace anchor: a new session, stdin/stdout/stderr on
 /// /dev/null (so nobody waiting for the parent's output waits for it), every other
-/// descriptor closed, then idle until killed.
-pub fn become_anchor() -> ! {
+/// descriptor closed but `commit`, the read end of a pipe from create. The anchor
+/// stays only once create wrote a byte to it (after the container's state is on
+/// disk); if create dies before, the pipe ends, the anchor exits and the namespace
+/// goes with it, so a killed create leaves no anchor nobody can identify. Then idle
+/// until killed.
+pub fn become_anchor(commit: &OwnedFd) -> ! {
+    const COMMIT_FD: i32 = 3;
+    let _ = nix::unistd::dup2(commit.as_raw_fd(), COMMIT_FD);
     let _ = nix::unistd::setsid();
     let _ = nix::unistd::chdir("/");
     if let Ok(null) = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty()) {
@@ -283,8 +289,18 @@ pub fn become_anchor() -> ! {
             let _ = nix::unistd::dup2(null, fd);
         }
     }
-    // SAFETY: close_range only closes descriptors; nothing here uses them any more.
-    unsafe { libc::close_range(3, u32::MAX, 0) };
+    // SAFETY: close_range only closes descriptors; nothing here uses them any more
+    // (the pipe's write end, which the parent holds, is among them).
+    unsafe { libc::close_range(COMMIT_FD as u32 + 1, u32::MAX, 0) };
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(COMMIT_FD, &mut byte) {
+            Ok(1) => break,
+            Err(Errno::EINTR) => continue,
+            _ => exit_now(0),
+        }
+    }
+    let _ = nix::unistd::close(COMMIT_FD);
     loop {
         nix::unistd::pause();
     }

@@ -265,6 +265,8 @@ impl Client {
                     Err(ureq::Error::Status(401 | 403, _)) if self.login.is_some() => {
                         return Err(RegistryError::WrongCredentials { registry: self.registry.clone(), repository: self.repository.clone() })
                     }
+                    // No login and no anonymous token: the repository needs one (or does not exist).
+                    Err(ureq::Error::Status(401 | 403, _)) => return Err(denied()),
                     Err(ureq::Error::Status(status, _)) => {
                         return Err(RegistryError::Status { registry: self.registry.clone(), status, url: realm, body: "token request refused".into() })
                     }

@@ -89,7 +89,7 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
     Ok(report)
 }
 
-fn list(store: &Store, dir: &Path) -> Result<Vec<String>, StoreError> {
+pub(super) fn list(store: &Store, dir: &Path) -> Result<Vec<String>, StoreError> {
     match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()).map_err(|err| store.io(dir, err)))

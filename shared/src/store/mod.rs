@@ -26,8 +26,10 @@ mod pull;
 mod pull_tests;
 #[cfg(test)]
 mod testreg;
+mod verify;
 
 pub use gc::GcReport;
+pub use verify::VerifyReport;
 pub use progress::{human_bytes, short, Progress};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
@@ -334,6 +336,13 @@ impl Store {
         }
         let _exclusive = self.lock_store(true)?;
         gc::collect(self)
+    }
+
+    /// Checks the whole store (blobs rehashed, refs against manifests, configs and
+    /// layer dirs, no debris) without changing it; waits for running pulls to end.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let _exclusive = self.lock_store(true)?;
+        verify::check(self)
     }
 
     /// Writes the flattened root filesystem of an image (pulled if missing) into `dest`,

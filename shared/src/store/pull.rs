@@ -37,12 +37,21 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         return Err(bad(format!("config digest {config_digest} is not a sha256 digest")));
     }
     let config_path = store.blob_path(&config_digest);
-    let config_bytes = match std::fs::read(&config_path) {
-        Ok(b) if crate::registry::sha256_digest(&b) == config_digest => b,
-        _ => {
-            let b = client.small_blob(&config_digest).map_err(|e| mismatch_or(e, &key, "image config"))?;
-            super::write_atomic(&store.root, &config_path, &b).map_err(|e| io_err(store, &key, &config_path, e))?;
-            b
+    let stored = || std::fs::read(&config_path).ok().filter(|b| crate::registry::sha256_digest(b) == config_digest);
+    let config_bytes = match stored() {
+        Some(b) => b,
+        None => {
+            // Under the blob's lock, so that concurrent pulls of one image fetch it once.
+            let lock_path = store.root.join("locks").join(format!("{}.lock", config_digest.trim_start_matches("sha256:")));
+            let _lock = lock::acquire(&lock_path, true).map_err(|e| io_err(store, &key, &lock_path, e))?;
+            match stored() {
+                Some(b) => b,
+                None => {
+                    let b = client.small_blob(&config_digest).map_err(|e| mismatch_or(e, &key, "image config"))?;
+                    super::write_atomic(&store.root, &config_path, &b).map_err(|e| io_err(store, &key, &config_path, e))?;
+                    b
+                }
+            }
         }
     };
     let manifest_path = store.blob_path(&manifest_digest);
@@ -172,7 +181,7 @@ fn published(store: &Store, diff_id: &str, chain_id: &str) -> Option<String> {
 }
 
 /// OCI chain ids: `chain[0] = diff[0]`, `chain[i] = sha256(chain[i-1] + " " + diff[i])`.
-fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+pub(super) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
     for d in diff_ids {
         let next = match out.last() {
@@ -206,10 +215,19 @@ fn fetch_manifest(client: &Client, r: &Reference, platform: &Platform, key: &str
 
 fn mismatch_or(e: RegistryError, key: &str, what: &str) -> StoreError {
     match e {
+        RegistryError::NotFound { what: blob, .. } if blob.starts_with("blob ") => missing_blob(key, what),
         RegistryError::DigestMismatch { expected, actual, .. } => {
             StoreError::DigestMismatch { reference: key.into(), what: what.into(), expected, actual }
         }
         source => StoreError::Registry { reference: key.into(), source },
+    }
+}
+
+/// A blob the manifest names but the registry lacks: the image, not the name, is broken.
+fn missing_blob(key: &str, what: &str) -> StoreError {
+    StoreError::BadImage {
+        reference: key.into(),
+        why: format!("the registry does not have the {what} its manifest names (the image is incomplete there: push it again)"),
     }
 }
 
@@ -284,11 +302,13 @@ struct Hashing<'a, R> {
     bar: Option<&'a LayerBar>,
     /// The transport error that ended the stream, if one did.
     failed: Option<String>,
+    /// The stream went on past `limit`.
+    overlong: bool,
 }
 
 impl<'a, R: Read> Hashing<'a, R> {
     fn new(inner: R, limit: u64, bar: Option<&'a LayerBar>) -> Self {
-        Hashing { inner, hasher: Sha256::new(), count: 0, limit, bar, failed: None }
+        Hashing { inner, hasher: Sha256::new(), count: 0, limit, bar, failed: None, overlong: false }
     }
 
     fn digest(self) -> (String, u64) {
@@ -303,7 +323,10 @@ impl<R: Read> Read for Hashing<'_, R> {
             let mut probe = [0u8; 1];
             return match self.inner.read(&mut probe)? {
                 0 => Ok(0),
-                _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the blob is longer than its descriptor says")),
+                _ => {
+                    self.overlong = true;
+                    Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the blob is longer than its descriptor says"))
+                }
             };
         }
         let max = buf.len().min((self.limit - self.count).min(usize::MAX as u64) as usize);
@@ -341,6 +364,7 @@ fn download_and_unpack(
         RegistryError::Unreachable { why, .. } => {
             StoreError::Truncated { reference: key.into(), layer: super::short(&digest).into(), got: 0, expected: layer.size(), why }
         }
+        RegistryError::NotFound { .. } => missing_blob(key, &format!("layer {}", super::short(&digest))),
         source => StoreError::Registry { reference: key.into(), source },
     })?;
     bar.phase("pulling");
@@ -362,8 +386,16 @@ fn download_and_unpack(
     let (unpacked, drained, (diff_digest, _)) = result;
     let rest = std::io::copy(&mut blob, &mut std::io::sink());
     let transport_failed = blob.failed.clone();
+    let overlong = blob.overlong;
     let (blob_digest, got) = blob.digest();
     let short = super::short(&digest).to_string();
+    if overlong {
+        // Whatever the first bytes were, this is not the blob the manifest describes.
+        return Err(StoreError::BadImage {
+            reference: key.into(),
+            why: format!("layer {short} is longer than the manifest says ({} bytes): the registry sent another blob or garbage", layer.size()),
+        });
+    }
     if let Some(why) = transport_failed.or_else(|| rest.err().map(|e| e.to_string())).or_else(|| (got < layer.size()).then(|| "the stream ended early".to_string())) {
         if got < layer.size() {
             return Err(StoreError::Truncated { reference: key.into(), layer: short, got, expected: layer.size(), why });

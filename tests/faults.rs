@@ -1,0 +1,660 @@
+//! Faults: what a user sees, and what a node keeps, when the input is bad, the registry
+//! is broken or hostile, a disk fills up, or `berth` is killed at a random moment.
+//! Every fault must give one clear line where the user looks, fail the job or command
+//! cleanly, leave nothing mounted or running, and leave a store `berth verify` accepts.
+//!
+//! The broken registry is this file's own small HTTP server, serving one image per
+//! repository, each broken in one way; it listens on loopback (for `berth` run here)
+//! or on the loopback of a compute host's network namespace (for `srun` jobs there:
+//! `localhost` registries are spoken to over plain HTTP). Unit tests of the engine
+//! (`shared/src/store/pull_tests.rs`) cover corrupt and truncated blobs, auth, 429/5xx,
+//! unknown tags and a full store on the engine's side; here are the user's side and
+//! the cases they do not have.
+
+// Each test file uses its own part of the helpers.
+#[allow(dead_code)]
+#[path = "oci_image.rs"]
+mod oci_image;
+
+use berth_e2e::{assert_nodes_clean, berth_binary, cluster, stdout_ok};
+use oci_image::{busybox_layer, image, manifest_for, noise, Blob, Image};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How one repository of the broken registry is broken.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Breakage {
+    /// Served as it should be.
+    Healthy,
+    /// The manifest is cut off in the middle of its JSON.
+    BadJson,
+    /// A schema1 manifest (a media type berth does not run).
+    WrongMediaType,
+    /// The manifest names a layer the registry does not have.
+    MissingBlob,
+    /// One byte of the layer is flipped.
+    DigestMismatch,
+    /// The manifest never ends.
+    EndlessManifest,
+    /// The layer never ends.
+    EndlessBlob,
+    /// The layer is followed by more bytes than the manifest's size.
+    LongerBlob,
+    /// The connection dies half-way through the layer, every time.
+    DiesMidBlob,
+    /// Every request needs a login nobody has.
+    Denied,
+}
+
+const REPOS: &[(&str, Breakage)] = &[
+    ("healthy", Breakage::Healthy),
+    ("bad-json", Breakage::BadJson),
+    ("media-type", Breakage::WrongMediaType),
+    ("missing-blob", Breakage::MissingBlob),
+    ("mismatch", Breakage::DigestMismatch),
+    ("endless-manifest", Breakage::EndlessManifest),
+    ("endless-blob", Breakage::EndlessBlob),
+    ("longer-blob", Breakage::LongerBlob),
+    ("dies-mid-blob", Breakage::DiesMidBlob),
+    ("denied", Breakage::Denied),
+    ("bomb", Breakage::Healthy),
+];
+
+/// The broken registry; its threads live as long as the test process.
+struct BrokenRegistry {
+    addr: String,
+}
+
+struct Served {
+    addr: String,
+    images: Vec<(String, Breakage, Image)>,
+    blob_gets: AtomicUsize,
+}
+
+impl BrokenRegistry {
+    /// Starts the registry on 127.0.0.1 of this process's network namespace, or of the
+    /// one at `netns` (a compute host's, e.g. `/run/netns/berth0-node1`).
+    fn start(netns: Option<PathBuf>) -> BrokenRegistry {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Some(ns) = netns {
+                // Only this thread (and the threads it starts) moves: the listener and
+                // every accepted connection are the host's.
+                let fd = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the host's network namespace");
+            }
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let images = REPOS.iter().map(|(name, b)| (name.to_string(), *b, image_for(name))).collect();
+            let served = Arc::new(Served { addr: addr.clone(), images, blob_gets: AtomicUsize::new(0) });
+            tx.send(addr).unwrap();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let served = served.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &served);
+                });
+            }
+        });
+        BrokenRegistry { addr: rx.recv_timeout(Duration::from_secs(60)).expect("the broken registry started") }
+    }
+
+    fn image(&self, repo: &str) -> String {
+        format!("{}/{repo}:1", self.addr)
+    }
+}
+
+/// A small runnable image per repository; `bomb`'s one layer is 64 MiB of zeros that
+/// compress to some 64 KiB.
+fn image_for(repo: &str) -> Image {
+    if repo == "bomb" {
+        let zeros = vec![0u8; 64 << 20];
+        return image(&[oci_image::tar(&[oci_image::Entry::File("bomb", &zeros, 0o644)])], &["/bin/true"]);
+    }
+    let base = busybox_layer(repo);
+    let mut img = image(&[base], &["/bin/true"]);
+    if repo == "missing-blob" {
+        let absent = Blob::of(noise(1000, 7));
+        img.manifest = manifest_for(&img.config, &[(absent.digest.clone(), 1000)]);
+    }
+    img
+}
+
+fn respond(conn: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)
+}
+
+/// Sends headers without a length, then `chunk` until the client goes away.
+fn endless(conn: &mut TcpStream, content_type: &str, first: &[u8], chunk: &[u8]) -> std::io::Result<()> {
+    conn.write_all(format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {content_type}\r\n\r\n").as_bytes())?;
+    conn.write_all(first)?;
+    loop {
+        conn.write_all(chunk)?;
+    }
+}
+
+fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
+    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+            break;
+        }
+    }
+    if path == "/v2/" {
+        return respond(&mut conn, "200 OK", &[], b"{}");
+    }
+    if path.starts_with("/token") {
+        return respond(&mut conn, "401 Unauthorized", &[], b"{}");
+    }
+    let parts: Vec<&str> = path.trim_start_matches("/v2/").split('/').collect();
+    let [repo, kind, reference] = parts[..] else { return respond(&mut conn, "404 Not Found", &[], b"") };
+    let Some((_, breakage, img)) = served.images.iter().find(|(name, _, _)| name == repo) else {
+        return respond(&mut conn, "404 Not Found", &[], br#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#);
+    };
+    if *breakage == Breakage::Denied {
+        let challenge = format!(r#"Bearer realm="http://{}/token",service="broken""#, served.addr);
+        return respond(&mut conn, "401 Unauthorized", &[("WWW-Authenticate", &challenge)], br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+    }
+    match kind {
+        "manifests" => match breakage {
+            Breakage::BadJson => respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], br#"{"schemaVersion":2,"layers":["#),
+            Breakage::WrongMediaType => respond(
+                &mut conn,
+                "200 OK",
+                &[("Content-Type", "application/vnd.docker.distribution.manifest.v1+prettyjws")],
+                br#"{"schemaVersion":1,"name":"media-type","tag":"1","fsLayers":[]}"#,
+            ),
+            Breakage::EndlessManifest => endless(&mut conn, oci_image::MANIFEST, br#"{"schemaVersion":2,"pad":""#, &[b'a'; 65536]),
+            _ if reference == "1" || reference == img.manifest.digest => {
+                respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], &img.manifest.bytes)
+            }
+            _ => respond(&mut conn, "404 Not Found", &[], br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#),
+        },
+        "blobs" => {
+            served.blob_gets.fetch_add(1, Ordering::SeqCst);
+            if reference == img.config.digest {
+                return respond(&mut conn, "200 OK", &[], &img.config.bytes);
+            }
+            let Some(layer) = img.layers.iter().find(|l| l.digest == reference).filter(|_| *breakage != Breakage::MissingBlob) else {
+                return respond(&mut conn, "404 Not Found", &[], br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#);
+            };
+            let mut body = layer.bytes.clone();
+            match breakage {
+                Breakage::DigestMismatch => {
+                    let mid = body.len() / 2;
+                    body[mid] ^= 0xff;
+                    respond(&mut conn, "200 OK", &[], &body)
+                }
+                Breakage::EndlessBlob => endless(&mut conn, "application/octet-stream", &body, &noise(65536, 3)),
+                Breakage::LongerBlob => {
+                    body.extend(noise(1 << 20, 5));
+                    respond(&mut conn, "200 OK", &[], &body)
+                }
+                Breakage::DiesMidBlob => {
+                    let head = format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len());
+                    conn.write_all(head.as_bytes())?;
+                    conn.write_all(&body[..body.len() / 2])?;
+                    conn.shutdown(std::net::Shutdown::Both)
+                }
+                _ => respond(&mut conn, "200 OK", &[], &body),
+            }
+        }
+        _ => respond(&mut conn, "404 Not Found", &[], b""),
+    }
+}
+
+/// A store, a runtime dir and an admin config of their own for `berth` run here as
+/// root; unmounted and removed on drop.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        assert!(nix::unistd::geteuid().is_root(), "these tests run as root");
+        let dir = std::env::temp_dir().join(format!("berth-faults-{name}-{}", std::process::id()));
+        let _ = Command::new("rm").arg("-rf").arg(&dir).status();
+        std::fs::create_dir_all(dir.join("store")).unwrap();
+        let s = Scratch { dir };
+        s.write_config(&[]);
+        s
+    }
+
+    fn write_config(&self, insecure: &[&str]) {
+        let insecure: Vec<String> = insecure.iter().map(|r| format!("\"{r}\"")).collect();
+        std::fs::write(
+            self.dir.join("berth.toml"),
+            format!(
+                "store_dir = \"{}\"\nruntime_dir = \"{}\"\nmount_home = false\ninsecure_registries = [{}]\n",
+                self.store().display(),
+                self.dir.join("rt").display(),
+                insecure.join(", ")
+            ),
+        )
+        .unwrap();
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(berth_binary());
+        c.args(args).env("BERTH_CONFIG", self.dir.join("berth.toml")).env_remove("BERTH_STORE");
+        c
+    }
+
+    fn berth(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run berth")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        stdout_ok(&self.berth(args))
+    }
+
+    /// Asserts the store is whole: `berth verify` finds nothing.
+    fn verifies(&self) {
+        let out = self.berth(&["verify"]);
+        assert!(
+            out.status.success(),
+            "berth verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let rt = self.dir.join("rt");
+        if let Ok(jobs) = std::fs::read_dir(&rt) {
+            for job in jobs.flatten() {
+                let _ = self.berth(&["container", "destroy", "--job", &job.file_name().to_string_lossy()]);
+            }
+        }
+        for m in [rt, self.store()] {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = Command::new("rm").arg("-rf").arg(&self.dir).status();
+    }
+}
+
+/// The one line a failed command printed, after checking it failed and printed only that.
+fn one_error_line(what: &str, out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{what} should fail; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(err.trim_end().lines().count(), 1, "{what}: one error line, got: {err}");
+    assert!(err.starts_with("berth: "), "{what}: {err}");
+    err.trim_end().to_string()
+}
+
+#[test]
+fn malformed_references_and_options_are_one_line_each() {
+    let s = Scratch::new("malformed");
+    let cases: &[(&[&str], &str)] = &[
+        (&["pull", ""], "is not an image reference"),
+        (&["pull", "has space"], "is not an image reference"),
+        (&["pull", "a:b:c"], "is not an image reference"),
+        (&["pull", "x@sha256:zz"], "the digest must be sha256:"),
+        (&["pull", "--platform", "linux", "busybox"], "--platform linux: expected os/arch"),
+        (&["pull", &"a".repeat(5000)], "too long"),
+        (&["container", "create", "--job", "../x", "--user", "65534", "--image", "busybox"], "job"),
+        (&["container", "create", "--job", "j1", "--user", "65534", "--image", "busybox", "--pull", "sometimes"], "not a pull policy"),
+        (&["container", "create", "--job", "j1", "--user", "no-such-user-x", "--image", "busybox", "--pull", "never"], "no-such-user-x"),
+        (&["container", "create", "--job", "j1", "--user", "65534", "--image", "busybox", "--pull", "never"], "pull it first"),
+        (&["container", "create", "--job", "j1", "--user", "65534", "--layers", "/nonexistent-layer"], "/nonexistent-layer"),
+        (&["container", "exec", "--job", "j1", "--", "true"], "has not run"),
+        (&["container", "create", "--user", "65534"], "required arguments were not provided: --job <JOB>"),
+        (&["pull", "--no-such-option", "busybox"], "unexpected argument '--no-such-option'"),
+    ];
+    for (args, expected) in cases {
+        let line = one_error_line(&format!("berth {args:?}"), &s.berth(args));
+        assert!(line.contains(expected), "berth {args:?}: {line}");
+    }
+    assert!(!s.dir.join("rt/j1/node").exists() && !s.dir.join("rt/../x").exists(), "a refused create makes no container");
+    s.verifies();
+}
+
+#[test]
+fn a_broken_registry_fails_the_pull_with_one_line_and_leaves_a_store_that_verifies() {
+    let reg = BrokenRegistry::start(None);
+    let s = Scratch::new("broken");
+    let cases = [
+        ("bad-json", "the manifest is not valid JSON"),
+        ("media-type", "which is not an image"),
+        ("missing-blob", "the registry does not have"),
+        ("mismatch", "does not match its digest"),
+        ("endless-manifest", "larger than 8 MiB"),
+        ("endless-blob", "longer than the manifest says"),
+        ("longer-blob", "longer than the manifest says"),
+        ("dies-mid-blob", "the download broke off after"),
+        ("denied", "denied access"),
+    ];
+    for (repo, expected) in cases {
+        let started = Instant::now();
+        let line = one_error_line(repo, &s.berth(&["pull", "--quiet", &reg.image(repo)]));
+        assert!(line.contains(&format!("cannot pull {}", reg.image(repo))) && line.contains(expected), "{repo}: {line}");
+        assert!(started.elapsed() < Duration::from_secs(60), "{repo} took {:?}", started.elapsed());
+        s.verifies();
+    }
+    assert_eq!(s.ok(&["images"]).lines().count(), 1, "nothing was stored");
+    // The same registry serves a healthy image, so the failures above are the breakages'.
+    s.ok(&["pull", "--quiet", &reg.image("healthy")]);
+    s.verifies();
+}
+
+#[test]
+fn a_decompression_bomb_fills_only_a_tmp_dir_that_is_removed() {
+    let reg = BrokenRegistry::start(None);
+    let s = Scratch::new("bomb");
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(s.store()).status().unwrap();
+    assert!(mounted.success());
+    let line = one_error_line("bomb", &s.berth(&["pull", "--quiet", &reg.image("bomb")]));
+    assert!(line.contains("no space left in the image store") && line.ends_with("free space or run `berth gc`"), "{line}");
+    s.verifies();
+    let used = nix::sys::statvfs::statvfs(&s.store()).unwrap();
+    let used_kib = (used.blocks() - used.blocks_free()) * used.fragment_size() / 1024;
+    assert!(used_kib < 1024, "the bomb's bytes were removed: {used_kib} KiB still used");
+}
+
+/// The compute host the node tests use, and its network namespace.
+fn node_and_netns() -> (String, PathBuf) {
+    let node = cluster().nodes()[0].clone();
+    let k = std::env::var("BERTH_TEST_CLUSTER").unwrap_or_else(|_| "0".into());
+    (node.clone(), PathBuf::from(format!("/run/netns/berth{k}-{node}")))
+}
+
+#[test]
+fn a_broken_registry_or_a_bad_option_fails_the_job_with_one_line_on_srun() {
+    let cluster = cluster();
+    let (node, netns) = node_and_netns();
+    let reg = BrokenRegistry::start(Some(netns));
+    let cases = [
+        (reg.image("mismatch"), "does not match its digest"),
+        (reg.image("dies-mid-blob"), "the download broke off after"),
+        (reg.image("missing-blob"), "the registry does not have"),
+        ("localhost:1/nothing:1".to_string(), "cannot reach registry localhost:1"),
+        (format!("{}/minimal:no-such-tag", cluster.registry()), "not found"),
+    ];
+    let script: String = cases.iter().map(|(image, _)| format!("srun --container={image} true; echo rc=$?; ")).collect();
+    let out = cluster.run(&format!("salloc -N1 -w {node} sh -c 'echo JOB=$SLURM_JOB_ID; {script}'"));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.matches("rc=").count(), cases.len(), "{stdout} {stderr}");
+    assert!(!stdout.contains("rc=0"), "every step fails: {stdout}");
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("error: berth:")).collect();
+    assert_eq!(ours.len(), cases.len(), "one line per failed step: {stderr}");
+    for ((image, expected), line) in cases.iter().zip(&ours) {
+        assert!(line.contains(&format!("cannot start image {image}: ")) && line.contains(expected), "{image}: {line}");
+    }
+    let job = stdout.lines().find_map(|l| l.strip_prefix("JOB=")).expect("JOB= line").trim().to_string();
+    assert_nodes_clean(&cluster, &job);
+    let verify = cluster.on_node(&node, &format!("{} verify", berth_binary().display()));
+    assert!(verify.status.success(), "the node's store: {}", String::from_utf8_lossy(&verify.stdout));
+
+    // Options srun itself refuses, before anything runs on a node: one line each.
+    let bad_options = [
+        ("--container-mounts=relative:/x", "SRC must be an absolute path"),
+        ("--container-mounts=/tmp:/", "cannot mount over the container's root"),
+        ("--container-pull=sometimes", "expected missing, always or never"),
+        ("--container-workdir=relative", "must be an absolute path"),
+        ("--container-image=-x", "does not start with '-'"),
+        ("--container-env=1BAD", "is not a variable name"),
+    ];
+    for (option, expected) in bad_options {
+        let out = cluster.run(&format!("srun -N1 --container={} {option} true", cluster.registry() + "/minimal:latest"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{option} was accepted");
+        let ours: Vec<&str> = stderr.lines().filter(|l| l.contains(expected)).collect();
+        assert_eq!(ours.len(), 1, "{option}: one line saying what is wrong: {stderr}");
+    }
+}
+
+#[test]
+fn a_full_store_or_runtime_dir_on_a_node_fails_create_with_one_line_and_leaves_nothing() {
+    let cluster = cluster();
+    let (node, _) = node_and_netns();
+    let registry = cluster.registry();
+    let dir = format!("/tmp/berth-faults-full-{}", std::process::id());
+    let b = berth_binary().display().to_string();
+    let user = &cluster.users()[0];
+    // Small file systems, mounted in the node's own mount namespace only.
+    let setup = format!(
+        "set -e; mkdir -p {dir}/store {dir}/rt {dir}/rt2; mount -t tmpfs -o size=8m tmpfs {dir}/store; \
+         mount -t tmpfs -o size=8k tmpfs {dir}/rt; \
+         printf 'store_dir = \"{dir}/store\"\\nruntime_dir = \"{dir}/rt2\"\\ninsecure_registries = [\"{registry}\"]\\n' >{dir}/full-store.toml; \
+         printf 'store_dir = \"/var/lib/berth\"\\nruntime_dir = \"{dir}/rt\"\\ninsecure_registries = [\"{registry}\"]\\n' >{dir}/full-rt.toml"
+    );
+    let cleanup = format!("umount -l {dir}/store {dir}/rt {dir}/rt2 2>/dev/null; rm -rf {dir}");
+    let result = std::panic::catch_unwind(|| {
+        stdout_ok(&cluster.on_node(&node, &setup));
+        // The store fills while pulling a 97 MiB image.
+        let out = cluster.on_node(&node, &format!("BERTH_CONFIG={dir}/full-store.toml {b} container create --job full1 --user {user} --image {registry}/mpi:latest"));
+        let line = one_error_line("create with a full store", &out);
+        assert!(line.contains("no space left in the image store") && line.contains("berth gc"), "{line}");
+        let after = stdout_ok(&cluster.on_node(
+            &node,
+            &format!("BERTH_CONFIG={dir}/full-store.toml {b} verify >/dev/null && echo verified; test -e {dir}/rt2/full1/node && echo container-left || echo no-container"),
+        ));
+        assert_eq!(after, "verified\nno-container\n", "the store verifies and no container was made");
+        // The runtime dir fills while the container is made.
+        let out = cluster.on_node(&node, &format!("BERTH_CONFIG={dir}/full-rt.toml {b} container create --job full2 --user {user} --image {registry}/minimal:latest"));
+        let line = one_error_line("create with a full runtime dir", &out);
+        assert!(line.contains("no space left on its file system; free space there"), "{line}");
+        eprintln!("runtime dir full: {line}");
+        // Only the job's lock stays, for the job's other tasks; the epilogue removes it.
+        let left = stdout_ok(&cluster.on_node(&node, &format!("ls -A {dir}/rt/full2 2>/dev/null; grep -c '{dir}/rt/' /proc/self/mountinfo || true")));
+        assert_eq!(left.trim(), ".lock\n0", "nothing left of the container: {left}");
+        let left = stdout_ok(&cluster.on_node(&node, &format!("BERTH_CONFIG={dir}/full-rt.toml {b} container destroy --job full2 >/dev/null; ls {dir}/rt")));
+        assert_eq!(left.trim(), "", "the epilogue leaves nothing: {left}");
+        // Once there is room again, the same job starts.
+        stdout_ok(&cluster.on_node(&node, &format!("mount -o remount,size=64m {dir}/rt")));
+        let out = cluster.on_node(&node, &format!("BERTH_CONFIG={dir}/full-rt.toml {b} container create --job full2 --user {user} --image {registry}/minimal:latest && BERTH_CONFIG={dir}/full-rt.toml {b} container exec --job full2 -- true && BERTH_CONFIG={dir}/full-rt.toml {b} container destroy --job full2"));
+        stdout_ok(&out);
+    });
+    let _ = cluster.on_node(&node, &cleanup);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// A small seeded generator (xorshift), so a failing sequence of kills can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn from_env(test: &str) -> Rng {
+        let seed = std::env::var("BERTH_FAULTS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        eprintln!("{test}: seed {seed} (replay with BERTH_FAULTS_SEED={seed})");
+        Rng(seed | 1)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Live (not zombie) processes started by this scratch's berth, the anchors it forks included.
+fn berth_processes_of(s: &Scratch) -> Vec<String> {
+    let marker = format!("BERTH_CONFIG={}", s.dir.join("berth.toml").display());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if !environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        if !status.contains("State:\tZ") && pid != std::process::id() {
+            found.push(format!("{pid}: {}", String::from_utf8_lossy(&std::fs::read(entry.path().join("cmdline")).unwrap_or_default()).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+fn mounts_under(path: &Path) -> Vec<String> {
+    let p = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(&p)).map(String::from).collect()
+}
+
+/// Starts `berth ARGS`, kills it with SIGKILL after `delay`; whether it was still running.
+fn kill_after(s: &Scratch, args: &[&str], delay: Duration) -> bool {
+    let mut child = s.command(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(delay);
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    running
+}
+
+#[test]
+fn berth_killed_at_random_points_of_pull_unpack_create_and_destroy_leaves_a_node_the_next_job_uses() {
+    let registry = cluster().registry();
+    let s = Scratch::new("killed");
+    s.write_config(&[&registry]);
+    let image = format!("{registry}/mpi:latest");
+    let create = |job: &str| -> Vec<String> {
+        ["container", "create", "--job", job, "--user", "65534", "--gid", "65534", "--image", &image].iter().map(|a| a.to_string()).collect()
+    };
+    let mut rng = Rng::from_env("kill -9");
+    // How long the uncached create and the destroy take here: the kills land anywhere in them.
+    let timed = |args: &[&str]| {
+        let t = Instant::now();
+        s.ok(args);
+        t.elapsed()
+    };
+    let create_time = timed(&create("calibrate").iter().map(|a| &**a).collect::<Vec<_>>());
+    let destroy_time = timed(&["container", "destroy", "--job", "calibrate"]);
+    let (mut mid_create, mut mid_destroy) = (0, 0);
+    for round in 0..4 {
+        let job = format!("k{round}");
+        // Evict the image, so that create pulls and unpacks it again.
+        let _ = s.berth(&["rm", &image]);
+        s.ok(&["gc"]);
+        let delay = Duration::from_micros(rng.below(create_time.as_micros() as u64 + 1));
+        let args = create(&job);
+        mid_create += kill_after(&s, &args.iter().map(|a| &**a).collect::<Vec<_>>(), delay) as u32;
+        eprintln!("round {round}: create killed after {delay:?}");
+        // The next create of the job succeeds and runs a task.
+        s.ok(&args.iter().map(|a| &**a).collect::<Vec<_>>());
+        assert!(!s.ok(&["container", "exec", "--job", &job, "--", "cat", "/etc/debian_version"]).trim().is_empty());
+        let delay = Duration::from_micros(rng.below(destroy_time.as_micros() as u64 + 1));
+        mid_destroy += kill_after(&s, &["container", "destroy", "--job", &job], delay) as u32;
+        eprintln!("round {round}: destroy killed after {delay:?}");
+        let done: serde_json::Value = serde_json::from_str(&s.ok(&["container", "destroy", "--job", &job])).unwrap();
+        assert!(done["containers"].as_u64().unwrap() <= 1, "{done}");
+        assert!(!s.dir.join("rt").join(&job).exists(), "round {round}: the job dir is gone");
+        assert!(mounts_under(&s.dir.join("rt").join(&job)).is_empty(), "round {round}: {:?}", mounts_under(&s.dir.join("rt")));
+        assert!(berth_processes_of(&s).is_empty(), "round {round}: left running: {:?}", berth_processes_of(&s));
+        s.ok(&["gc"]);
+        s.verifies();
+    }
+    eprintln!("kills during create: {mid_create} of 4, during destroy: {mid_destroy} of 4");
+}
+
+#[test]
+fn a_node_with_debris_of_crashed_jobs_runs_the_next_job() {
+    let cluster = cluster();
+    let (node, _) = node_and_netns();
+    let b = berth_binary().display().to_string();
+    let user = &cluster.users()[0];
+    let image = format!("{}/minimal:latest", cluster.registry());
+    let job = format!("debris-{}", std::process::id());
+    // A half-made container (upper dir, no pin, no state), a pin whose anchor is long
+    // gone, a pin into a live process that is not the job's (a reused pid), a stale
+    // lock file, a stray file and half a state file: what a node keeps after crashes.
+    let debris = format!(
+        "set -e; d=/run/berth/{job}; mkdir -p $d/node/upper/etc $d/node/work $d/rank-0 $d/rank-1; : >$d/.lock; \
+         echo half >$d/node/upper/etc/file; ln -s /proc/999999999/ns/mnt $d/rank-0/mnt; echo '{{\"mnt_ino' >$d/rank-0/state.json; \
+         setsid unshare -m sleep 300 </dev/null >/dev/null 2>&1 & echo $! >/tmp/berth-faults-{job}.pid; \
+         sleep 0.5; ln -s /proc/$(cat /tmp/berth-faults-{job}.pid)/ns/mnt $d/rank-1/mnt; echo stray >$d/stray"
+    );
+    stdout_ok(&cluster.on_node(&node, &debris));
+    let innocent = std::fs::read_to_string(format!("/tmp/berth-faults-{job}.pid")).unwrap().trim().to_string();
+    let result = std::panic::catch_unwind(|| {
+        // The next job of that id on the node: create, run, and a second step reusing it.
+        let out = stdout_ok(&cluster.on_node(
+            &node,
+            &format!(
+                "{b} container create --job {job} --user {user} --image {image} && {b} container exec --job {job} -- sh -c 'test ! -e /etc/file && echo fresh' && \
+                 {b} container create --job {job} --user {user} --image {image} --rank 1 && {b} container exec --job {job} --rank 1 -- true && echo rank-ok"
+            ),
+        ));
+        assert!(out.contains("fresh") && out.contains("rank-ok"), "{out}");
+        // The epilogue, twice: everything goes, but not the process that was never the job's.
+        let out = stdout_ok(&cluster.on_node(&node, &format!("{b} container destroy --job {job}; {b} container destroy --job {job}; test ! -e /run/berth/{job} && echo gone")));
+        assert!(out.contains("gone") && out.contains("\"containers\":0"), "{out}");
+        assert!(Path::new(&format!("/proc/{innocent}")).exists(), "destroy killed a process that was not in the job's container");
+        // A real job on that node still runs.
+        let out = stdout_ok(&cluster.run(&format!("srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; cat /etc/os-release'")));
+        assert!(out.contains("berth minimal"), "{out}");
+        let id = out.lines().find_map(|l| l.strip_prefix("JOB=")).unwrap().trim().to_string();
+        assert_nodes_clean(&cluster, &id);
+    });
+    let _ = Command::new("kill").arg("-KILL").arg(&innocent).status();
+    let _ = std::fs::remove_file(format!("/tmp/berth-faults-{job}.pid"));
+    let _ = cluster.on_node(&node, &format!("{b} container destroy --job {job}; rm -rf /run/berth/{job}"));
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn on_a_node_create_and_destroy_killed_at_random_moments_leave_no_anchor_mount_or_dir() {
+    // On the test cluster's nodes the kernel may refuse the nsfs bind, so pins may be
+    // anchor processes: a create killed half-way must not leave one behind.
+    let cluster = cluster();
+    let (node, _) = node_and_netns();
+    let b = berth_binary().display().to_string();
+    let user = &cluster.users()[0];
+    let image = format!("{}/minimal:latest", cluster.registry());
+    let job = format!("kill-node-{}", std::process::id());
+    let create = format!("{b} container create --job $J --user {user} --image {image}");
+    let calibrate = format!(
+        "J={job}-c; s=$(date +%s%N); {create} >/dev/null && e=$(date +%s%N) && {b} container destroy --job $J >/dev/null && echo $(( (e - s) / 1000 ))"
+    );
+    let create_us: u64 = stdout_ok(&cluster.on_node(&node, &calibrate)).trim().parse().unwrap();
+    let mut rng = Rng::from_env("kill -9 on a node");
+    let mut mid_create = 0;
+    for round in 0..16 {
+        // `timeout` and the shell cost part of the calibrated time: aim at the first two thirds.
+        let (d1, d2) = (rng.below(create_us * 2 / 3 + 1), rng.below(create_us / 2 + 1));
+        let script = format!(
+            "J={job}-{round}; timeout -s KILL {}.{:06} {create} >/dev/null 2>&1; echo create-status=$?; \
+             {create} >/dev/null && {b} container exec --job $J -- true && echo next-ok; \
+             timeout -s KILL {}.{:06} {b} container destroy --job $J >/dev/null 2>&1; \
+             {b} container destroy --job $J >/dev/null && test ! -e /run/berth/$J && echo destroyed; \
+             pgrep -f -- \"--job $J( |\\$)\" >/dev/null && echo process-left || echo no-process; \
+             echo mounts=$(grep -c \" /run/berth/$J/\" /proc/self/mountinfo)",
+            d1 / 1_000_000,
+            d1 % 1_000_000,
+            d2 / 1_000_000,
+            d2 % 1_000_000
+        );
+        let out = stdout_ok(&cluster.on_node(&node, &script));
+        eprintln!("round {round}: create killed after {d1} us, destroy after {d2} us: {}", out.replace('\n', " "));
+        assert!(out.contains("next-ok\ndestroyed\nno-process\nmounts=0\n"), "round {round} (delays {d1} us, {d2} us): {out}");
+        mid_create += out.contains("create-status=137") as u32;
+    }
+    eprintln!("kills that landed during create: {mid_create} of 16");
+}
