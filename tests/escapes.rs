@@ -690,3 +690,21 @@ fn on_a_node_another_user_cannot_reach_a_jobs_keys_or_log_into_its_container() {
     let own = c.on_node(&node, &format!("{b} container exec --job {job_b} -- {ssh} -p {} {node} id -un", ports[1]));
     assert_eq!(stdout_ok(&own).trim(), bob.as_str());
 }
+
+#[test]
+fn on_a_node_berth_host_shows_the_nodes_root_read_only_with_its_permissions() {
+    let c = cluster();
+    // Quoting: the shell line runs inside the image (busybox), as the job user.
+    let probe = "echo JOB=$SLURM_JOB_ID; grep \" /.berth/host \" /proc/self/mountinfo | cut -d\" \" -f6; \
+                 cat /.berth/host/etc/shadow /.berth/host/etc/munge/munge.key 2>&1 >/dev/null; \
+                 touch /.berth/host/etc/berth-escape-probe 2>&1; cat /.berth/host/etc/hostname >/dev/null && echo readable";
+    let out = c.run(&format!("srun -N1 --container={}/minimal:latest sh -c '{probe}'", c.registry()));
+    let text = stdout_ok(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[1].starts_with("ro,nosuid,nodev"), "{text}");
+    assert_eq!(text.matches("Permission denied").count(), 2, "shadow and the munge key stay unreadable: {text}");
+    assert!(text.contains("Read-only file system"), "{text}");
+    assert!(text.trim_end().ends_with("readable"), "{text}");
+    let job = lines[0].trim_start_matches("JOB=").to_string();
+    berth_e2e::assert_nodes_clean(&c, &job);
+}
