@@ -535,6 +535,12 @@ fn user_mounts_cannot_cover_what_berth_sets_up_or_writes_as_root() {
         let err = one_error_line(&lab.create(&image, &["--mount", &format!("{source}:{target}")]));
         assert!(err.contains(&format!("cannot mount {source} at {target}: ")), "{target}: {err}");
     }
+    // Devices are opened as root: only device nodes under /dev, never a way around the
+    // host's directory modes (/root is 0700).
+    for (device, why) in [("/dev/../root/.bashrc", "without '..'"), ("/dev/shm", "not a device node"), ("/etc/passwd", "under /dev")] {
+        let err = one_error_line(&lab.create(&image, &["--device", device]));
+        assert!(err.contains(&format!("cannot mount {device} at {device}: ")) && err.contains(why), "{device}: {err}");
+    }
     // Read-only they are harmless (the Slurm plugin binds the node's /etc/hosts so).
     stdout_ok(&lab.create(&image, &["--mount", "/etc/hosts:/etc/hosts:ro"]));
 }

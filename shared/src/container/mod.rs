@@ -382,10 +382,18 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
     }
     for device in &spec.devices {
         let target = device.clone();
-        if !target.starts_with("/dev/") {
-            return Err(MountError::BadTarget { source_path: device.clone(), target, why: "devices must be under /dev" }.into());
+        // Opened as root with no access check: it must really be a device node under
+        // /dev, never e.g. /dev/../root/secret, which would bypass the host's directory modes.
+        let bad = |why| MountError::BadTarget { source_path: device.clone(), target: device.clone(), why };
+        if !target.starts_with("/dev/") || target.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(bad("devices must be under /dev, without '..'").into());
         }
-        layout.devices.push(Bind { source: open_fd(device, OFlag::O_PATH)?, source_path: device.clone(), target, read_only: false, as_user: false });
+        let source = open_fd(device, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+        let kind = nix::sys::stat::fstat(source.as_raw_fd()).map_err(sys_err("inspect a device"))?.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFCHR && kind != libc::S_IFBLK {
+            return Err(bad("it is not a device node").into());
+        }
+        layout.devices.push(Bind { source, source_path: device.clone(), target, read_only: false, as_user: false });
     }
     Ok(layout)
 }
