@@ -20,8 +20,8 @@ struct Sandbox {
 fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-        let top = base.join(format!("berth-fuzz-unpack-{}", std::process::id()));
+        // fuzz/run points TMPDIR at a scratch dir (on /dev/shm when it can) it removes after.
+        let top = std::env::temp_dir().join(format!("berth-fuzz-unpack-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&top);
         let dir = top.join("a/b/sandbox");
         std::fs::create_dir_all(&dir).expect("create the sandbox");
