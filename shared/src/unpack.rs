@@ -698,6 +698,18 @@ mod tests {
         b.into_inner().unwrap()
     }
 
+    /// A GNU header with every numeric field set, for `Builder::append_data` (long names).
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h
+    }
+
     fn opts() -> Options {
         Options::for_caller()
     }
@@ -767,6 +779,107 @@ mod tests {
             std::fs::remove_dir_all(&d).unwrap();
         }
         std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn whiteouts_opaque_markers_and_dirs_never_act_through_a_symlink() {
+        let outside = tmp("outside-wh");
+        std::fs::write(outside.join("victim"), b"keep").unwrap();
+        let target = outside.to_str().unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("whiteout-via-symlink", tar_of(&[E::Sym("l", target), E::File("l/.wh.victim", b"", 0o644)])),
+            ("opaque-via-symlink", tar_of(&[E::Sym("l", target), E::File("l/.wh..wh..opq", b"", 0o644)])),
+            ("dir-via-symlink", tar_of(&[E::Sym("l", target), E::Dir("l/sub/", 0o755)])),
+            ("fifo-via-symlink", tar_of(&[E::Sym("l", target), E::Fifo("l/pipe")])),
+            ("symlink-via-symlink", tar_of(&[E::Sym("l", target), E::Sym("l/s", "/etc/shadow")])),
+            ("hardlink-into-symlink-dir", tar_of(&[E::File("f", b"x", 0o644), E::Sym("l", target), E::Hard("l/h", "f")])),
+        ];
+        for (name, t) in cases {
+            let d = tmp(name);
+            let err = unpack(&t[..], &d, &opts()).expect_err(name);
+            assert!(matches!(err, UnpackError::Hostile { .. }), "{name}: {err}");
+            let left: Vec<_> = std::fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(left, ["victim"], "{name} touched the symlink's target");
+            assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep", "{name}");
+            assert!(!is_whiteout(&std::fs::symlink_metadata(outside.join("victim")).unwrap()) && !is_opaque(&outside), "{name}");
+            std::fs::remove_dir_all(&d).unwrap();
+        }
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_replaced_by_a_directory_is_written_inside_the_layer() {
+        let outside = tmp("outside-replaced");
+        let d = tmp("replaced");
+        let t = tar_of(&[E::Sym("l", outside.to_str().unwrap()), E::Dir("l/", 0o755), E::File("l/x", b"in", 0o644), E::Sym("m", "/etc"), E::File("m", b"file", 0o644)]);
+        unpack(&t[..], &d, &opts()).unwrap();
+        assert!(std::fs::symlink_metadata(d.join("l")).unwrap().is_dir());
+        assert_eq!(std::fs::read(d.join("l/x")).unwrap(), b"in");
+        assert_eq!(std::fs::read(d.join("m")).unwrap(), b"file", "a file replaces the symlink, not its target");
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn device_nodes_are_dropped_whatever_their_kind() {
+        let d = tmp("devices");
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, major, minor) in [("sda", tar::EntryType::Block, 8, 0), ("mem", tar::EntryType::Char, 1, 1), ("kmsg", tar::EntryType::Char, 1, 11)] {
+            let mut h = header(kind, 0o666, 0);
+            h.set_device_major(major).unwrap();
+            h.set_device_minor(minor).unwrap();
+            b.append_data(&mut h, path, &b""[..]).unwrap();
+        }
+        unpack(&b.into_inner().unwrap()[..], &d, &opts()).unwrap();
+        assert!(std::fs::read_dir(&d).unwrap().next().is_none(), "no device node may come from an image");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn very_long_paths_stay_inside_and_overlong_names_fail_cleanly() {
+        let d = tmp("long");
+        // 80 levels of 60-byte names: 4.9 KB, beyond PATH_MAX, fine component by component.
+        let deep: String = (0..80).map(|i| format!("{i:0>60}/")).collect();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(tar::EntryType::Regular, 0o644, 4);
+        b.append_data(&mut h, format!("{deep}leaf"), &b"deep"[..]).unwrap();
+        unpack(&b.into_inner().unwrap()[..], &d, &opts()).unwrap();
+        let mut fd = rustix::fs::open(&d, DIR_FLAGS, Mode::empty()).unwrap();
+        for c in deep.split('/').filter(|c| !c.is_empty()) {
+            fd = rustix::fs::openat(&fd, c, DIR_FLAGS, Mode::empty()).unwrap();
+        }
+        let leaf = rustix::fs::openat(&fd, "leaf", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        let mut text = String::new();
+        std::fs::File::from(leaf).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "deep");
+        std::fs::remove_dir_all(&d).unwrap();
+
+        let d = tmp("overlong");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(tar::EntryType::Regular, 0o644, 0);
+        b.append_data(&mut h, "n".repeat(300), &b""[..]).unwrap();
+        let err = unpack(&b.into_inner().unwrap()[..], &d, &opts()).unwrap_err();
+        assert!(err.to_string().contains("File name too long"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn hard_links_to_lower_layers_never_follow_a_lower_symlink_out() {
+        let base = tmp("lower-symlink");
+        let (l1, l2) = (base.join("l1"), base.join("l2"));
+        std::fs::create_dir(&l1).unwrap();
+        std::fs::create_dir(&l2).unwrap();
+        unpack(&tar_of(&[E::Sym("etc", "/etc"), E::Sym("up", "../../..")])[..], &l1, &opts()).unwrap();
+        for (name, target) in [("passwd-link", "etc/passwd"), ("up-link", "up/etc/passwd")] {
+            let ext = unpack(&tar_of(&[E::Hard(name, target)])[..], &l2, &opts()).unwrap();
+            assert_eq!(ext.external_links.len(), 1, "{name}");
+            let err = link_from_lowers(&l2, &[l1.clone()], &ext.external_links, &opts()).unwrap_err();
+            assert!(matches!(err, UnpackError::Hostile { .. }), "{name}: {err}");
+            assert!(std::fs::symlink_metadata(l2.join(name)).is_err(), "{name}");
+        }
+        assert!(!l2.join("etc").exists(), "nothing of the host's /etc was copied up");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

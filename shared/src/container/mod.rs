@@ -64,6 +64,8 @@ pub enum ContainerError {
     ImageConfig { path: PathBuf, why: String },
     #[error("the working directory {dir} does not exist in the container: {source}")]
     Workdir { dir: String, source: Errno },
+    #[error("the working directory {dir} resolves through a /proc link to a descriptor (or a symlink loop), which could lead out of the container; pick a directory of the image")]
+    WorkdirEscapes { dir: String },
     #[error("'{program}' not found in the container's PATH ({path})")]
     NoProgram { program: String, path: String },
     #[error("cannot execute {program} in the container: {source}")]
@@ -379,7 +381,7 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
         checked.push((submit.clone(), submit.clone(), false));
     }
     for m in &spec.mounts {
-        mounts::check_target(&m.target).map_err(|why| MountError::BadTarget {
+        mounts::check_user_target(&m.target, m.read_only).map_err(|why| MountError::BadTarget {
             source_path: m.source.clone(),
             target: m.target.clone(),
             why,
@@ -403,10 +405,18 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
     }
     for device in &spec.devices {
         let target = device.clone();
-        if !target.starts_with("/dev/") {
-            return Err(MountError::BadTarget { source_path: device.clone(), target, why: "devices must be under /dev" }.into());
+        // Opened as root with no access check: it must really be a device node under
+        // /dev, never e.g. /dev/../root/secret, which would bypass the host's directory modes.
+        let bad = |why| MountError::BadTarget { source_path: device.clone(), target: device.clone(), why };
+        if !target.starts_with("/dev/") || target.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(bad("devices must be under /dev, without '..'").into());
         }
-        layout.devices.push(Bind { source: open_fd(device, OFlag::O_PATH)?, source_path: device.clone(), target, read_only: false, as_user: false });
+        let source = open_fd(device, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+        let kind = nix::sys::stat::fstat(source.as_raw_fd()).map_err(sys_err("inspect a device"))?.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFCHR && kind != libc::S_IFBLK {
+            return Err(bad("it is not a device node").into());
+        }
+        layout.devices.push(Bind { source, source_path: device.clone(), target, read_only: false, as_user: false });
     }
     Ok(layout)
 }
@@ -460,6 +470,11 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
 
     nix::sched::unshare(flags).map_err(sys_err("create the container's namespaces"))?;
     let inside = assemble(&overlay, &root, layout, &spec.user, spec.hostname.as_deref()).and_then(|()| {
+        // Refused here once for all later entries, the Slurm plugin's own chdir included.
+        match enter_workdir(&workdir) {
+            Err(e @ ContainerError::WorkdirEscapes { .. }) => return Err(e),
+            _ => nix::unistd::chdir("/").map_err(sys_err("enter the container's root"))?,
+        }
         namespaces.iter().map(|ns| open_fd(&Path::new("/proc/thread-self/ns").join(ns), OFlag::O_RDONLY)).collect::<Result<Vec<_>>>()
     });
     // Back to the host's namespaces whatever happened; if that fails this process
@@ -640,8 +655,22 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
     for (fd, flag) in &fds {
         nix::sched::setns(fd.as_fd(), *flag).map_err(sys_err("join the container's namespaces"))?;
     }
-    nix::unistd::chdir(state.workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: state.workdir.clone(), source })?;
+    enter_workdir(&state.workdir)?;
     Ok(Joined { state, env, inside: None })
+}
+
+/// Changes to `workdir` resolved inside the current root (call once in the container),
+/// never through a magic link: a WorkingDir such as `/proc/self/fd/7` would otherwise
+/// land on whatever host directory the caller (slurmstepd, a hook) has open as fd 7,
+/// outside the container (runc's CVE-2024-21626).
+fn enter_workdir(workdir: &str) -> Result<()> {
+    let root = open_fd(Path::new("/"), OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+    match sys::open_in_root(root.as_fd(), Path::new(workdir), OFlag::O_PATH | OFlag::O_DIRECTORY, 0) {
+        Ok(dir) => nix::unistd::fchdir(dir.as_raw_fd()).map_err(|source| ContainerError::Workdir { dir: workdir.into(), source }),
+        // RESOLVE_NO_MAGICLINKS refuses with ELOOP; a plain symlink loop looks the same and is refused as well.
+        Err(Errno::ELOOP) => Err(ContainerError::WorkdirEscapes { dir: workdir.into() }),
+        Err(source) => Err(ContainerError::Workdir { dir: workdir.into(), source }),
+    }
 }
 
 /// Looks `program` up in `path` (a `PATH` value) as execvp would, inside the
@@ -771,7 +800,7 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String], 
         overlay.mount_from(&layers, &root)?;
         drop(layers);
         finish_root(&root, layout, spec.hostname.as_deref())?;
-        nix::unistd::chdir(workdir.as_str()).map_err(|source| ContainerError::Workdir { dir: workdir.clone(), source })?;
+        enter_workdir(&workdir)?;
         let state = State::of(spec, workdir, vec!["mnt".into()], 0);
         let mut joined = Joined { state, env: container_env, inside: None };
         joined.choose_inside(config, want_root)?;

@@ -31,6 +31,8 @@ pub enum MountError {
     Host { path: PathBuf, source: Errno },
     #[error("{path} changed while it was being mounted (replaced by another file); try again")]
     Changed { path: PathBuf },
+    #[error("cannot create the mount point {target} in the container: {parent} is bound from the host, and berth creates nothing on the host; create it there yourself or pick another target")]
+    InHostDir { target: PathBuf, parent: PathBuf },
 }
 
 /// One bind mount into the container.
@@ -68,6 +70,11 @@ pub struct Layout {
 
 const STANDARD_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 const RESERVED: &[&str] = &["/proc", "/sys", "/dev"];
+/// berth's own tree in every container (wiring, Slurm's client, the node's root).
+const BERTH_DIR: &str = "/.berth";
+/// Files berth appends to as root (`wiring`): a user's bind there would make root write
+/// into whatever host file the user could merely read.
+const WRITTEN_BY_BERTH: &[&str] = &["/etc/passwd", "/etc/group", "/etc/hosts"];
 
 fn fd_path(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
@@ -101,9 +108,27 @@ pub fn check_target(target: &Path) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Why a target of the job user's own bind mounts is refused, if it is: besides
+/// [`check_target`], a writable bind into berth's `/.berth` or onto a file berth
+/// appends to as root (root would write into any host file the user may only read).
+/// Read-only binds there are fine: the Slurm plugin binds the node's `/etc/hosts` and
+/// its `/.berth/host` and `/.berth/bin` so.
+pub fn check_user_target(target: &Path, read_only: bool) -> Result<(), &'static str> {
+    check_target(target)?;
+    if !read_only && target.starts_with(BERTH_DIR) {
+        return Err("binds into /.berth, berth's own, must be read-only (add :ro)");
+    }
+    if !read_only && WRITTEN_BY_BERTH.iter().any(|w| target == Path::new(w)) {
+        return Err("berth adds the job's user and nodes to /etc/passwd, /etc/group and /etc/hosts as root, so binds onto them must be read-only (add :ro)");
+    }
+    Ok(())
+}
+
 /// Opens `path` inside `root`, creating it (a directory, or an empty file when
-/// `dir` is false) and its missing parents.
-fn ensure(root: BorrowedFd<'_>, path: &Path, dir: bool) -> Result<OwnedFd, MountError> {
+/// `dir` is false) and its missing parents, but never in a directory on a file system
+/// of `host_devs` (host directories already bound in): root must not create files on
+/// the host where a job user asks for a mount point.
+fn ensure(root: BorrowedFd<'_>, path: &Path, dir: bool, host_devs: &[u64]) -> Result<OwnedFd, MountError> {
     let err = |source| MountError::Target { target: path.to_path_buf(), source };
     let want = if dir { OFlag::O_PATH | OFlag::O_DIRECTORY } else { OFlag::O_PATH };
     match open_in_root(root, path, want, 0) {
@@ -115,6 +140,10 @@ fn ensure(root: BorrowedFd<'_>, path: &Path, dir: bool) -> Result<OwnedFd, Mount
     let mut current = PathBuf::from("/");
     for (i, name) in parts.iter().enumerate() {
         let parent = open_in_root(root, &current, OFlag::O_PATH | OFlag::O_DIRECTORY, 0).map_err(err)?;
+        let exists = open_in_root(parent.as_fd(), Path::new(name), OFlag::O_PATH, 0).is_ok();
+        if !exists && host_devs.contains(&nix::sys::stat::fstat(parent.as_raw_fd()).map_err(err)?.st_dev) {
+            return Err(MountError::InHostDir { target: path.to_path_buf(), parent: current });
+        }
         if i + 1 == parts.len() && !dir {
             let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW;
             match open_in_root(parent.as_fd(), Path::new(name), flags, 0o644) {
@@ -150,14 +179,22 @@ fn mount_on(
 
 /// Bind-mounts `source` at `target` inside `root`, then applies `flags` to the new
 /// mount (a bind mount takes its flags only from a remount).
-fn bind(root: BorrowedFd<'_>, source: BorrowedFd<'_>, what: &str, target: &Path, flags: MsFlags, recursive: bool) -> Result<(), MountError> {
+fn bind(
+    root: BorrowedFd<'_>,
+    source: BorrowedFd<'_>,
+    what: &str,
+    target: &Path,
+    flags: MsFlags,
+    recursive: bool,
+    host_devs: &[u64],
+) -> Result<(), MountError> {
     let stat = nix::sys::stat::fstat(source.as_raw_fd()).map_err(|source| MountError::Mount {
         what: what.to_string(),
         target: target.to_path_buf(),
         source,
     })?;
     let is_dir = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
-    let target_fd = ensure(root, target, is_dir)?;
+    let target_fd = ensure(root, target, is_dir, host_devs)?;
     let bind_flags = if recursive { MsFlags::MS_BIND | MsFlags::MS_REC } else { MsFlags::MS_BIND };
     mount_on(what, Some(fd_path(source).as_str()), target_fd.as_fd(), target, None, bind_flags, None)?;
     // Reopen: the old descriptor names the directory under the new mount.
@@ -237,39 +274,39 @@ pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> 
     let rec = layout.in_user_namespace;
 
     let proc_dir = Path::new("/proc");
-    let fd = ensure(root, proc_dir, true)?;
+    let fd = ensure(root, proc_dir, true, &[])?;
     if let Err(e) = mount_on("proc", Some("proc"), fd.as_fd(), proc_dir, Some("proc"), quiet, None) {
         if !rec {
             return Err(e);
         }
         // A user namespace may mount proc only for a PID namespace it owns.
-        bind(root, host("/proc")?.as_fd(), "/proc", proc_dir, quiet, true)?;
+        bind(root, host("/proc")?.as_fd(), "/proc", proc_dir, quiet, true, &[])?;
     }
 
     let sys_dir = Path::new("/sys");
-    let fd = ensure(root, sys_dir, true)?;
+    let fd = ensure(root, sys_dir, true, &[])?;
     if mount_on("sysfs", Some("sysfs"), fd.as_fd(), sys_dir, Some("sysfs"), quiet | MsFlags::MS_RDONLY, None).is_err() {
         // A network namespace we do not own refuses a fresh sysfs: show the host's, read-only.
-        bind(root, host("/sys")?.as_fd(), "/sys", sys_dir, quiet | MsFlags::MS_RDONLY, true)?;
+        bind(root, host("/sys")?.as_fd(), "/sys", sys_dir, quiet | MsFlags::MS_RDONLY, true, &[])?;
     }
 
     let dev_dir = Path::new("/dev");
-    let fd = ensure(root, dev_dir, true)?;
+    let fd = ensure(root, dev_dir, true, &[])?;
     mount_on("/dev", Some("tmpfs"), fd.as_fd(), dev_dir, Some("tmpfs"), quiet, Some("mode=0755,size=64k"))?;
     let device_flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     for name in STANDARD_DEVICES {
         let host_path = format!("/dev/{name}");
-        bind(root, host(&host_path)?.as_fd(), &host_path, Path::new(&host_path), device_flags, false)?;
+        bind(root, host(&host_path)?.as_fd(), &host_path, Path::new(&host_path), device_flags, false, &[])?;
     }
     for device in &layout.devices {
         let what = device.source_path.display().to_string();
-        bind(root, device.source.as_fd(), &what, &device.target, device_flags, false)?;
+        bind(root, device.source.as_fd(), &what, &device.target, device_flags, false, &[])?;
     }
     let pts = Path::new("/dev/pts");
-    let fd = ensure(root, pts, true)?;
+    let fd = ensure(root, pts, true, &[])?;
     mount_on("devpts", Some("devpts"), fd.as_fd(), pts, Some("devpts"), device_flags, Some("newinstance,ptmxmode=0666,mode=0620"))?;
     let shm = Path::new("/dev/shm");
-    let fd = ensure(root, shm, true)?;
+    let fd = ensure(root, shm, true, &[])?;
     mount_on("/dev/shm", Some("tmpfs"), fd.as_fd(), shm, Some("tmpfs"), nosuid_nodev, Some("mode=1777"))?;
     let dev = open_in_root(root, dev_dir, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)
         .map_err(|source| MountError::Target { target: dev_dir.into(), source })?;
@@ -285,12 +322,13 @@ pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> 
     }
 
     let tmp = Path::new("/tmp");
-    let fd = ensure(root, tmp, true)?;
+    let fd = ensure(root, tmp, true, &[])?;
     mount_on("/tmp", Some("tmpfs"), fd.as_fd(), tmp, Some("tmpfs"), nosuid_nodev, Some("mode=1777"))?;
 
     // Parents before children, so a mount inside another mount's target lands on top.
     let mut binds = layout.binds;
     binds.sort_by_key(|b| b.target.components().count());
+    let mut host_devs = Vec::new();
     for b in &binds {
         check_target(&b.target).map_err(|why| MountError::BadTarget {
             source_path: b.source_path.clone(),
@@ -298,7 +336,9 @@ pub fn populate(root: BorrowedFd<'_>, layout: Layout) -> Result<(), MountError> 
             why,
         })?;
         let flags = if b.read_only { nosuid_nodev | MsFlags::MS_RDONLY } else { nosuid_nodev };
-        bind(root, b.source.as_fd(), &b.source_path.display().to_string(), &b.target, flags, rec)?;
+        bind(root, b.source.as_fd(), &b.source_path.display().to_string(), &b.target, flags, rec, &host_devs)?;
+        let source = nix::sys::stat::fstat(b.source.as_raw_fd()).map_err(|source| MountError::Host { path: b.source_path.clone(), source })?;
+        host_devs.push(source.st_dev);
     }
 
     if layout.read_only_root {
@@ -321,5 +361,18 @@ mod tests {
         assert!(check_target(Path::new("/proc/1")).is_err());
         assert!(check_target(Path::new("/dev")).is_err());
         assert!(check_target(Path::new("/devices")).is_ok());
+    }
+
+    #[test]
+    fn user_targets_also_keep_off_berths_dir_and_the_files_berth_writes() {
+        assert!(check_user_target(Path::new("/data"), false).is_ok());
+        assert!(check_user_target(Path::new("/etc/passwd.d"), false).is_ok());
+        for bad in ["/.berth", "/.berth/wiring", "/.berth/host/etc", "/etc/passwd", "/etc/group", "/etc/hosts"] {
+            assert!(check_user_target(Path::new(bad), false).is_err(), "{bad}");
+            assert!(check_user_target(Path::new(bad), true).is_ok(), "{bad} read-only");
+        }
+        for bad in ["/proc/sys", "/", "/dev/shm"] {
+            assert!(check_user_target(Path::new(bad), true).is_err(), "{bad}");
+        }
     }
 }

@@ -1,0 +1,716 @@
+//! Escapes: what a hostile image author or job user tries in order to reach the host
+//! or another user's job, and berth refusing it. Each test builds its image here
+//! (layers as tar streams, written into an OCI layout and pushed to the test cluster's
+//! registry under a unique name), pulls it with `berth pull` or `container create
+//! --image`, and checks the host afterwards. Runs as root in this machine's root
+//! namespace, which reaches the registry directly; tests named `on_a_node_` use the
+//! cluster's compute hosts. docs/security.md says which boundary each one guards.
+
+use berth_e2e::{berth_binary, cluster, repo_root, stdout_ok};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const NOBODY: &str = "65534";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One tar entry of a hand-made layer; written raw so hostile names reach berth unchanged.
+enum E<'a> {
+    File(&'a str, &'a [u8], u32),
+    Dir(&'a str, u32),
+    Sym(&'a str, &'a str),
+    Hard(&'a str, &'a str),
+    /// A device node (kind, major, minor).
+    Dev(&'a str, tar::EntryType, u32, u32),
+    /// A file with extended attributes, as PAX `SCHILY.xattr.*` records.
+    WithXattr(&'a str, &'a [u8], u32, &'a str, &'a [u8]),
+    /// A file with a name longer than a ustar header holds (GNU long name).
+    Long(String, &'a [u8]),
+}
+
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h
+}
+
+/// A PAX extended header record: "LEN key=value\n", LEN counting itself.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = key.len() + value.len() + 3;
+    let mut len = body + body.to_string().len();
+    if len.to_string().len() != body.to_string().len() {
+        len += 1;
+    }
+    let mut out = format!("{len} {key}=").into_bytes();
+    out.extend_from_slice(value);
+    out.push(b'\n');
+    out
+}
+
+fn layer(entries: &[E]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let raw = |b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, path: &str, link: Option<&str>, data: &[u8]| {
+        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        if let Some(t) = link {
+            h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    for e in entries {
+        match e {
+            E::File(p, d, m) => raw(&mut b, header(tar::EntryType::Regular, *m, d.len() as u64), p, None, d),
+            E::Dir(p, m) => raw(&mut b, header(tar::EntryType::Directory, *m, 0), p, None, b""),
+            E::Sym(p, t) => raw(&mut b, header(tar::EntryType::Symlink, 0o777, 0), p, Some(t), b""),
+            E::Hard(p, t) => raw(&mut b, header(tar::EntryType::Link, 0o644, 0), p, Some(t), b""),
+            E::Dev(p, kind, major, minor) => {
+                let mut h = header(*kind, 0o666, 0);
+                h.set_device_major(*major).unwrap();
+                h.set_device_minor(*minor).unwrap();
+                raw(&mut b, h, p, None, b"");
+            }
+            E::WithXattr(p, d, m, key, value) => {
+                let pax = pax_record(&format!("SCHILY.xattr.{key}"), value);
+                raw(&mut b, header(tar::EntryType::XHeader, 0o644, pax.len() as u64), "PaxHeaders/x", None, &pax);
+                raw(&mut b, header(tar::EntryType::Regular, *m, d.len() as u64), p, None, d);
+            }
+            E::Long(p, d) => {
+                let mut h = header(tar::EntryType::Regular, 0o644, d.len() as u64);
+                b.append_data(&mut h, p, *d).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// busybox-static with the applets the tests use, /etc/passwd with root only, and
+/// /tmp and /var/tmp world-writable as in most distributions' images.
+fn busybox_layer() -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed");
+    let applets = [
+        "sh", "cat", "id", "ls", "echo", "readlink", "pwd", "touch", "sleep", "stat", "grep", "test", "mkdir", "seq", "head", "true", "env", "wc",
+    ];
+    let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+    let mut entries = vec![E::Dir("bin/", 0o755), E::Dir("etc/", 0o755), E::Dir("work/", 0o755), E::Dir("var/", 0o755), E::Dir("var/tmp/", 0o1777)];
+    entries.push(E::File("bin/busybox", &busybox, 0o755));
+    entries.extend(links.iter().map(|l| E::Sym(l, "busybox")));
+    entries.push(E::File("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644));
+    layer(&entries)
+}
+
+/// A scratch dir with a store, a runtime dir, an admin config naming the cluster's
+/// registry, and a job id; destroys the job and removes everything on drop.
+struct Lab {
+    dir: PathBuf,
+    registry: String,
+    job: String,
+}
+
+impl Lab {
+    fn new(name: &str) -> Lab {
+        assert!(nix::unistd::geteuid().is_root(), "these tests run as root");
+        let registry = cluster().registry();
+        let dir = std::env::temp_dir().join(format!("berth-escapes-{name}-{}", std::process::id()));
+        let _ = Command::new("rm").arg("-rf").arg(&dir).status();
+        std::fs::create_dir_all(dir.join("outside")).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let lab = Lab { dir, registry, job: format!("esc-{name}-{}", std::process::id()) };
+        lab.write_config("");
+        lab
+    }
+
+    /// The admin config, with `extra` TOML appended.
+    fn write_config(&self, extra: &str) {
+        std::fs::write(
+            self.dir.join("berth.toml"),
+            format!(
+                "store_dir = \"{}\"\nruntime_dir = \"{}\"\ninsecure_registries = [\"{}\"]\nmount_home = false\n{extra}",
+                self.dir.join("store").display(),
+                self.dir.join("rt").display(),
+                self.registry
+            ),
+        )
+        .unwrap();
+    }
+
+    fn outside(&self) -> PathBuf {
+        self.dir.join("outside")
+    }
+
+    fn berth(&self, args: &[&str]) -> Output {
+        Command::new(berth_binary()).args(args).env("BERTH_CONFIG", self.dir.join("berth.toml")).output().expect("run berth")
+    }
+
+    /// Writes an OCI layout of `layers` (gzip-compressed) and `config`, pushes it as
+    /// `escapes-<name>-<pid>:latest` and returns the reference.
+    fn push(&self, name: &str, layers: &[Vec<u8>], config: serde_json::Value) -> String {
+        let layout = self.dir.join(format!("layout-{name}"));
+        let blobs = layout.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let blob = |bytes: &[u8]| -> (String, usize) {
+            let hex = sha256_hex(bytes);
+            std::fs::write(blobs.join(&hex), bytes).unwrap();
+            (format!("sha256:{hex}"), bytes.len())
+        };
+        let mut diff_ids = Vec::new();
+        let mut descriptors = Vec::new();
+        for l in layers {
+            diff_ids.push(format!("sha256:{}", sha256_hex(l)));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(l).unwrap();
+            let (digest, size) = blob(&gz.finish().unwrap());
+            descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
+        }
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let (config_digest, config_size) = blob(&serde_json::to_vec(&config).unwrap());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+            "layers": descriptors,
+        });
+        let (manifest_digest, manifest_size) = blob(&serde_json::to_vec(&manifest).unwrap());
+        std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size,
+                           "annotations": {"org.opencontainers.image.ref.name": "latest"}}],
+        });
+        std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        let repo = format!("escapes-{name}-{}", std::process::id());
+        let out = Command::new(repo_root().join("slurm-test-env/push"))
+            .arg(format!("{}:latest", layout.display()))
+            .arg(format!("{repo}:latest"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "push {repo}: {}", String::from_utf8_lossy(&out.stderr));
+        format!("{}/{repo}:latest", self.registry)
+    }
+
+    /// `container create` of this lab's job as nobody (groups 100), with `extra` flags.
+    fn create(&self, image: &str, extra: &[&str]) -> Output {
+        let mut args = vec!["container", "create", "--job", &self.job, "--user", NOBODY, "--gid", NOBODY, "--groups", "100", "--image", image];
+        args.extend(extra);
+        self.berth(&args)
+    }
+
+    fn exec(&self, shell: &str) -> Output {
+        self.berth(&["container", "exec", "--job", &self.job, "--", "sh", "-c", shell])
+    }
+
+    fn destroy(&self) {
+        let _ = self.berth(&["container", "destroy", "--job", &self.job]);
+    }
+
+    /// The unpacked layer dir (in the store) holding `rel`.
+    fn layer_with(&self, rel: &str) -> PathBuf {
+        let layers = self.dir.join("store/layers/sha256");
+        std::fs::read_dir(&layers)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|d| d.join(rel).symlink_metadata().is_ok())
+            .unwrap_or_else(|| panic!("no layer in {} has {rel}", layers.display()))
+    }
+
+    fn assert_outside_untouched(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.outside()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "something was written outside: {left:?}");
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounted.contains(self.outside().to_str().unwrap()), "a mount landed on the host: {mounted}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.destroy();
+        let _ = nix::mount::umount2(&self.dir.join("rt"), nix::mount::MntFlags::MNT_DETACH);
+        let _ = Command::new("rm").arg("-rf").arg(&self.dir).status();
+    }
+}
+
+/// The one stderr line of a command that must fail.
+fn one_error_line(out: &Output) -> String {
+    assert!(!out.status.success(), "should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    assert_eq!(err.lines().count(), 1, "one error line: {err}");
+    assert!(err.starts_with("berth: "), "{err}");
+    err
+}
+
+#[test]
+fn pulled_layers_that_reach_outside_their_dir_are_refused_and_write_nothing() {
+    let lab = Lab::new("pull");
+    let outside = lab.outside();
+    let abs = format!("{}/abs", outside.display());
+    // The layer is unpacked in <store>/tmp/<dir>/: three levels up is the lab's dir.
+    let shadow_links = std::fs::metadata("/etc/shadow").unwrap().nlink();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("dotdot", layer(&[E::File("../../../outside/dotdot", b"x", 0o644)])),
+        ("absolute", layer(&[E::File(&abs, b"x", 0o644)])),
+        ("write-through-symlink", layer(&[E::Sym("l", outside.to_str().unwrap()), E::File("l/through", b"x", 0o644)])),
+        ("dir-through-symlink", layer(&[E::Sym("l", "../../../outside"), E::Dir("l/made/", 0o755)])),
+        ("hardlink-to-host-file", layer(&[E::Hard("shadow", "/etc/shadow")])),
+        ("hardlink-dotdot", layer(&[E::Hard("shadow", "../../../../../../etc/shadow")])),
+        ("hardlink-through-symlink", layer(&[E::Sym("etc", "/etc"), E::Hard("shadow", "etc/shadow")])),
+        ("whiteout-through-symlink", layer(&[E::Sym("l", outside.to_str().unwrap()), E::File("l/.wh.victim", b"", 0o644)])),
+    ];
+    for (name, tar) in cases {
+        let image = lab.push(name, &[busybox_layer(), tar], serde_json::json!({}));
+        let err = one_error_line(&lab.berth(&["pull", "--quiet", &image]));
+        assert!(err.contains("hostile layer: entry '"), "{name}: {err}");
+        lab.assert_outside_untouched();
+        assert_eq!(std::fs::metadata("/etc/shadow").unwrap().nlink(), shadow_links, "{name} linked /etc/shadow");
+        let tmp: Vec<_> = std::fs::read_dir(lab.dir.join("store/tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "{name} left {tmp:?} in the store's tmp");
+    }
+    // Across layers: a symlink in one layer, a write "through" it in the next lands in
+    // the upper layer's own dir, in the store and in an export alike.
+    let image = lab.push("two-layers", &[busybox_layer(), layer(&[E::Sym("l", outside.to_str().unwrap())]), layer(&[E::Dir("l/", 0o755), E::File("l/x", b"in", 0o644)])], serde_json::json!({}));
+    stdout_ok(&lab.berth(&["pull", "--quiet", &image]));
+    let export = lab.dir.join("export");
+    stdout_ok(&lab.berth(&["export", &image, export.to_str().unwrap()]));
+    assert_eq!(std::fs::read(export.join("l/x")).unwrap(), b"in");
+    assert!(std::fs::symlink_metadata(export.join("l")).unwrap().is_dir());
+    lab.assert_outside_untouched();
+}
+
+#[test]
+fn pulled_device_nodes_are_dropped_and_very_long_paths_stay_inside() {
+    let lab = Lab::new("devices");
+    let deep: String = (0..70).map(|i| format!("{i:0>60}/")).collect();
+    let tar = layer(&[
+        E::Dev("mem", tar::EntryType::Char, 1, 1),
+        E::Dev("sda", tar::EntryType::Block, 8, 0),
+        E::Dir("dev/", 0o755),
+        E::Dev("dev/kmsg", tar::EntryType::Char, 1, 11),
+        E::Long(format!("{deep}leaf"), b"deep"),
+    ]);
+    let image = lab.push("devices", &[busybox_layer(), tar], serde_json::json!({}));
+    stdout_ok(&lab.berth(&["pull", "--quiet", &image]));
+    let dir = lab.layer_with("dev");
+    for node in ["mem", "sda", "dev/kmsg"] {
+        assert!(dir.join(node).symlink_metadata().is_err(), "{node} was unpacked");
+    }
+    let out = Command::new("find").arg(lab.dir.join("store/layers")).args(["-type", "b", "-o", "-type", "c", "-o", "-name", "leaf", "-type", "f"]).output().unwrap();
+    let found = stdout_ok(&out);
+    assert_eq!(found.lines().count(), 1, "only the deep file, no device: {found}");
+    assert!(found.trim_end().ends_with(&format!("{deep}leaf")) && found.starts_with(dir.to_str().unwrap()), "{found}");
+    let err = one_error_line(&lab.berth(&["pull", "--quiet", &lab.push("longname", &[layer(&[E::Long("n".repeat(300), b"")])], serde_json::json!({}))]));
+    assert!(err.contains("File name too long"), "{err}");
+    lab.assert_outside_untouched();
+}
+
+/// A vfs_cap_data v2 value granting `caps` permitted and effective.
+fn file_capability(caps: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    for word in [0x0200_0001u32, caps, 0, 0, 0] {
+        v.extend_from_slice(&word.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn setuid_setgid_file_capabilities_and_the_images_root_user_gain_nothing() {
+    let lab = Lab::new("privs");
+    // Not busybox: it drops a setuid privilege by itself for most applets.
+    let source = lab.dir.join("status.c");
+    std::fs::write(&source, "#include <stdio.h>\nint main(void){FILE*f=fopen(\"/proc/self/status\",\"r\");int c;while((c=fgetc(f))!=EOF)putchar(c);return 0;}\n").unwrap();
+    let program = lab.dir.join("status");
+    let cc = Command::new("cc").args(["-static", "-O2", "-o"]).arg(&program).arg(&source).output().expect("run cc");
+    assert!(cc.status.success(), "cc: {}", String::from_utf8_lossy(&cc.stderr));
+    let status = std::fs::read(&program).unwrap();
+    // cap_dac_override (1), cap_setuid (7), cap_sys_admin (21).
+    let caps = file_capability((1 << 1) | (1 << 7) | (1 << 21));
+    let tar = layer(&[
+        E::Dir("priv/", 0o755),
+        E::Dir("priv/suid/", 0o755),
+        E::Dir("priv/sgid/", 0o755),
+        E::Dir("priv/caps/", 0o755),
+        E::File("priv/suid/status", &status, 0o4755),
+        E::File("priv/sgid/status", &status, 0o2755),
+        E::WithXattr("priv/caps/status", &status, 0o755, "security.capability", &caps),
+    ]);
+    let image = lab.push("privs", &[busybox_layer(), tar], serde_json::json!({"User": "0:0", "WorkingDir": "/work"}));
+    stdout_ok(&lab.create(&image, &[]));
+    // Outside a container the same files do grant privilege: the checks below can fail.
+    let dir = lab.layer_with("priv/caps/status");
+    let on_host = |program: &str| {
+        stdout_ok(&Command::new("setpriv").args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"]).arg(dir.join(program)).output().unwrap())
+    };
+    let field = |status: &str, name: &str| status.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap_or_default().split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+    assert_eq!(field(&on_host("priv/suid/status"), "Uid"), "65534 0 0 0");
+    assert_eq!(field(&on_host("priv/sgid/status"), "Gid"), "65534 0 0 0");
+    assert_ne!(field(&on_host("priv/caps/status"), "CapEff"), "0000000000000000");
+    for program in ["priv/suid/status", "priv/sgid/status", "priv/caps/status"] {
+        let status = stdout_ok(&lab.berth(&["container", "exec", "--job", &lab.job, "--", &format!("/{program}")]));
+        assert_eq!(field(&status, "Uid"), "65534 65534 65534 65534", "{program}");
+        assert_eq!(field(&status, "Gid"), "65534 65534 65534 65534", "{program}");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(field(&status, cap), "0000000000000000", "{program} {cap}");
+        }
+    }
+    assert_eq!(stdout_ok(&lab.exec("id -u; id -g")), "65534\n65534\n", "the image's User 0:0 is ignored");
+}
+
+#[test]
+fn mount_targets_that_are_symlinks_in_the_image_stay_inside_the_container() {
+    let lab = Lab::new("targets");
+    // A host dir the image names in its symlinks, and which the image also has (the
+    // container's /tmp is a tmpfs, hence not under /tmp), so each mount has a place to land.
+    let outside = PathBuf::from(format!("/var/tmp/berth-escapes-outside-{}", std::process::id()));
+    std::fs::create_dir_all(&outside).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(outside.clone());
+    let o = outside.to_str().unwrap();
+    let inside_copy = format!("{}/", o.trim_start_matches('/'));
+    let up = format!("../../../../../../../..{o}");
+    let tar = layer(&[
+        E::Dir(&inside_copy, 0o755),
+        E::Sym("data", o),
+        E::Sym("rel", &up),
+        E::Dir("opt/", 0o755),
+        E::Sym("opt/site", o),
+        E::Sym("wd", o),
+    ]);
+    let image = lab.push("targets", &[busybox_layer(), tar], serde_json::json!({}));
+    let src = lab.dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("marker"), "from src\n").unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
+    lab.write_config(&format!("[[site_mounts]]\nsource = \"{}\"\ntarget = \"/opt/site/in\"\nread_only = true\n", src.display()));
+    let s = src.display().to_string();
+    stdout_ok(&lab.create(&image, &["--mount", &format!("{s}:/data/in"), "--mount", &format!("{s}:/rel/in:ro"), "--workdir", "/wd"]));
+    let out = stdout_ok(&lab.exec(&format!("cat /data/in/marker /rel/in/marker /opt/site/in/marker; pwd -P; ls {o}/")));
+    assert_eq!(out, format!("from src\nfrom src\nfrom src\n{o}\nin\n"), "the targets resolved inside the container's root");
+    lab.destroy();
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none(), "something was made in the host's {o}");
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(o), "a mount landed on the host's {o}");
+}
+
+#[test]
+fn a_symlink_swapped_under_a_mount_target_while_berth_mounts_never_leads_out() {
+    let lab = Lab::new("race");
+    let image = lab.push("race", &[busybox_layer()], serde_json::json!({}));
+    stdout_ok(&lab.berth(&["pull", "--quiet", &image]));
+    let src = lab.dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The image's /var/tmp is world-writable in the store's layer dir, so a user on the
+    // node can swap what berth is about to mount on: a dir, then a symlink out, again and again.
+    let var_tmp = lab.layer_with("var/tmp");
+    let target = var_tmp.join("var/tmp/race");
+    let swapper = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "sh", "-c"])
+        .arg(format!(
+            "while :; do mkdir {t} 2>/dev/null; rmdir {t} 2>/dev/null; ln -s {o} {t} 2>/dev/null; rm -f {t}; done",
+            t = target.display(),
+            o = lab.outside().display()
+        ))
+        .spawn()
+        .unwrap();
+    let mut swapper = scopeguard(swapper);
+    let spec = format!("{}:/var/tmp/race/in", src.display());
+    let mut built = 0;
+    for _ in 0..15 {
+        if lab.create(&image, &["--mount", &spec]).status.success() {
+            built += 1;
+        }
+        lab.destroy();
+        lab.assert_outside_untouched();
+    }
+    let _ = swapper.0.kill();
+    eprintln!("{built} of 15 creates succeeded under the race");
+    lab.assert_outside_untouched();
+}
+
+/// Kills a child process when dropped (a test that fails leaves no loop running).
+struct Guard(std::process::Child);
+fn scopeguard(child: std::process::Child) -> Guard {
+    Guard(child)
+}
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn no_host_descriptor_or_directory_reaches_a_task() {
+    let lab = Lab::new("fds");
+    let host_dir = lab.dir.join("hostcwd");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::fs::write(host_dir.join("host-marker"), "").unwrap();
+    let image = lab.push("fds", &[busybox_layer()], serde_json::json!({"WorkingDir": "/work"}));
+    // A caller with descriptors open on host dirs and a host working directory (what
+    // slurmstepd or a hook could hand over), like CVE-2024-21626's leaked fd.
+    let with_fds = |args: &str| -> Output {
+        let cmd = format!(
+            "cd {h} && exec 3</ 4<{h} 5</etc 6<{h} 7<{h} 8<{h} 9</etc/shadow; BERTH_CONFIG={c} {b} {args}",
+            h = host_dir.display(),
+            c = lab.dir.join("berth.toml").display(),
+            b = berth_binary().display()
+        );
+        Command::new("bash").args(["-c", &cmd]).output().unwrap()
+    };
+    stdout_ok(&with_fds(&format!("container create --job {} --user {NOBODY} --image {image}", lab.job)));
+    // A hostile entrypoint guessing descriptor numbers and looking for the host's root.
+    let probe = "ls /proc/self/fd/ | wc -l; readlink /proc/self/cwd; \
+                 for n in $(seq 3 64); do ls /proc/self/fd/$n/ /proc/self/fd/$n/../ 2>/dev/null; done; \
+                 ls /proc/1/root/etc/ /proc/1/cwd/ 2>/dev/null; echo end";
+    let out = stdout_ok(&with_fds(&format!("container exec --job {} -- sh -c '{probe}'", lab.job)));
+    assert!(!out.contains("host-marker") && !out.contains("shadow"), "a host directory was reachable: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    // 0, 1, 2 and the one ls reads /proc/self/fd through.
+    assert!(lines[0].parse::<u32>().unwrap() <= 4, "{out}");
+    assert_eq!(&lines[1..], ["/work", "end"], "{out}");
+    lab.destroy();
+    // A working directory naming a descriptor: the task never starts in a host dir.
+    for n in 3..=9 {
+        let created = with_fds(&format!("container create --job {} --user {NOBODY} --image {image} --workdir /proc/self/fd/{n}", lab.job));
+        if created.status.success() {
+            let out = with_fds(&format!("container exec --job {} -- sh -c 'pwd; ls'", lab.job));
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(!text.contains("host-marker") && !text.contains("passwd"), "workdir fd {n}: {text}");
+        }
+        lab.destroy();
+    }
+}
+
+#[test]
+fn user_mounts_are_opened_with_the_users_rights() {
+    let lab = Lab::new("usermounts");
+    let image = lab.push("usermounts", &[busybox_layer()], serde_json::json!({}));
+    let own = lab.dir.join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::os::unix::fs::symlink("/root", own.join("to-root")).unwrap();
+    std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
+    for source in ["/root".to_string(), "/etc/shadow".into(), own.join("to-root").display().to_string()] {
+        let err = one_error_line(&lab.create(&image, &["--mount", &format!("{source}:/x")]));
+        assert!(err.starts_with(&format!("berth: user {NOBODY} may not read {source}")), "{err}");
+        assert!(!lab.dir.join("rt").join(&lab.job).join("node").exists());
+    }
+}
+
+#[test]
+fn user_mounts_cannot_cover_what_berth_sets_up_or_writes_as_root() {
+    let lab = Lab::new("sensitive");
+    let image = lab.push("sensitive", &[busybox_layer()], serde_json::json!({}));
+    let src = lab.dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), "").unwrap();
+    let (d, f) = (src.display().to_string(), src.join("f").display().to_string());
+    for (source, target) in [
+        (&d, "/proc"),
+        (&d, "/proc/sys"),
+        (&d, "/sys/fs"),
+        (&d, "/dev"),
+        (&d, "/dev/shm"),
+        (&d, "/"),
+        (&d, "/a/../proc"),
+        (&d, "/.berth"),
+        (&d, "/.berth/wiring"),
+        (&f, "/etc/passwd"),
+        (&f, "/etc/group"),
+        (&f, "/etc/hosts"),
+        (&"/etc/hosts".to_string(), "/etc/hosts"),
+    ] {
+        let err = one_error_line(&lab.create(&image, &["--mount", &format!("{source}:{target}")]));
+        assert!(err.contains(&format!("cannot mount {source} at {target}: ")), "{target}: {err}");
+    }
+    // Devices are opened as root: only device nodes under /dev, never a way around the
+    // host's directory modes (/root is 0700).
+    for (device, why) in [("/dev/../root/.bashrc", "without '..'"), ("/dev/shm", "not a device node"), ("/etc/passwd", "under /dev")] {
+        let err = one_error_line(&lab.create(&image, &["--device", device]));
+        assert!(err.contains(&format!("cannot mount {device} at {device}: ")) && err.contains(why), "{device}: {err}");
+    }
+    // Read-only they are harmless (the Slurm plugin binds the node's /etc/hosts so).
+    stdout_ok(&lab.create(&image, &["--mount", "/etc/hosts:/etc/hosts:ro"]));
+}
+
+#[test]
+fn mount_points_are_never_created_in_host_directories() {
+    let lab = Lab::new("hostdirs");
+    let image = lab.push("hostdirs", &[busybox_layer()], serde_json::json!({}));
+    let file = lab.dir.join("file");
+    std::fs::write(&file, "x").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let probe = format!("berth-escape-probe-{}", std::process::id());
+    // The job user may read /etc: binding it is fine, but a mount point nested in it
+    // would be created on the host's /etc by root.
+    let out = lab.create(&image, &["--mount", "/etc:/hostetc", "--mount", &format!("{}:/hostetc/{probe}", file.display())]);
+    let created = Path::new("/etc").join(&probe).exists();
+    let _ = std::fs::remove_file(Path::new("/etc").join(&probe));
+    assert!(!created, "root created /etc/{probe} on the host");
+    let err = one_error_line(&out);
+    assert!(err.contains(&format!("cannot create the mount point /hostetc/{probe} in the container: /hostetc is bound from the host")), "{err}");
+    let dir_probe = lab.create(&image, &["--mount", "/etc:/hostetc", "--mount", &format!("{}:/hostetc/{probe}/sub/file", file.display())]);
+    let created = Path::new("/etc").join(&probe).exists();
+    let _ = std::fs::remove_dir_all(Path::new("/etc").join(&probe));
+    assert!(!created && !dir_probe.status.success(), "root created /etc/{probe}/ on the host");
+    // Existing paths inside a bound host dir are fine.
+    stdout_ok(&lab.create(&image, &["--mount", "/etc:/hostetc", "--mount", &format!("{}:/hostetc/hostname:ro", file.display())]));
+    assert_eq!(stdout_ok(&lab.exec("cat /hostetc/hostname")), "x");
+}
+
+#[test]
+fn another_user_cannot_read_a_jobs_runtime_dir() {
+    let lab = Lab::new("runtime");
+    let image = lab.push("runtime", &[busybox_layer()], serde_json::json!({"Env": ["SECRET=in-env"]}));
+    stdout_ok(&lab.create(&image, &["--env", "TOKEN=abc"]));
+    let job_dir = lab.dir.join("rt").join(&lab.job);
+    assert_eq!(std::fs::metadata(&job_dir).unwrap().mode() & 0o777, 0o700);
+    for path in [job_dir.clone(), job_dir.join("node/env"), job_dir.join("node/state.json"), job_dir.join("node/upper")] {
+        for uid in [NOBODY, "4242"] {
+            let out = Command::new("setpriv").args(["--reuid", uid, "--regid", uid, "--clear-groups", "cat"]).arg(&path).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains("Permission denied"), "uid {uid} read {}: {err}", path.display());
+        }
+    }
+}
+
+#[test]
+fn a_task_cannot_write_the_host_berth_binary_through_proc_self_exe() {
+    let lab = Lab::new("selfexe");
+    // The image carries the node's C library so that it can run berth's own binary
+    // (/proc/self/exe while berth execs the task), with a preloaded library doing what
+    // runc's CVE-2019-5736 exploit did: keep the binary open, wait for berth to exit,
+    // reopen it for writing. It only opens; it never writes.
+    let evil_c = lab.dir.join("evil.c");
+    std::fs::write(
+        &evil_c,
+        r#"#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void evil(void) {
+    int direct = open("/proc/self/exe", O_WRONLY | O_APPEND);
+    printf("direct: %s\n", direct < 0 ? strerror(errno) : "opened");
+    int keep = open("/proc/self/exe", O_PATH);
+    pid_t parent = getpid();
+    fflush(stdout);
+    if (fork() == 0) {
+        for (int i = 0; i < 500 && getppid() == parent; i++) usleep(10000);
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", keep);
+        int later = open(path, O_WRONLY | O_APPEND);
+        printf("after exit: %s\n", later < 0 ? strerror(errno) : "opened");
+        fflush(stdout);
+        _exit(0);
+    }
+    _exit(0);
+}
+"#,
+    )
+    .unwrap();
+    let evil_so = lab.dir.join("evil.so");
+    let cc = Command::new("cc").args(["-shared", "-fPIC", "-O2", "-o"]).arg(&evil_so).arg(&evil_c).output().unwrap();
+    assert!(cc.status.success(), "cc: {}", String::from_utf8_lossy(&cc.stderr));
+    let ldd = stdout_ok(&Command::new("ldd").arg(berth_binary()).output().unwrap());
+    let mut libs: Vec<(String, Vec<u8>)> = ldd
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(|p| (p.trim_start_matches('/').to_string(), std::fs::read(std::fs::canonicalize(p).unwrap()).unwrap()))
+        .collect();
+    libs.push(("evil.so".into(), std::fs::read(&evil_so).unwrap()));
+    let mut entries = vec![E::Dir("lib/", 0o755), E::Dir("lib64/", 0o755), E::Dir("lib/x86_64-linux-gnu/", 0o755)];
+    entries.extend(libs.iter().map(|(p, d)| E::File(p, d, 0o755)));
+    let image = lab.push("selfexe", &[busybox_layer(), layer(&entries)], serde_json::json!({}));
+    stdout_ok(&lab.create(&image, &[]));
+    let before = sha256_hex(&std::fs::read(berth_binary()).unwrap());
+    let out = lab.berth(&["container", "exec", "--job", &lab.job, "--env", "LD_PRELOAD=/evil.so", "--", "/proc/self/exe"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("direct: "), "the preloaded code ran in berth's binary: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("opened"), "{text}");
+    // As root (an image's User honoured) this reopen would succeed: the CVE's write.
+    assert!(text.contains("after exit: Permission denied"), "{text}");
+    assert_eq!(sha256_hex(&std::fs::read(berth_binary()).unwrap()), before);
+}
+
+/// Runs a shell line as root on `node` and returns its stdout (panics on failure).
+fn on(node: &str, shell: &str) -> String {
+    stdout_ok(&cluster().on_node(node, shell))
+}
+
+#[test]
+fn on_a_node_another_user_cannot_reach_a_jobs_keys_or_log_into_its_container() {
+    let c = cluster();
+    let node = c.nodes()[0].clone();
+    let users = c.users();
+    let (alice, bob) = (&users[0], &users[1]);
+    let b = berth_binary().display().to_string();
+    let base = 500 + std::process::id() % 400;
+    let (job_a, job_b) = (format!("{base}1"), format!("{base}2"));
+    let cleanup = format!("{b} container destroy --job {job_a}; {b} container destroy --job {job_b}");
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = cluster().on_node(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(node.clone(), cleanup);
+    let mut ports = Vec::new();
+    for (job, user) in [(&job_a, alice), (&job_b, bob)] {
+        on(&node, &format!("{b} container create --job {job} --user {user} --image registry:5000/minimal:latest --no-home >/dev/null"));
+        let wired: serde_json::Value = serde_json::from_str(&on(&node, &format!("{b} container wire --job {job} --nodes {node}"))).unwrap();
+        ports.push(wired["port"].as_u64().unwrap());
+    }
+    // On the node, bob cannot read alice's job dir, keys or sshd log.
+    for path in ["", "/node", "/node/wiring/id_ed25519", "/node/wiring/host_ed25519", "/node/sshd.log", "/node/env"] {
+        let out = c.on_node(&node, &format!("setpriv --reuid {bob} --regid {bob} --init-groups cat /run/berth/{job_a}{path} 2>&1 || true"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Permission denied"), "bob read /run/berth/{job_a}{path}: {text}");
+    }
+    // From bob's wired container, with bob's job key, alice's sshd lets nobody in:
+    // strict host key checking stops the client, and without it the key is refused.
+    let ssh = "/.berth/wiring/bin/ssh";
+    let strict = c.on_node(&node, &format!("{b} container exec --job {job_b} -- {ssh} -p {} {node} true 2>&1", ports[0]));
+    let text = String::from_utf8_lossy(&strict.stdout);
+    assert!(!strict.status.success() && text.contains("Host key verification failed"), "{text}");
+    let loose = c.on_node(
+        &node,
+        &format!("{b} container exec --job {job_b} -- {ssh} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -p {} {node} true 2>&1", ports[0]),
+    );
+    let text = String::from_utf8_lossy(&loose.stdout);
+    assert!(!loose.status.success() && text.contains("Permission denied (publickey)"), "{text}");
+    // The same command reaches bob's own container: the refusals above are not a broken setup.
+    let own = c.on_node(&node, &format!("{b} container exec --job {job_b} -- {ssh} -p {} {node} id -un", ports[1]));
+    assert_eq!(stdout_ok(&own).trim(), bob.as_str());
+}
+
+#[test]
+fn on_a_node_berth_host_shows_the_nodes_root_read_only_with_its_permissions() {
+    let c = cluster();
+    // Quoting: the shell line runs inside the image (busybox), as the job user.
+    let probe = "echo JOB=$SLURM_JOB_ID; grep \" /.berth/host \" /proc/self/mountinfo | cut -d\" \" -f6; \
+                 cat /.berth/host/etc/shadow /.berth/host/etc/munge/munge.key 2>&1 >/dev/null; \
+                 touch /.berth/host/etc/berth-escape-probe 2>&1; cat /.berth/host/etc/hostname >/dev/null && echo readable";
+    let out = c.run(&format!("srun -N1 --container={}/minimal:latest sh -c '{probe}'", c.registry()));
+    let text = stdout_ok(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[1].starts_with("ro,nosuid,nodev"), "{text}");
+    assert_eq!(text.matches("Permission denied").count(), 2, "shadow and the munge key stay unreadable: {text}");
+    assert!(text.contains("Read-only file system"), "{text}");
+    assert!(text.trim_end().ends_with("readable"), "{text}");
+    let job = lines[0].trim_start_matches("JOB=").to_string();
+    berth_e2e::assert_nodes_clean(&c, &job);
+}
