@@ -412,12 +412,13 @@ fn a_symlink_swapped_under_a_mount_target_while_berth_mounts_never_leads_out() {
     let src = lab.dir.join("src");
     std::fs::create_dir(&src).unwrap();
     std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // The image's /var/tmp is world-writable in the store's layer dir, so a user on the
-    // node can swap what berth is about to mount on: a dir, then a symlink out, again and again.
+    // Whoever can write the layer dir (only root: see
+    // `a_node_user_cannot_add_files_to_a_shared_layer`) swaps what berth is about to
+    // mount on: a dir, then a symlink out, again and again.
     let var_tmp = lab.layer_with("var/tmp");
     let target = var_tmp.join("var/tmp/race");
-    let swapper = Command::new("setpriv")
-        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "sh", "-c"])
+    let swapper = Command::new("sh")
+        .arg("-c")
         .arg(format!(
             "while :; do mkdir {t} 2>/dev/null; rmdir {t} 2>/dev/null; ln -s {o} {t} 2>/dev/null; rm -f {t}; done",
             t = target.display(),
@@ -438,6 +439,40 @@ fn a_symlink_swapped_under_a_mount_target_while_berth_mounts_never_leads_out() {
     let _ = swapper.0.kill();
     eprintln!("{built} of 15 creates succeeded under the race");
     lab.assert_outside_untouched();
+}
+
+#[test]
+fn a_node_user_cannot_add_files_to_a_shared_layer() {
+    let lab = Lab::new("layer-perms");
+    let image = lab.push("layer-perms", &[busybox_layer()], serde_json::json!({}));
+    stdout_ok(&lab.berth(&["pull", "--quiet", &image]));
+    // The image's /var/tmp is 1777, as in most distributions; the store's layers are not
+    // the node users' to enter.
+    let var_tmp = lab.layer_with("var/tmp").join("var/tmp");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&var_tmp).unwrap().permissions().mode() & 0o7777, 0o1777, "the image's mode is kept");
+    let out = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "touch"])
+        .arg(var_tmp.join("planted"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && !var_tmp.join("planted").exists(), "a node user planted a file in a shared layer");
+    for sub in ["layers", "blobs", "tmp"] {
+        let mode = std::fs::metadata(lab.dir.join("store").join(sub)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "store/{sub}");
+    }
+    // Containers still read the layer (overlay reads it as root) and the user still lists images.
+    stdout_ok(&lab.create(&image, &[]));
+    lab.destroy();
+    let list = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+        .arg(berth_binary())
+        .args(["images", "--store"])
+        .arg(lab.dir.join("store"))
+        .env("BERTH_CONFIG", lab.dir.join("berth.toml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains("escapes-layer-perms"), "{}", String::from_utf8_lossy(&list.stderr));
 }
 
 /// Kills a child process when dropped (a test that fails leaves no loop running).

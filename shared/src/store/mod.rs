@@ -183,6 +183,24 @@ pub fn default_store_dir(config: &Config) -> PathBuf {
 
 const SUBDIRS: [&str; 6] = ["blobs/sha256", "layers/sha256", "layers/chain", "refs", "locks", "tmp"];
 
+/// What of a root store only root may enter: layers keep the image's modes, so an
+/// image's `1777` `/tmp` would otherwise let any user of the node add files to a layer
+/// every container of that image shares; blobs may come from private repositories.
+/// Overlay reads lower layers with the mounter's (root's) credentials, so containers
+/// do not need more. The ref index stays readable (`berth images` for everyone).
+const ROOT_ONLY: [&str; 3] = ["layers", "blobs", "tmp"];
+
+fn keep_private(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for sub in ROOT_ONLY {
+        let path = root.join(sub);
+        if std::fs::metadata(&path)?.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating when it can) the store at `config.store_dir`. A store the caller
     /// cannot write is opened read-only: images already pulled can be used.
@@ -199,6 +217,9 @@ impl Store {
         if writable {
             for sub in SUBDIRS {
                 std::fs::create_dir_all(root.join(sub)).map_err(open_err)?;
+            }
+            if as_root {
+                keep_private(&root).map_err(open_err)?;
             }
         }
         let marker = root.join("overlay-xattrs");
