@@ -109,6 +109,15 @@ pub fn stdout_ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The job id a task printed as `JOB=<id>` (scheduler variables survive the container;
+/// `srun -l` prefixes are skipped).
+pub fn job_of(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("JOB=").map(|(_, id)| id.trim().to_string()))
+        .unwrap_or_else(|| panic!("no JOB= line in {stdout:?}"))
+}
+
 /// A shell line printing the pids (space-separated) of a Slurm job's processes on the
 /// host: those with `SLURM_JOB_ID=<job>` in their environment (ranks, MPI daemons, whatever they left
 /// running) among the processes of the host's network namespace (the test hosts share

@@ -4,7 +4,7 @@
 //! files one after another, so no other file sees it, and a guard turns it off again
 //! even when an assertion fails.
 
-use berth_e2e::{assert_nodes_clean, cluster, image_layout, stdout_ok, Cluster};
+use berth_e2e::{assert_nodes_clean, cluster, image_layout, job_of, stdout_ok, Cluster};
 use std::process::Command;
 
 const PLUGSTACK: &str = "/etc/slurm/plugstack.conf";
@@ -48,13 +48,6 @@ fn minimal_with_user(cluster: &Cluster, user: &str, name: &str) -> String {
     stdout_ok(&push);
     let _ = std::fs::remove_dir_all(&dir);
     format!("{}/{name}:latest", cluster.registry())
-}
-
-fn job_of(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.split_once("JOB=").map(|(_, id)| id.trim().to_string()))
-        .unwrap_or_else(|| panic!("no JOB= line in {stdout:?}"))
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! checks every rank (0..N-1, each once, on the node the allocation puts it) and that
 //! nothing of the job is left on any node afterwards.
 
-use berth_e2e::{assert_nodes_clean, cluster, job_pids_shell, stdout_ok, Cluster};
+use berth_e2e::{assert_nodes_clean, cluster, job_of, job_pids_shell, stdout_ok, Cluster};
 
 /// Ranks per node in every test: `--ntasks-per-node=2`.
 const PER_NODE: usize = 2;
@@ -25,14 +25,6 @@ fn sbatch(cluster: &Cluster, user: &str, name: &str, options: &str, script: &str
          sbatch --wait -o {name}.out {options} {name}.sh >/dev/null; rc=$?; cat {name}.out; exit $rc"
     );
     stdout_ok(&cluster.run_as(user, &line))
-}
-
-/// The job id the script printed as `JOB=<id>`.
-fn job_of(output: &str) -> String {
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix("JOB=").map(|id| id.trim().to_string()))
-        .unwrap_or_else(|| panic!("no JOB= line in {output:?}"))
 }
 
 /// The programs' `rank R of N on HOST os=ID` lines: every rank once, `PER_NODE` a node

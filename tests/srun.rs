@@ -2,7 +2,7 @@
 //! slurm-test-env cluster (real slurmctld and slurmd). Every test names what a user
 //! does, and every test checks that the job left nothing behind on the nodes.
 
-use berth_e2e::{assert_nodes_clean, cluster, stdout_ok, Cluster};
+use berth_e2e::{assert_nodes_clean, cluster, job_of, stdout_ok, Cluster};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -13,14 +13,6 @@ fn minimal(cluster: &Cluster) -> String {
 
 fn text(out: &Output) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// The job id a task printed as `JOB=<id>` (scheduler variables survive the container).
-fn job_of(stdout: &str) -> String {
-    stdout
-        .lines()
-        .find_map(|l| l.split_once("JOB=").map(|(_, id)| id.trim().to_string()))
-        .unwrap_or_else(|| panic!("no JOB= line in {stdout:?}"))
 }
 
 #[test]

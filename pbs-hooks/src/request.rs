@@ -76,24 +76,8 @@ impl Pelog {
     }
 }
 
-/// When to pull, as `berth container create --pull` takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Pull {
-    #[default]
-    Missing,
-    Always,
-    Never,
-}
-
-impl Pull {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pull::Missing => "missing",
-            Pull::Always => "always",
-            Pull::Never => "never",
-        }
-    }
-}
+/// When to pull: the engine's policy, under the option's name.
+pub use berth_engine::store::PullPolicy as Pull;
 
 /// The container a job asks for, with the Slurm plugin's options.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -95,23 +95,8 @@ pub const OPTIONS: &[OptionSpec] = &[
     },
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Pull {
-    #[default]
-    Missing,
-    Always,
-    Never,
-}
-
-impl Pull {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Pull::Missing => "missing",
-            Pull::Always => "always",
-            Pull::Never => "never",
-        }
-    }
-}
+/// When to pull: the engine's policy, under the option's name.
+pub use berth_engine::store::PullPolicy as Pull;
 
 /// A user's bind mount, `SRC:DST[:ro]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -75,15 +75,27 @@ pub enum StoreError {
     Export { reference: String, dest: PathBuf, why: String },
 }
 
-/// When to contact the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// When to contact the registry (`--pull`, and the adapters' `container-pull`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PullPolicy {
     /// Pull only when the reference is not in the store.
+    #[default]
     Missing,
     /// Always ask the registry (fetching only what changed).
     Always,
     /// Never pull; fail when the reference is not in the store.
     Never,
+}
+
+impl PullPolicy {
+    /// The word `--pull` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Missing => "missing",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        }
+    }
 }
 
 impl std::str::FromStr for PullPolicy {
