@@ -202,12 +202,25 @@ fn srun_mpi_pmix_container_runs_openmpi_ranks_on_every_node() {
 fn a_batch_script_on_the_host_runs_srun_mpi_pmix_in_the_image() {
     let cluster = cluster();
     let nodes = cluster.nodes();
-    // `srun --mpi=pmix` itself cannot run inside the image (Slurm's pmix plugin loads
-    // the node's libpmix by its absolute path): the script runs on the node, the step
-    // in the image.
+    // The script runs on the node, only the step in the image.
     let options = format!("-N{} --ntasks-per-node={PER_NODE}", nodes.len());
     let launch = format!("srun --mpi=pmix --container-image={} /opt/berth-test/bin/hello-openmpi", mpi_image(&cluster));
     let out = sbatch(&cluster, "bob", "slurm-mpi-pmix", &options, &script("", &launch));
+    assert!(out.contains("rc=0"), "{out}");
+    assert_every_rank_in_the_image_on_every_node(&out, &nodes);
+    assert_nodes_clean(&cluster, &job_of(&out));
+}
+
+#[test]
+fn a_batch_script_in_the_image_runs_srun_mpi_pmix() {
+    let cluster = cluster();
+    assert_hosts_lack_the_programs(&cluster);
+    let nodes = cluster.nodes();
+    // The node's srun, run by the script inside the image, loads the node's libpmix by
+    // its absolute development-link path, which berth binds in (images lack the link).
+    let options = format!("-N{} --ntasks-per-node={PER_NODE} --container-image={}", nodes.len(), mpi_image(&cluster));
+    let launch = "srun --mpi=pmix /opt/berth-test/bin/hello-openmpi";
+    let out = sbatch(&cluster, "alice", "slurm-mpi-pmix-inside", &options, &script("", launch));
     assert!(out.contains("rc=0"), "{out}");
     assert_every_rank_in_the_image_on_every_node(&out, &nodes);
     assert_nodes_clean(&cluster, &job_of(&out));

@@ -52,6 +52,12 @@ const SAME_PATH_DIRS: &[&str] = &[
     "/opt/slurm",
 ];
 
+/// The development link of the node's libpmix, which Slurm's pmix plugin `dlopen`s by
+/// its absolute path when an `srun --mpi=pmix` starts (Debian's build). Images carry
+/// the runtime library (`libpmix.so.2`) at most, never this link, so binding the
+/// node's file there shadows nothing the image's programs use.
+const PMIX_DEV_LINKS: &[&str] = &["/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so", "/usr/lib/aarch64-linux-gnu/pmix2/lib/libpmix.so"];
+
 /// What the node's Slurm client consists of, as found on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostClient {
@@ -128,6 +134,13 @@ impl HostClient {
             target: d.clone(),
             read_only: !d.starts_with("/run") && !d.starts_with("/var/run"),
         }));
+        mounts.extend(
+            PMIX_DEV_LINKS
+                .iter()
+                .map(Path::new)
+                .filter(|link| link.is_file())
+                .map(|link| Mount { source: link.to_path_buf(), target: link.to_path_buf(), read_only: true }),
+        );
         mounts
     }
 }
