@@ -65,6 +65,8 @@ pub struct HostClient {
     lib_dirs: Vec<PathBuf>,
     commands: Vec<(String, PathBuf)>,
     same_path_dirs: Vec<PathBuf>,
+    /// Those of [`PMIX_DEV_LINKS`] the host has.
+    pmix_links: Vec<PathBuf>,
 }
 
 impl HostClient {
@@ -88,7 +90,8 @@ impl HostClient {
         if let Some(dir) = plugin_dir.filter(|d| d.is_absolute() && !same_path_dirs.iter().any(|s| d.starts_with(s))) {
             same_path_dirs.push(dir.to_path_buf());
         }
-        Some(HostClient { loader, lib_dirs, commands, same_path_dirs })
+        let pmix_links = PMIX_DEV_LINKS.iter().map(PathBuf::from).filter(|link| link.is_file()).collect();
+        Some(HostClient { loader, lib_dirs, commands, same_path_dirs, pmix_links })
     }
 
     /// The wrapper script for one host command.
@@ -134,13 +137,7 @@ impl HostClient {
             target: d.clone(),
             read_only: !d.starts_with("/run") && !d.starts_with("/var/run"),
         }));
-        mounts.extend(
-            PMIX_DEV_LINKS
-                .iter()
-                .map(Path::new)
-                .filter(|link| link.is_file())
-                .map(|link| Mount { source: link.to_path_buf(), target: link.to_path_buf(), read_only: true }),
-        );
+        mounts.extend(self.pmix_links.iter().map(|link| Mount { source: link.clone(), target: link.clone(), read_only: true }));
         mounts
     }
 }
@@ -164,6 +161,7 @@ mod tests {
             lib_dirs: vec!["/lib/x86_64-linux-gnu".into(), "/usr/lib/x86_64-linux-gnu".into()],
             commands: vec![("srun".into(), "/usr/bin/srun".into())],
             same_path_dirs: vec!["/etc/slurm".into(), "/run/munge".into(), "/opt/site/lib".into()],
+            pmix_links: vec!["/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so".into()],
         }
     }
 
@@ -189,7 +187,8 @@ mod tests {
                 "/run/berth/.slurm-client:/.berth/bin:ro",
                 "/etc/slurm:/etc/slurm:ro",
                 "/run/munge:/run/munge",
-                "/opt/site/lib:/opt/site/lib:ro"
+                "/opt/site/lib:/opt/site/lib:ro",
+                "/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so:/usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so:ro"
             ]
         );
     }
