@@ -88,7 +88,7 @@ pub fn text(nodes: &[String], slots: &[u32]) -> Result<String, String> {
     if nodes.len() != slots.len() {
         return Err(format!("{} nodes but {} per-node counts", nodes.len(), slots.len()));
     }
-    Ok(nodes.iter().zip(slots).map(|(node, &n)| format!("{node}\n").repeat(n as usize)).collect())
+    Ok(berth_engine::wiring::files::hostfile_of(nodes.iter().map(String::as_str).zip(slots.iter().copied())))
 }
 
 /// Writes the hostfile at [`PATH`]; call inside the container (after `join`, as root).

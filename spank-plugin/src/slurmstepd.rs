@@ -239,6 +239,11 @@ fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detache
 /// A job without the allocation's variables, or a read-only container root, goes without
 /// one: a line in the slurmd log says why.
 fn write_hostfile(sp: &Spank) -> bool {
+    // The job's nodes and slots do not change between its tasks and steps: the first
+    // task in this container wrote it.
+    if Path::new(hostfile::PATH).is_file() {
+        return true;
+    }
     let var = |name: &str| sp.getenv(name).ok().flatten().ok_or_else(|| format!("{name} is not set"));
     let text = var("SLURM_JOB_NODELIST").and_then(|list| {
         let nodes = hostfile::expand_hostlist(&list)?;

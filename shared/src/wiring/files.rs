@@ -28,7 +28,13 @@ pub fn host_alias(job: &str) -> String {
 
 /// The PBS_NODEFILE form: one line per slot, node names in allocation order.
 pub fn hostfile(nodes: &[Node]) -> String {
-    nodes.iter().map(|n| format!("{}\n", n.name).repeat(n.slots as usize)).collect()
+    hostfile_of(nodes.iter().map(|n| (n.name.as_str(), n.slots)))
+}
+
+/// A hostfile as MPI launchers read it: each node once per slot, in the order given.
+/// Also the Slurm plugin's `$BERTH_HOSTFILE`, so both schedulers' files read alike.
+pub fn hostfile_of<'a>(nodes: impl IntoIterator<Item = (&'a str, u32)>) -> String {
+    nodes.into_iter().map(|(name, slots)| format!("{name}\n").repeat(slots as usize)).collect()
 }
 
 /// The ssh client config (read through `ssh -F`, so no other config interferes):
