@@ -49,6 +49,21 @@ enum Breakage {
     DiesMidBlob,
     /// Every request needs a login nobody has.
     Denied,
+    /// Needs the test login; then sends every blob, by redirect, to the registry's other
+    /// port, written so that a naive parse of the URL sees the registry's own host:
+    /// `http://127.0.0.1:OTHER\@127.0.0.1:THIS/...`.
+    LoginRedirectsAway,
+    /// Needs a bearer token whose realm is plain HTTP on another host (the node's own
+    /// address, not a registry the admin lists as insecure).
+    LoginRealmElsewhere,
+    /// The manifest says the config is 1 GiB, and the config never ends.
+    HugeConfig,
+    /// The layer starts with a GNU long-name record of 512 MiB.
+    LongNameBomb,
+    /// The layer starts with a PAX record of 512 MiB.
+    PaxBomb,
+    /// The layer holds 3000 empty files.
+    ManyFiles,
 }
 
 const REPOS: &[(&str, Breakage)] = &[
@@ -63,24 +78,47 @@ const REPOS: &[(&str, Breakage)] = &[
     ("dies-mid-blob", Breakage::DiesMidBlob),
     ("denied", Breakage::Denied),
     ("bomb", Breakage::Healthy),
+    ("login-redirects-away", Breakage::LoginRedirectsAway),
+    ("login-realm-elsewhere", Breakage::LoginRealmElsewhere),
+    ("huge-config", Breakage::HugeConfig),
+    ("long-name-bomb", Breakage::LongNameBomb),
+    ("pax-bomb", Breakage::PaxBomb),
+    ("many-files", Breakage::ManyFiles),
 ];
+
+/// The login the `login-*` repositories want.
+const LOGIN: (&str, &str) = ("berth-faults", "s3cret");
 
 /// The broken registry; its threads live as long as the test process.
 struct BrokenRegistry {
     addr: String,
+    served: Arc<Served>,
 }
 
 struct Served {
     addr: String,
+    /// The registry's second port ("another host"), on every address of its host.
+    other_port: u16,
+    /// The address other hosts reach the registry's host by.
+    public_host: String,
     images: Vec<(String, Breakage, Image)>,
     blob_gets: AtomicUsize,
+    /// `Authorization` headers that reached the second port.
+    leaked: std::sync::Mutex<Vec<String>>,
 }
 
 impl BrokenRegistry {
     /// Starts the registry on 127.0.0.1 of this process's network namespace, or of the
     /// one at `netns` (a compute host's, e.g. `/run/netns/berth0-node1`).
     fn start(netns: Option<PathBuf>) -> BrokenRegistry {
+        BrokenRegistry::start_on(netns, "127.0.0.1")
+    }
+
+    /// As `start`, with the host's address as other hosts reach it (for the realm of
+    /// `login-realm-elsewhere`).
+    fn start_on(netns: Option<PathBuf>, public_host: &str) -> BrokenRegistry {
         let (tx, rx) = std::sync::mpsc::channel();
+        let public_host = public_host.to_string();
         std::thread::spawn(move || {
             if let Some(ns) = netns {
                 // Only this thread (and the threads it starts) moves: the listener and
@@ -89,10 +127,28 @@ impl BrokenRegistry {
                 nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the host's network namespace");
             }
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let other = TcpListener::bind("0.0.0.0:0").unwrap();
             let addr = listener.local_addr().unwrap().to_string();
             let images = REPOS.iter().map(|(name, b)| (name.to_string(), *b, image_for(name))).collect();
-            let served = Arc::new(Served { addr: addr.clone(), images, blob_gets: AtomicUsize::new(0) });
-            tx.send(addr).unwrap();
+            let served = Arc::new(Served {
+                addr: addr.clone(),
+                other_port: other.local_addr().unwrap().port(),
+                public_host,
+                images,
+                blob_gets: AtomicUsize::new(0),
+                leaked: std::sync::Mutex::new(Vec::new()),
+            });
+            tx.send(served.clone()).unwrap();
+            let elsewhere = served.clone();
+            std::thread::spawn(move || {
+                for conn in other.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let served = elsewhere.clone();
+                    std::thread::spawn(move || {
+                        let _ = serve_elsewhere(conn, &served);
+                    });
+                }
+            });
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let served = served.clone();
@@ -101,7 +157,13 @@ impl BrokenRegistry {
                 });
             }
         });
-        BrokenRegistry { addr: rx.recv_timeout(Duration::from_secs(60)).expect("the broken registry started") }
+        let served = rx.recv_timeout(Duration::from_secs(300)).expect("the broken registry started");
+        BrokenRegistry { addr: served.addr.clone(), served }
+    }
+
+    /// The `Authorization` headers that reached the registry's other port.
+    fn leaked(&self) -> Vec<String> {
+        self.served.leaked.lock().unwrap().clone()
     }
 
     fn image(&self, repo: &str) -> String {
@@ -116,6 +178,19 @@ fn image_for(repo: &str) -> Image {
         let zeros = vec![0u8; 64 << 20];
         return image(&[oci_image::tar(&[oci_image::Entry::File("bomb", &zeros, 0o644)])], &["/bin/true"]);
     }
+    if repo == "many-files" {
+        let names: Vec<String> = (0..3000).map(|i| format!("f{i}")).collect();
+        let entries: Vec<oci_image::Entry> = names.iter().map(|n| oci_image::Entry::File(n, b"", 0o644)).collect();
+        return image(&[oci_image::tar(&entries)], &["/bin/true"]);
+    }
+    if let Some(kind) = match repo {
+        "long-name-bomb" => Some(tar::EntryType::GNULongName),
+        "pax-bomb" => Some(tar::EntryType::XHeader),
+        _ => None,
+    } {
+        let bomb = header_bomb(kind);
+        return Image { layers: bomb.layers.clone(), config: bomb.config.clone(), manifest: bomb.manifest.clone() };
+    }
     let base = busybox_layer(repo);
     let mut img = image(&[base], &["/bin/true"]);
     if repo == "missing-blob" {
@@ -123,6 +198,53 @@ fn image_for(repo: &str) -> Image {
         img.manifest = manifest_for(&img.config, &[(absent.digest.clone(), 1000)]);
     }
     img
+}
+
+/// An image whose one layer starts with an extension record (GNU long name or PAX) of
+/// 512 MiB of zeros, which gzip makes some 512 KiB; built once per test process.
+fn header_bomb(kind: tar::EntryType) -> &'static Image {
+    static BOMBS: std::sync::OnceLock<(Image, Image)> = std::sync::OnceLock::new();
+    let (long_name, pax) = BOMBS.get_or_init(|| {
+        let make = |kind: tar::EntryType| {
+            use sha2::Digest;
+            const SIZE: u64 = 512 << 20;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let mut diff = sha2::Sha256::new();
+            let mut put = |bytes: &[u8]| {
+                gz.write_all(bytes).unwrap();
+                diff.update(bytes);
+            };
+            let mut h = tar::Header::new_gnu();
+            h.set_path("././@LongLink").unwrap();
+            h.set_entry_type(kind);
+            h.set_mode(0o644);
+            h.set_size(SIZE);
+            h.set_cksum();
+            put(h.as_bytes());
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..SIZE / chunk.len() as u64 {
+                put(&chunk);
+            }
+            put(&oci_image::tar(&[oci_image::Entry::File("after", b"x", 0o644)]));
+            let diff_id = format!("sha256:{:x}", diff.finalize());
+            let layer = Blob::of(gz.finish().unwrap());
+            let mut img = image(&[busybox_layer("bomb")], &["/bin/true"]);
+            let config = serde_json::json!({
+                "architecture": "amd64", "os": "linux", "config": { "Cmd": ["/bin/true"] },
+                "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+            });
+            img.config = Blob::of(serde_json::to_vec(&config).unwrap());
+            img.manifest = manifest_for(&img.config, &[(layer.digest.clone(), layer.bytes.len() as u64)]);
+            img.layers = vec![layer];
+            img
+        };
+        (make(tar::EntryType::GNULongName), make(tar::EntryType::XHeader))
+    });
+    if kind == tar::EntryType::XHeader {
+        pax
+    } else {
+        long_name
+    }
 }
 
 fn respond(conn: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<()> {
@@ -144,18 +266,49 @@ fn endless(conn: &mut TcpStream, content_type: &str, first: &[u8], chunk: &[u8])
     }
 }
 
-fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
-    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+/// The request's path and its `Authorization` header.
+fn read_request(conn: &TcpStream) -> std::io::Result<(String, Option<String>)> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut authorization = None;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" {
             break;
         }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                authorization = Some(v.trim().to_string());
+            }
+        }
     }
+    Ok((path, authorization))
+}
+
+/// The registry's other port: a blob store and a token service that take anyone, and
+/// write down every `Authorization` header that reaches them.
+fn serve_elsewhere(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
+    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let (path, authorization) = read_request(&conn)?;
+    if let Some(a) = authorization {
+        served.leaked.lock().unwrap().push(format!("{path}: {a}"));
+    }
+    if path.starts_with("/token") {
+        return respond(&mut conn, "200 OK", &[("Content-Type", "application/json")], br#"{"token":"elsewhere-token"}"#);
+    }
+    let digest = path.rsplit('/').next().unwrap_or("");
+    let blob = served.images.iter().flat_map(|(_, _, img)| img.layers.iter().chain([&img.config])).find(|b| b.digest == digest);
+    match blob {
+        Some(b) => respond(&mut conn, "200 OK", &[], &b.bytes.clone()),
+        None => respond(&mut conn, "404 Not Found", &[], b""),
+    }
+}
+
+fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
+    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let (path, authorization) = read_request(&conn)?;
     if path == "/v2/" {
         return respond(&mut conn, "200 OK", &[], b"{}");
     }
@@ -171,6 +324,14 @@ fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
         let challenge = format!(r#"Bearer realm="http://{}/token",service="broken""#, served.addr);
         return respond(&mut conn, "401 Unauthorized", &[("WWW-Authenticate", &challenge)], br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
     }
+    let basic = format!("Basic {}", base64(&format!("{}:{}", LOGIN.0, LOGIN.1)));
+    if *breakage == Breakage::LoginRedirectsAway && authorization.as_deref() != Some(basic.as_str()) {
+        return respond(&mut conn, "401 Unauthorized", &[("WWW-Authenticate", r#"Basic realm="broken""#)], b"");
+    }
+    if *breakage == Breakage::LoginRealmElsewhere && authorization.as_deref() != Some("Bearer elsewhere-token") {
+        let challenge = format!(r#"Bearer realm="http://{}:{}/token",service="broken""#, served.public_host, served.other_port);
+        return respond(&mut conn, "401 Unauthorized", &[("WWW-Authenticate", &challenge)], br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+    }
     match kind {
         "manifests" => match breakage {
             Breakage::BadJson => respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], br#"{"schemaVersion":2,"layers":["#),
@@ -181,6 +342,11 @@ fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
                 br#"{"schemaVersion":1,"name":"media-type","tag":"1","fsLayers":[]}"#,
             ),
             Breakage::EndlessManifest => endless(&mut conn, oci_image::MANIFEST, br#"{"schemaVersion":2,"pad":""#, &[b'a'; 65536]),
+            Breakage::HugeConfig => {
+                let mut manifest: serde_json::Value = serde_json::from_slice(&img.manifest.bytes).unwrap();
+                manifest["config"]["size"] = serde_json::json!(1u64 << 30);
+                respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], &serde_json::to_vec(&manifest).unwrap())
+            }
             _ if reference == "1" || reference == img.manifest.digest => {
                 respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], &img.manifest.bytes)
             }
@@ -188,6 +354,13 @@ fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
         },
         "blobs" => {
             served.blob_gets.fetch_add(1, Ordering::SeqCst);
+            if *breakage == Breakage::LoginRedirectsAway {
+                let away = format!("http://127.0.0.1:{}\\@{}/storage/{reference}", served.other_port, served.addr);
+                return respond(&mut conn, "307 Temporary Redirect", &[("Location", &away)], b"");
+            }
+            if *breakage == Breakage::HugeConfig && reference == img.config.digest {
+                return endless(&mut conn, "application/octet-stream", b"{", &[b' '; 65536]);
+            }
             if reference == img.config.digest {
                 return respond(&mut conn, "200 OK", &[], &img.config.bytes);
             }
@@ -219,6 +392,14 @@ fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
     }
 }
 
+fn base64(text: &str) -> String {
+    let out = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
+        c.stdin.take().unwrap().write_all(text.as_bytes())?;
+        c.wait_with_output()
+    });
+    String::from_utf8(out.unwrap().stdout).unwrap()
+}
+
 /// A store, a runtime dir and an admin config of their own for `berth` run here as
 /// root; unmounted and removed on drop.
 struct Scratch {
@@ -237,11 +418,16 @@ impl Scratch {
     }
 
     fn write_config(&self, insecure: &[&str]) {
+        self.write_config_with(insecure, "");
+    }
+
+    /// The config with more lines of TOML.
+    fn write_config_with(&self, insecure: &[&str], extra: &str) {
         let insecure: Vec<String> = insecure.iter().map(|r| format!("\"{r}\"")).collect();
         std::fs::write(
             self.dir.join("berth.toml"),
             format!(
-                "store_dir = \"{}\"\nruntime_dir = \"{}\"\nmount_home = false\ninsecure_registries = [{}]\n",
+                "store_dir = \"{}\"\nruntime_dir = \"{}\"\nmount_home = false\ninsecure_registries = [{}]\n{extra}",
                 self.store().display(),
                 self.dir.join("rt").display(),
                 insecure.join(", ")
@@ -340,7 +526,8 @@ fn a_broken_registry_fails_the_pull_with_one_line_and_leaves_a_store_that_verifi
         ("media-type", "which is not an image"),
         ("missing-blob", "the registry does not have"),
         ("mismatch", "does not match its digest"),
-        ("endless-manifest", "larger than 8 MiB"),
+        ("endless-manifest", "larger than berth's cap of 4 MiB"),
+        ("huge-config", "larger than berth's cap of 8 MiB"),
         ("endless-blob", "longer than the manifest says"),
         ("longer-blob", "longer than the manifest says"),
         ("dies-mid-blob", "the download broke off after"),
@@ -371,6 +558,106 @@ fn a_decompression_bomb_fills_only_a_tmp_dir_that_is_removed() {
     let used = nix::sys::statvfs::statvfs(&s.store()).unwrap();
     let used_kib = (used.blocks() - used.blocks_free()) * used.fragment_size() / 1024;
     assert!(used_kib < 1024, "the bomb's bytes were removed: {used_kib} KiB still used");
+}
+
+#[test]
+fn tar_header_records_of_any_size_fail_with_one_line_and_little_memory() {
+    let reg = BrokenRegistry::start(None);
+    let s = Scratch::new("header-bomb");
+    for repo in ["long-name-bomb", "pax-bomb"] {
+        // 256 MiB of heap is ample for a pull; a 512 MiB record read into memory is not.
+        let mut c = Command::new("sh");
+        c.args(["-c", "ulimit -d 262144; exec \"$0\" \"$@\""]).arg(berth_binary()).args(["pull", "--quiet", &reg.image(repo)]);
+        c.env("BERTH_CONFIG", s.dir.join("berth.toml")).env_remove("BERTH_STORE");
+        let line = one_error_line(repo, &c.output().unwrap());
+        assert!(line.contains("tar header record") && line.contains("larger than berth's cap of 1 MiB"), "{repo}: {line}");
+        s.verifies();
+    }
+}
+
+#[test]
+fn an_image_beyond_max_image_size_or_max_image_files_stops_at_the_cap_with_one_line() {
+    let reg = BrokenRegistry::start(None);
+    let s = Scratch::new("caps");
+    s.write_config_with(&[], "max_image_size = \"16M\"\nmax_image_files = 1000\n");
+    // 64 MiB of zeros against a 16 MiB cap: stopped at the cap, not at a full disk.
+    let line = one_error_line("bomb", &s.berth(&["pull", "--quiet", &reg.image("bomb")]));
+    assert!(line.contains("unpacks to more than max_image_size (16M)") && line.contains("raise max_image_size"), "{line}");
+    s.verifies();
+    let line = one_error_line("many-files", &s.berth(&["pull", "--quiet", &reg.image("many-files")]));
+    assert!(line.contains("more than max_image_files (1000) files") && line.contains("raise max_image_files"), "{line}");
+    s.verifies();
+    assert!(std::fs::read_dir(s.store().join("tmp")).unwrap().next().is_none(), "nothing of either image is left in tmp/");
+    // The defaults let both through.
+    s.write_config(&[]);
+    s.ok(&["pull", "--quiet", &reg.image("many-files")]);
+    s.ok(&["pull", "--quiet", &reg.image("bomb")]);
+    s.verifies();
+}
+
+/// The address of a compute host on the test bridge (as `slurm-test-env/lib.sh` gives it).
+fn node_addr(node: &str) -> String {
+    let k: u32 = std::env::var("BERTH_TEST_CLUSTER").ok().and_then(|k| k.parse().ok()).unwrap_or(0);
+    let n: u32 = node.trim_start_matches("node").parse().unwrap();
+    format!("10.203.{}.{}", 77 + k, 10 + n)
+}
+
+#[test]
+fn a_jobs_registry_login_never_reaches_another_port_by_redirect_or_a_plain_http_realm_of_another_host() {
+    let cluster = cluster();
+    let (node, netns) = node_and_netns();
+    let reg = BrokenRegistry::start_on(Some(netns), &node_addr(&node));
+    let alice = &cluster.users()[0];
+    // alice's login for the broken registry, in a Docker config dir of hers that the job names.
+    let dir = format!("/home/{alice}/berth-faults-login-{}", std::process::id());
+    let auth = base64(&format!("{}:{}", LOGIN.0, LOGIN.1));
+    stdout_ok(&cluster.run_as(
+        alice,
+        &format!("mkdir -p {dir} && printf '{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}' >{dir}/config.json && chmod 600 {dir}/config.json", reg.addr),
+    ));
+    let (away, realm) = (reg.image("login-redirects-away"), reg.image("login-realm-elsewhere"));
+    let out = cluster.run(&format!(
+        "DOCKER_CONFIG={dir} salloc -N1 -w {node} sh -c 'echo JOB=$SLURM_JOB_ID; srun --container={away} true; echo rc=$?; srun --container={realm} true; echo rc=$?'"
+    ));
+    let _ = cluster.run_as(alice, &format!("rm -rf {dir}"));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(reg.leaked(), Vec::<String>::new(), "alice's login reached another port: {stdout} {stderr}");
+    // Blobs on another port are fetched without the login; the realm is refused with one line.
+    assert!(stdout.contains("rc=0\nrc=1"), "{stdout} {stderr}");
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("error: berth:")).collect();
+    assert_eq!(ours.len(), 1, "{stderr}");
+    assert!(ours[0].contains(&format!("cannot start image {realm}: ")) && ours[0].contains("over plain HTTP"), "{}", ours[0]);
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&stdout));
+}
+
+#[test]
+fn processes_that_leave_the_containers_namespaces_or_its_session_do_not_outlive_the_job() {
+    let cluster = cluster();
+    let (node, _) = node_and_netns();
+    let image = format!("{}/minimal:latest", cluster.registry());
+    // A user namespace with its own mount namespace (what any user may make), and a
+    // double-forked daemon in a session of its own.
+    let escape = "unshare -Urm sleep 1000 </dev/null >/dev/null 2>&1 & setsid sh -c \\\"sleep 1001 </dev/null >/dev/null 2>&1 &\\\"; sleep 1";
+    let out = stdout_ok(&cluster.run(&format!("srun -N1 -w {node} --container={image} sh -c \"echo JOB=\\$SLURM_JOB_ID; {escape}; echo started\"")));
+    assert!(out.contains("started"), "{out}");
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&out));
+    // The same from a batch job that is cancelled while its task runs.
+    let out = stdout_ok(&cluster.run(&format!(
+        "sbatch --parsable -N1 -w {node} --wrap \"srun --container={image} sh -c '{escape}; sleep 300'\""
+    )));
+    let job = out.trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = cluster.on_node(&node, &format!("test -n \"$({})\" && pgrep -f 'sleep 1001' >/dev/null", berth_e2e::job_pids_shell(&job)));
+        if running.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job {job} never started its task");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stdout_ok(&cluster.run(&format!("scancel {job}")));
+    assert_nodes_clean(&cluster, &job);
 }
 
 /// The compute host the node tests use, and its network namespace.
