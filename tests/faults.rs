@@ -616,18 +616,20 @@ fn a_jobs_registry_login_never_reaches_another_port_by_redirect_or_a_plain_http_
         &format!("mkdir -p {dir} && printf '{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}' >{dir}/config.json && chmod 600 {dir}/config.json", reg.addr),
     ));
     let (away, realm) = (reg.image("login-redirects-away"), reg.image("login-realm-elsewhere"));
-    let out = cluster.run(&format!(
-        "DOCKER_CONFIG={dir} salloc -N1 -w {node} sh -c 'echo JOB=$SLURM_JOB_ID; srun --container={away} true; echo rc=$?; srun --container={realm} true; echo rc=$?'"
-    ));
+    // One job per image (a job's container has one image).
+    let job = |image: &str| cluster.run(&format!("DOCKER_CONFIG={dir} srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID'; echo rc=$?"));
+    let (redirected, realmed) = (job(&away), job(&realm));
     let _ = cluster.run_as(alice, &format!("rm -rf {dir}"));
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(reg.leaked(), Vec::<String>::new(), "alice's login reached another port: {stdout} {stderr}");
+    let text = |out: &Output| (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let ((out1, err1), (out2, err2)) = (text(&redirected), text(&realmed));
+    assert_eq!(reg.leaked(), Vec::<String>::new(), "alice's login reached another port: {out1} {err1} {out2} {err2}");
     // Blobs on another port are fetched without the login; the realm is refused with one line.
-    assert!(stdout.contains("rc=0\nrc=1"), "{stdout} {stderr}");
-    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("error: berth:")).collect();
-    assert_eq!(ours.len(), 1, "{stderr}");
+    assert!(out1.contains("rc=0"), "{out1} {err1}");
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&out1));
+    assert!(out2.contains("rc=1"), "{out2} {err2}");
+    let ours: Vec<&str> = err2.lines().filter(|l| l.contains("error: berth:")).collect();
+    assert_eq!(ours.len(), 1, "{err2}");
     assert!(ours[0].contains(&format!("cannot start image {realm}: ")) && ours[0].contains("over plain HTTP"), "{}", ours[0]);
-    assert_nodes_clean(&cluster, &berth_e2e::job_of(&stdout));
 }
 
 #[test]
