@@ -1,10 +1,15 @@
 //! A client for the OCI distribution (Docker registry v2) API: manifests with content
 //! negotiation, blobs as streams, bearer-token and basic auth, redirects to blob
-//! storage (credentials never follow to another host), proxies as Docker uses them,
-//! retries with backoff on transient failures, and plain HTTP only for localhost and
-//! registries the admin lists as insecure.
+//! storage, proxies as Docker uses them, retries with backoff on transient failures,
+//! and plain HTTP only for localhost and registries the admin lists as insecure.
+//!
+//! Credentials go only to the registry's own origin (scheme, host and port, as the
+//! HTTP client parses the URL it connects to): never on a redirect elsewhere, never
+//! after a downgrade to plain HTTP. A token realm gets the login over https, or over
+//! plain HTTP only on the registry's own origin or a host the admin lists as insecure.
 //! Owns the network; never writes to disk and never trusts a byte it has not hashed
-//! (digest checks on blobs are the caller's, as it streams them).
+//! (digest checks on blobs are the caller's, as it streams them); reads manifests,
+//! configs and token answers into memory only up to their caps.
 
 pub mod auth;
 pub mod manifest;
@@ -17,9 +22,14 @@ use sha2::{Digest as _, Sha256};
 use std::io::Read;
 use std::sync::Mutex;
 use std::time::Duration;
+use url::{Origin, Url};
 
-/// Largest manifest or config berth reads into memory.
-const MAX_DOCUMENT: u64 = 8 << 20;
+/// Largest manifest or index berth reads into memory (containerd's cap).
+pub const MAX_MANIFEST: u64 = 4 << 20;
+/// Largest image config berth reads into memory.
+pub const MAX_CONFIG: u64 = 8 << 20;
+/// Largest token service answer.
+const MAX_TOKEN: u64 = 1 << 20;
 /// Tries per request when the failure may pass (connection errors, 408, 429, 5xx).
 pub(crate) const ATTEMPTS: u32 = 4;
 
@@ -41,6 +51,8 @@ pub enum RegistryError {
     Status { registry: String, status: u16, url: String, body: String },
     #[error("registry {registry} sent a bad response for {what}: {why}")]
     Protocol { registry: String, what: String, why: String },
+    #[error("registry {registry} wants the login sent to its token service {realm} over plain HTTP on another host: berth sends logins over plain HTTP only to the registry itself or to hosts in insecure_registries (ask the admin to list that host, or use a registry whose token service speaks https)")]
+    PlainHttpRealm { registry: String, realm: String },
     #[error("the digest of {what} from {registry} does not match: expected {expected}, got {actual}")]
     DigestMismatch { registry: String, what: String, expected: String, actual: String },
     #[error(transparent)]
@@ -54,6 +66,10 @@ pub struct Client {
     registry: String,
     repository: String,
     base: String,
+    /// The origin credentials may go to: the registry's own.
+    origin: Origin,
+    /// Which hosts may be spoken to over plain HTTP.
+    config: Config,
     direct: ureq::Agent,
     proxies: proxy::ProxyEnv,
     http_proxied: Option<ureq::Agent>,
@@ -97,10 +113,16 @@ impl Client {
         };
         let http_proxied = proxied(&proxies.http, "HTTP_PROXY")?;
         let https_proxied = proxied(&proxies.https, "HTTPS_PROXY")?;
+        let base = format!("{scheme}://{endpoint}");
+        let origin = Url::parse(&base)
+            .map_err(|e| RegistryError::Unreachable { registry: endpoint.clone(), why: format!("{base} is not a URL: {e}") })?
+            .origin();
         Ok(Client {
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
-            base: format!("{scheme}://{endpoint}"),
+            base,
+            origin,
+            config: config.clone(),
             direct: builder().build(),
             proxies,
             http_proxied,
@@ -116,7 +138,7 @@ impl Client {
         let what = format!("manifest {}:{}", self.repository, reference);
         let response = self.get(&url, Some(manifest::ACCEPT), &what)?;
         let media_type = response.content_type().to_string();
-        let bytes = read_limited(response, &self.registry, &what)?;
+        let bytes = read_limited(response, &self.registry, &what, MAX_MANIFEST)?;
         let digest = sha256_digest(&bytes);
         if crate::reference::is_sha256_digest(reference) && digest != reference {
             return Err(RegistryError::DigestMismatch {
@@ -129,10 +151,10 @@ impl Client {
         Ok(Document { digest, media_type, bytes })
     }
 
-    /// Fetches a small blob (an image config) and verifies its digest.
+    /// Fetches an image config (at most [`MAX_CONFIG`] bytes) and verifies its digest.
     pub fn small_blob(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         let what = format!("blob {digest}");
-        let bytes = read_limited(self.blob(digest)?, &self.registry, &what)?;
+        let bytes = read_limited(self.blob(digest)?, &self.registry, &what, MAX_CONFIG)?;
         let actual = sha256_digest(&bytes);
         if actual != digest {
             return Err(RegistryError::DigestMismatch { registry: self.registry.clone(), what, expected: digest.into(), actual });
@@ -161,16 +183,17 @@ impl Client {
         chosen.unwrap_or(&self.direct)
     }
 
-    /// GET with auth, manual redirects and retries. Credentials go only to the registry's own host.
+    /// GET with auth, manual redirects and retries. Credentials go only to the
+    /// registry's own origin, compared on the URL exactly as the request uses it.
     fn get(&self, url: &str, accept: Option<&str>, what: &str) -> Result<ureq::Response, RegistryError> {
-        let registry_host = host_of(&self.base).to_string();
-        let mut url = url.to_string();
+        let bad_url = |u: &str, e: url::ParseError| RegistryError::Protocol { registry: self.registry.clone(), what: what.into(), why: format!("bad URL {u}: {e}") };
+        let mut url = Url::parse(url).map_err(|e| bad_url(url, e))?;
         let mut authenticated_once = false;
         let mut redirects = 0;
         let mut attempt = 0;
         loop {
-            let same_host = host_of(&url) == registry_host;
-            let mut request = self.agent_for(&url).get(&url);
+            let same_host = url.origin() == self.origin;
+            let mut request = self.agent_for(url.as_str()).request_url("GET", &url);
             if let Some(a) = accept {
                 request = request.set("Accept", a);
             }
@@ -198,7 +221,11 @@ impl Client {
                     if redirects > 5 {
                         return Err(RegistryError::Protocol { registry: self.registry.clone(), what: what.into(), why: "too many redirects".into() });
                     }
-                    url = join_url(&url, &location);
+                    let next = url.join(&location).map_err(|e| bad_url(&location, e))?;
+                    if !matches!(next.scheme(), "http" | "https") {
+                        return Err(RegistryError::Protocol { registry: self.registry.clone(), what: what.into(), why: format!("redirect to {next}, which is not http or https") });
+                    }
+                    url = next;
                 }
                 Ok(response) => return Ok(response),
                 Err(ureq::Error::Status(401, response)) if same_host => {
@@ -224,12 +251,12 @@ impl Client {
                             return Err(RegistryError::RateLimited { registry: self.registry.clone(), detail: body });
                         }
                         408 | 429 | 500..=599 => transient(format!("{url} answered {status}"), &mut attempt)?,
-                        _ => return Err(RegistryError::Status { registry: self.registry.clone(), status, url, body }),
+                        _ => return Err(RegistryError::Status { registry: self.registry.clone(), status, url: url.to_string(), body }),
                     }
                 }
                 Err(ureq::Error::Transport(t)) => {
                     let mut why = t.to_string();
-                    if url.starts_with("https://") && why.contains("InvalidContentType") {
+                    if url.scheme() == "https" && why.contains("InvalidContentType") {
                         why.push_str("; if this registry speaks plain HTTP, the admin lists it in insecure_registries");
                     }
                     transient(why, &mut attempt)?
@@ -250,13 +277,18 @@ impl Client {
             Some(Challenge::Basic) => self.login.as_ref().map(auth::basic).ok_or_else(denied),
             Some(Challenge::Bearer { realm, service, scope }) => {
                 let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", self.repository));
-                let mut url = realm.clone();
-                url.push(if realm.contains('?') { '&' } else { '?' });
-                if let Some(s) = &service {
-                    url.push_str(&format!("service={}&", encode(s)));
+                let mut url = Url::parse(&realm)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https"))
+                    .ok_or_else(|| RegistryError::Protocol { registry: self.registry.clone(), what: "token realm".into(), why: format!("{realm} is not an http(s) URL") })?;
+                if self.login.is_some() && !self.realm_may_get_login(&url) {
+                    return Err(RegistryError::PlainHttpRealm { registry: self.registry.clone(), realm });
                 }
-                url.push_str(&format!("scope={}", encode(&scope)));
-                let mut request = self.agent_for(&url).get(&url);
+                if let Some(s) = &service {
+                    url.query_pairs_mut().append_pair("service", s);
+                }
+                url.query_pairs_mut().append_pair("scope", &scope);
+                let mut request = self.agent_for(url.as_str()).request_url("GET", &url);
                 if let Some(login) = &self.login {
                     request = request.set("Authorization", &auth::basic(login));
                 }
@@ -274,7 +306,7 @@ impl Client {
                         return Err(RegistryError::Unreachable { registry: self.registry.clone(), why: format!("token service {realm}: {t}") })
                     }
                 };
-                let bytes = read_limited(response, &self.registry, "token")?;
+                let bytes = read_limited(response, &self.registry, "token", MAX_TOKEN)?;
                 #[derive(serde::Deserialize)]
                 struct Token {
                     token: Option<String>,
@@ -295,17 +327,30 @@ impl Client {
             None => Err(denied()),
         }
     }
+
+    /// Whether a token realm may get the login: over https (as Docker), or over plain
+    /// HTTP only on the registry's own origin or a host the admin lists as insecure
+    /// (localhost always is), never to some other host in the clear.
+    fn realm_may_get_login(&self, realm: &Url) -> bool {
+        if realm.scheme() == "https" || realm.origin() == self.origin {
+            return true;
+        }
+        let host = realm.host_str().unwrap_or("");
+        let host_port = realm.port().map_or_else(|| host.to_string(), |p| format!("{host}:{p}"));
+        self.config.is_insecure(&host_port)
+    }
 }
 
-fn read_limited(response: ureq::Response, registry: &str, what: &str) -> Result<Vec<u8>, RegistryError> {
+/// Reads a whole answer into memory, refusing one larger than `cap` bytes.
+fn read_limited(response: ureq::Response, registry: &str, what: &str, cap: u64) -> Result<Vec<u8>, RegistryError> {
     let mut bytes = Vec::new();
     response
         .into_reader()
-        .take(MAX_DOCUMENT + 1)
+        .take(cap + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| RegistryError::Unreachable { registry: registry.into(), why: format!("reading {what}: {e}") })?;
-    if bytes.len() as u64 > MAX_DOCUMENT {
-        return Err(RegistryError::Protocol { registry: registry.into(), what: what.into(), why: "larger than 8 MiB".into() });
+    if bytes.len() as u64 > cap {
+        return Err(RegistryError::Protocol { registry: registry.into(), what: what.into(), why: format!("larger than berth's cap of {} MiB", cap >> 20) });
     }
     Ok(bytes)
 }
@@ -315,55 +360,49 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(bytes))
 }
 
-/// `host[:port]` of an absolute URL.
-fn host_of(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
-}
-
-/// Resolves a `Location` against the URL it came from.
-fn join_url(base: &str, location: &str) -> String {
-    if location.contains("://") {
-        return location.to_string();
-    }
-    let (scheme, rest) = base.split_once("://").unwrap_or(("https", base));
-    let host = host_of(base);
-    if let Some(path) = location.strip_prefix("//") {
-        return format!("{scheme}://{path}");
-    }
-    if location.starts_with('/') {
-        return format!("{scheme}://{host}{location}");
-    }
-    let path_start = rest.find('/').map_or(rest.len(), |i| i);
-    let path = &rest[path_start..];
-    let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
-    format!("{scheme}://{host}{dir}/{location}")
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn redirects_resolve_and_hosts_compare() {
-        assert_eq!(join_url("http://r:5000/v2/a/blobs/x", "/store/x"), "http://r:5000/store/x");
-        assert_eq!(join_url("http://r:5000/v2/a/blobs/x", "https://s3.example/b?sig=1"), "https://s3.example/b?sig=1");
-        assert_eq!(join_url("https://r/v2/a/blobs/x", "//cdn.example/y"), "https://cdn.example/y");
-        assert_eq!(join_url("https://r/v2/a/blobs/x", "y"), "https://r/v2/a/blobs/y");
-        assert_eq!(host_of("https://user@r.example:5000/v2/?x"), "r.example:5000");
-        assert_ne!(host_of("https://s3.example/b"), host_of("https://r.example/v2/"));
-        assert_eq!(encode("repository:library/ubuntu:pull"), "repository%3Alibrary%2Fubuntu%3Apull");
+    fn credentials_go_only_to_the_registrys_own_scheme_host_and_port() {
+        let base = Url::parse("https://r.example").unwrap();
+        let origin = base.origin();
+        let same = |u: &str| base.join(u).unwrap().origin() == origin;
+        assert!(same("/v2/a/blobs/x") && same("https://r.example:443/v2/") && same("https://R.EXAMPLE/v2/"));
+        for elsewhere in [
+            "http://r.example/v2/a/blobs/x",
+            "https://r.example:444/v2/",
+            "https://s3.example/b?sig=1",
+            "//cdn.example/y",
+            "https://r.example@evil.example/v2/",
+            // A backslash ends the authority for the HTTP client: this is evil.example:8080.
+            "https://evil.example:8080\\@r.example/v2/",
+            "http://evil.example:8080\\@r.example/v2/",
+        ] {
+            assert!(!same(elsewhere), "{elsewhere} must not get the registry's credentials");
+        }
+        let mut token = Url::parse("https://auth.example/token?x=1").unwrap();
+        token.query_pairs_mut().append_pair("scope", "repository:library/ubuntu:pull");
+        assert_eq!(token.as_str(), "https://auth.example/token?x=1&scope=repository%3Alibrary%2Fubuntu%3Apull");
+    }
+
+    #[test]
+    fn token_realms_get_the_login_over_https_or_plain_http_only_where_the_admin_allows() {
+        let config = Config { insecure_registries: vec!["10.1.2.3:5000".into(), "auth.local".into()], ..Config::default() };
+        let creds = Credentials::none();
+        let client = |r: &str| Client::new(&config, &Reference::parse(r).unwrap(), &creds).unwrap();
+        let realm = |u: &str| Url::parse(u).unwrap();
+        let secure = client("reg.example/a");
+        assert!(secure.realm_may_get_login(&realm("https://auth.elsewhere.example/token")));
+        assert!(!secure.realm_may_get_login(&realm("http://reg.example/token")), "a downgrade of the registry's own host");
+        assert!(!secure.realm_may_get_login(&realm("http://auth.elsewhere.example/token")));
+        let insecure = client("10.1.2.3:5000/a");
+        assert!(insecure.realm_may_get_login(&realm("http://10.1.2.3:5000/token")));
+        assert!(insecure.realm_may_get_login(&realm("http://auth.local:8080/token")), "a host the admin listed");
+        assert!(insecure.realm_may_get_login(&realm("http://localhost:5001/token")));
+        assert!(!insecure.realm_may_get_login(&realm("http://10.1.2.4:5000/token")));
+        assert!(!insecure.realm_may_get_login(&realm("http://10.1.2.3:5001/token")), "another port of the registry's host");
     }
 
     #[test]

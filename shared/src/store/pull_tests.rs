@@ -130,6 +130,23 @@ fn redirects_to_blob_storage_never_carry_credentials() {
 }
 
 #[test]
+fn a_redirect_written_to_look_like_the_registry_never_carries_credentials() {
+    let reg = TestRegistry::start();
+    let storage = TestRegistry::start();
+    reg.image("private", "1", &[tar_files(&[("a", b"x")])]);
+    reg.share_blobs_with(&storage);
+    reg.lock().auth = Some(Auth::Basic("u".into(), "p".into()));
+    // For the HTTP client a backslash ends the authority: this is the storage host.
+    reg.lock().redirect_blobs_to = Some(format!("http://{}\\@{}", storage.addr, reg.addr));
+    let (store, dir) = store_at("redirect-backslash", &reg);
+    let store = with_credentials(store, &dir, "u", "p");
+    store.resolve(&format!("{}/private:1", reg.addr), PullPolicy::Missing, Progress::Silent).unwrap();
+    let seen = storage.lock().seen_auth.clone();
+    assert!(!seen.is_empty() && seen.iter().all(|(_, a)| a.is_none()), "{seen:?}");
+    gc::remove_tree(&dir).unwrap();
+}
+
+#[test]
 fn hostile_layer_from_a_registry_fails_cleanly() {
     let reg = TestRegistry::start();
     reg.image("evil", "1", &[tar_files(&[("../../escape", b"x")])]);

@@ -188,7 +188,8 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>, addr: &str) -> std::io::Resu
             respond(&mut conn, "401 Unauthorized", &[], b"{}")
         };
     }
-    if let Some(rest) = path.strip_prefix("/storage/") {
+    // Anywhere in the path: a redirect may put more in front (`http://a\@b/storage/...`).
+    if let Some((_, rest)) = path.split_once("/storage/") {
         let body = st.blobs.get(rest).cloned();
         drop(st);
         return match body {
