@@ -4,14 +4,21 @@
 //! bearer-token and basic auth. The user's config is read, and their helpers run, with
 //! the user's own rights only: by the calling process when it is that user, else by a
 //! child that has become the job's user ([`JobUser`]); root never opens a path the user
-//! controls. Owns reading credentials; never sends them anywhere (the client decides where).
+//! controls. A helper that does not answer within [`HELPER_TIMEOUT`] is killed, so it
+//! cannot hold a root pull (and the store's locks) forever. Owns reading credentials;
+//! never sends them anywhere (the client decides where).
 
 use base64::Engine;
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a credential helper may take to answer.
+pub const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -228,6 +235,10 @@ fn entry_login(entry: &AuthEntry) -> Option<Login> {
 /// Runs `docker-credential-<helper> get` with the server URL on stdin, as Docker does
 /// (the docker-credential-helpers protocol: JSON `Username`/`Secret` on stdout).
 fn run_helper(helper: &str, server: &str, env: &HelperEnv) -> Result<Option<Login>, AuthError> {
+    run_helper_within(helper, server, env, HELPER_TIMEOUT)
+}
+
+fn run_helper_within(helper: &str, server: &str, env: &HelperEnv, timeout: Duration) -> Result<Option<Login>, AuthError> {
     let err = |why: String| AuthError::Helper { helper: helper.into(), registry: server.into(), why };
     if !helper.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) {
         return Err(err("the helper name is not a plain program name".into()));
@@ -248,17 +259,16 @@ fn run_helper(helper: &str, server: &str, env: &HelperEnv) -> Result<Option<Logi
             command.current_dir("/");
         }
     }
-    let mut child = command
+    let child = command
         .arg("get")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: on timeout, what it started goes with it.
+        .process_group(0)
         .spawn()
         .map_err(|e| err(e.to_string()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(server.as_bytes()).map_err(|e| err(e.to_string()))?;
-    }
-    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    let out = finish_within(child, server.as_bytes(), timeout).map_err(err)?;
     if !out.status.success() {
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         if text.contains("credentials not found") {
@@ -275,6 +285,54 @@ fn run_helper(helper: &str, server: &str, env: &HelperEnv) -> Result<Option<Logi
     }
     let parsed: HelperOut = serde_json::from_slice(&out.stdout).map_err(|e| err(e.to_string()))?;
     Ok(Some(Login { username: parsed.username, password: parsed.secret }))
+}
+
+/// Feeds `input` to a child and collects its output; kills its process group when it
+/// has not closed its output and exited within `timeout` (a helper that never exits,
+/// or leaves a process holding its output open).
+fn finish_within(mut child: Child, input: &[u8], timeout: Duration) -> Result<Output, String> {
+    let deadline = Instant::now() + timeout;
+    let give_up = |child: &mut Child| {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+        format!("no answer within {} s (killed)", timeout.as_secs())
+    };
+    // Writing and reading may each block on the helper: each on a thread of its own.
+    if let Some(mut stdin) = child.stdin.take() {
+        let input = input.to_vec();
+        std::thread::spawn(move || stdin.write_all(&input));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pipes: [Option<Box<dyn Read + Send>>; 2] =
+        [child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>), child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)];
+    for (i, pipe) in pipes.into_iter().enumerate() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            let _ = tx.send((i, bytes));
+        });
+    }
+    drop(tx);
+    let mut outs = [Vec::new(), Vec::new()];
+    for _ in 0..2 {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((i, bytes)) => outs[i] = bytes,
+            Err(_) => return Err(give_up(&mut child)),
+        }
+    }
+    let [stdout, stderr] = outs;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(Output { status, stdout, stderr });
+        }
+        if Instant::now() >= deadline {
+            return Err(give_up(&mut child));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The `Authorization` value for basic auth.
@@ -384,6 +442,33 @@ mod tests {
         assert_eq!(creds.lookup("other.example").unwrap(), None);
         let relative = JobUser { docker_config: Some("rel/dir".into()), ..user };
         assert!(matches!(Credentials::load_for(relative, None), Err(AuthError::RelativeDockerConfig(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_helper_that_never_answers_or_keeps_its_output_open_is_killed_at_the_timeout() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("berth-helper-timeout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let helpers = [
+            ("hang", "#!/bin/sh\nexec /bin/sleep 100\n"),
+            ("lingers", "#!/bin/sh\nread -r server\n/bin/sleep 100 &\necho '{\"Username\":\"u\",\"Secret\":\"s\"}'\n"),
+            ("answers", "#!/bin/sh\nread -r server\necho \"{\\\"Username\\\":\\\"u\\\",\\\"Secret\\\":\\\"$server\\\"}\"\n"),
+        ];
+        for (name, script) in helpers {
+            let path = dir.join(format!("docker-credential-{name}"));
+            std::fs::write(&path, script).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let env = HelperEnv::Job { home: None, path: dir.clone().into_os_string() };
+        for name in ["hang", "lingers"] {
+            let started = Instant::now();
+            let err = run_helper_within(name, "r.example", &env, Duration::from_secs(1)).unwrap_err().to_string();
+            assert!(err.contains(&format!("docker-credential-{name} failed for r.example: no answer within 1 s")), "{err}");
+            assert!(started.elapsed() < Duration::from_secs(10), "{name} took {:?}", started.elapsed());
+        }
+        let login = run_helper_within("answers", "r.example", &env, Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!((login.username.as_str(), login.password.as_str()), ("u", "r.example"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
