@@ -71,6 +71,10 @@ pub struct Config {
     pub wiring_secret_file: PathBuf,
     /// The ports jobs' in-container sshds listen on, `LO-HI`.
     pub wiring_ports: String,
+    /// The most bytes one pull may unpack into the store (`64G`; suffixes K, M, G, T).
+    pub max_image_size: String,
+    /// The most files (and dirs, links, ...) one pull may unpack into the store.
+    pub max_image_files: u64,
 }
 
 impl Default for Config {
@@ -90,6 +94,8 @@ impl Default for Config {
             log_level: "info".to_string(),
             wiring_secret_file: PathBuf::from("/etc/munge/munge.key"),
             wiring_ports: "20000-29999".to_string(),
+            max_image_size: "64G".to_string(),
+            max_image_files: 2_000_000,
         }
     }
 }
@@ -109,6 +115,8 @@ const KNOWN_KEYS: &[&str] = &[
     "log_level",
     "wiring_secret_file",
     "wiring_ports",
+    "max_image_size",
+    "max_image_files",
 ];
 
 impl Config {
@@ -184,6 +192,8 @@ impl Config {
                 self.wiring_secret_file = absolute(value).ok_or_else(|| bad("must be an absolute path"))?
             }
             "wiring_ports" => self.wiring_ports = value.to_string(),
+            "max_image_size" => self.max_image_size = value.to_string(),
+            "max_image_files" => self.max_image_files = value.parse().map_err(|_| bad("expected a number of files"))?,
             _ => {
                 return Err(ConfigError::UnknownKey {
                     key: key.to_string(),
@@ -217,6 +227,13 @@ impl Config {
             }
         }
         self.wiring_port_range()?;
+        if parse_size(&self.max_image_size).is_none() {
+            return Err(ConfigError::BadValue {
+                key: "max_image_size".into(),
+                value: self.max_image_size.clone(),
+                why: "expected a size in bytes, or with a suffix K, M, G or T (e.g. 64G)".into(),
+            });
+        }
         for mount in &self.site_mounts {
             if !mount.source.is_absolute() || !mount.target.is_absolute() {
                 return Err(ConfigError::BadValue {
@@ -227,6 +244,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `max_image_size` in bytes.
+    pub fn max_image_bytes(&self) -> u64 {
+        parse_size(&self.max_image_size).unwrap_or(u64::MAX)
     }
 
     /// `wiring_ports` as an inclusive range of unprivileged ports.
@@ -256,6 +278,19 @@ impl Config {
     pub fn is_allowed(&self, registry: &str) -> bool {
         self.allowed_registries.is_empty() || self.allowed_registries.iter().any(|r| r == registry)
     }
+}
+
+/// `123`, `16M`, `64G`: bytes, with binary suffixes K, M, G, T.
+fn parse_size(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let (digits, shift) = match value.char_indices().last()? {
+        (i, 'K' | 'k') => (&value[..i], 10),
+        (i, 'M' | 'm') => (&value[..i], 20),
+        (i, 'G' | 'g') => (&value[..i], 30),
+        (i, 'T' | 't') => (&value[..i], 40),
+        _ => (value, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 fn absolute(value: &str) -> Option<PathBuf> {

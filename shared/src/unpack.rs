@@ -15,6 +15,12 @@
 //! (non-root cannot set `trusted.*`; such layers are mounted with overlay's `userxattr`
 //! option, in a user namespace, Linux 5.11+). Ownership is kept only when run as root.
 //!
+//! Bounded: a tar extension record (GNU long name or link, PAX header), which the tar
+//! reader holds in memory, may be at most [`MAX_HEADER_RECORD`] bytes ([`Guard`] sees
+//! each header before the tar reader reads its record); the bytes and entries an image
+//! writes are counted against the admin's caps ([`Budget`]), so a decompression bomb
+//! stops at the cap, not at a full disk.
+//!
 //! Never follows a symlink from the image while writing, never writes outside the
 //! directory it was given, never touches the network.
 
@@ -27,6 +33,10 @@ use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Largest tar extension record (GNU long name or link, PAX header) berth reads.
+pub const MAX_HEADER_RECORD: u64 = 1 << 20;
 
 /// Overlay xattr prefix for layers unpacked by root.
 pub const TRUSTED_PREFIX: &str = "trusted.overlay.";
@@ -41,6 +51,12 @@ pub enum UnpackError {
     Io { path: String, source: std::io::Error },
     #[error("the layer is not a valid tar stream: {0}")]
     Tar(std::io::Error),
+    #[error("the layer has a tar header record of {size} bytes, larger than berth's cap of 1 MiB (a broken or hostile layer)")]
+    HeaderTooLarge { size: u64 },
+    #[error("the image unpacks to more than max_image_size ({limit}); raise max_image_size in the admin config if it is meant to be this large")]
+    TooLarge { limit: String },
+    #[error("the image has more than max_image_files ({limit}) files; raise max_image_files in the admin config if it is meant to have this many")]
+    TooManyFiles { limit: u64 },
 }
 
 impl UnpackError {
@@ -48,8 +64,166 @@ impl UnpackError {
     pub fn is_no_space(&self) -> bool {
         match self {
             UnpackError::Io { source, .. } | UnpackError::Tar(source) => is_no_space(source),
-            UnpackError::Hostile { .. } => false,
+            _ => false,
         }
+    }
+
+    /// Whether the layer itself is refused (hostile, or beyond a cap), whatever its digest.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, UnpackError::Hostile { .. } | UnpackError::HeaderTooLarge { .. } | UnpackError::TooLarge { .. } | UnpackError::TooManyFiles { .. })
+    }
+}
+
+/// How many bytes and files the layers of one image may still write, shared by the
+/// threads unpacking them.
+#[derive(Debug)]
+pub struct Budget {
+    bytes_left: AtomicU64,
+    files_left: AtomicU64,
+    /// `max_image_size` as the admin wrote it, for the error.
+    size_limit: String,
+    files_limit: u64,
+}
+
+impl Budget {
+    pub fn new(max_bytes: u64, size_limit: &str, max_files: u64) -> Budget {
+        Budget { bytes_left: AtomicU64::new(max_bytes), files_left: AtomicU64::new(max_files), size_limit: size_limit.into(), files_limit: max_files }
+    }
+
+    /// No cap at all (for callers that unpack what they trust).
+    pub fn unlimited() -> Budget {
+        Budget::new(u64::MAX, "unlimited", u64::MAX)
+    }
+
+    fn take(left: &AtomicU64, n: u64) -> bool {
+        left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(n)).is_ok()
+    }
+
+    fn bytes(&self, n: u64) -> Result<(), UnpackError> {
+        Budget::take(&self.bytes_left, n).then_some(()).ok_or_else(|| UnpackError::TooLarge { limit: self.size_limit.clone() })
+    }
+
+    fn file(&self) -> Result<(), UnpackError> {
+        Budget::take(&self.files_left, 1).then_some(()).ok_or(UnpackError::TooManyFiles { limit: self.files_limit })
+    }
+}
+
+/// Watches a tar stream on its way to the tar reader, block by block as the format
+/// lays them out, and fails the read that would carry an extension record (GNU `L`/`K`,
+/// PAX `x`/`g`) larger than [`MAX_HEADER_RECORD`] before the reader buffers it. Follows
+/// what the reader follows: sizes from headers, a PAX `size` for the next entry, GNU
+/// sparse extension blocks; stops watching at the first zero block (the reader's end).
+struct Guard<R> {
+    inner: R,
+    state: GuardState,
+    block: Vec<u8>,
+    /// The PAX record being read (to find a `size` for the next entry).
+    record: Vec<u8>,
+    pax_size: Option<u64>,
+    /// Where a GNU sparse header's extension blocks lead: its data.
+    after_sparse: Option<GuardState>,
+    refused: Option<u64>,
+}
+
+enum GuardState {
+    Header,
+    SparseExtension,
+    /// `left` bytes of data and padding; `pax`: the length of a PAX record among them.
+    Data { left: u64, pax: Option<u64> },
+    Done,
+}
+
+const BLOCK: usize = 512;
+
+impl<R: Read> Guard<R> {
+    fn new(inner: R) -> Self {
+        Guard { inner, state: GuardState::Header, block: Vec::with_capacity(BLOCK), record: Vec::new(), pax_size: None, after_sparse: None, refused: None }
+    }
+
+    /// Advances over bytes the reader is about to get; `Err(size)` for a record over the cap.
+    fn watch(&mut self, mut bytes: &[u8]) -> Result<(), u64> {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                GuardState::Done => return Ok(()),
+                GuardState::Data { left, pax } => {
+                    let n = (*left).min(bytes.len() as u64) as usize;
+                    if pax.is_some() {
+                        self.record.extend_from_slice(&bytes[..n]);
+                    }
+                    *left -= n as u64;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        if let Some(len) = *pax {
+                            self.record.truncate(len as usize);
+                            self.pax_size = pax_size(&self.record);
+                            self.record.clear();
+                        }
+                        self.state = GuardState::Header;
+                    }
+                }
+                GuardState::Header | GuardState::SparseExtension => {
+                    let n = (BLOCK - self.block.len()).min(bytes.len());
+                    self.block.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if self.block.len() == BLOCK {
+                        let block = std::mem::take(&mut self.block);
+                        self.next_state(&block)?;
+                        self.block = block;
+                        self.block.clear();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn next_state(&mut self, block: &[u8]) -> Result<(), u64> {
+        if matches!(self.state, GuardState::SparseExtension) {
+            // `isextended` of a GNU sparse extension block.
+            if block[504] == 0 {
+                self.state = self.after_sparse.take().unwrap_or(GuardState::Header);
+            }
+            return Ok(());
+        }
+        if block.iter().all(|b| *b == 0) {
+            self.state = GuardState::Done;
+            return Ok(());
+        }
+        let header = tar::Header::from_byte_slice(block);
+        let Ok(size) = header.entry_size() else {
+            // The reader refuses this header itself.
+            self.state = GuardState::Done;
+            return Ok(());
+        };
+        let kind = header.entry_type();
+        let record = kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions() || kind.is_pax_global_extensions();
+        if record && size > MAX_HEADER_RECORD {
+            return Err(size);
+        }
+        let size = if record { size } else { self.pax_size.take().unwrap_or(size) };
+        let padded = size.div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
+        let data = GuardState::Data { left: padded, pax: kind.is_pax_local_extensions().then_some(size) };
+        self.state = if padded == 0 { GuardState::Header } else { data };
+        if kind.is_gnu_sparse() && header.as_gnu().is_some_and(|g| g.is_extended()) {
+            self.after_sparse = Some(std::mem::replace(&mut self.state, GuardState::SparseExtension));
+        }
+        Ok(())
+    }
+}
+
+/// The `size` record of a PAX extension, as the tar reader takes it.
+fn pax_size(record: &[u8]) -> Option<u64> {
+    tar::PaxExtensions::new(record).filter_map(Result::ok).find(|e| e.key() == Ok("size")).and_then(|e| e.value().ok()?.parse().ok())
+}
+
+impl<R: Read> Read for Guard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Err(size) = self.watch(&buf[..n]) {
+            self.refused = Some(size);
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "tar header record over the cap"));
+        }
+        Ok(n)
     }
 }
 
@@ -186,8 +360,23 @@ fn times(mtime: i64) -> Timestamps {
     Timestamps { last_access: t, last_modification: t }
 }
 
-/// Writes one layer's tar stream into `dest` (an existing, empty directory).
+/// Writes one layer's tar stream into `dest` (an existing, empty directory), with no
+/// cap on what it writes.
 pub fn unpack<R: Read>(reader: R, dest: &Path, opts: &Options) -> Result<Unpacked, UnpackError> {
+    unpack_within(reader, dest, opts, &Budget::unlimited())
+}
+
+/// [`unpack`], counting every byte and entry written against `budget`.
+pub fn unpack_within<R: Read>(reader: R, dest: &Path, opts: &Options, budget: &Budget) -> Result<Unpacked, UnpackError> {
+    let mut guard = Guard::new(reader);
+    let result = apply(&mut guard, dest, opts, budget);
+    match guard.refused {
+        Some(size) => Err(UnpackError::HeaderTooLarge { size }),
+        None => result,
+    }
+}
+
+fn apply<R: Read>(reader: R, dest: &Path, opts: &Options, budget: &Budget) -> Result<Unpacked, UnpackError> {
     let root: OwnedFd = rustix::fs::open(dest, DIR_FLAGS, Mode::empty()).map_err(|e| io(&[], e))?;
     let prefix = opts.overlay_prefix();
     let mut out = Unpacked::default();
@@ -215,6 +404,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: &Options) -> Result<Unpacke
         if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink) {
             continue;
         }
+        budget.file()?;
         let dir = match cached.take() {
             Some((p, fd)) if p.as_slice() == parent => fd,
             _ => open_beneath(&root, parent, true)?,
@@ -250,6 +440,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: &Options) -> Result<Unpacke
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                             Err(e) => return Err(UnpackError::Tar(e)),
                         };
+                        budget.bytes(n as u64)?;
                         file.write_all(&buf[..n]).map_err(|e| io(&comps, e))?;
                     }
                     let fd = OwnedFd::from(file);
@@ -719,6 +910,92 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// A tar of one extension record of `size` bytes (zeros, or `record`) and a file after it.
+    fn with_record(kind: tar::EntryType, size: u64, record: &[u8]) -> Vec<u8> {
+        let mut h = header(kind, 0o644, size);
+        h.set_path("././@LongLink").unwrap();
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        let mut data = record.to_vec();
+        data.resize(size as usize, 0);
+        out.extend(&data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        let mut b = tar::Builder::new(out);
+        let mut f = header(tar::EntryType::Regular, 0o644, 1);
+        b.append_data(&mut f, "after", &b"x"[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn extension_records_over_the_cap_are_refused_before_they_are_read() {
+        for kind in [tar::EntryType::GNULongName, tar::EntryType::GNULongLink, tar::EntryType::XHeader, tar::EntryType::XGlobalHeader] {
+            let d = tmp("record-cap");
+            let size = MAX_HEADER_RECORD + 1;
+            let err = unpack(&with_record(kind, size, b"")[..], &d, &opts()).unwrap_err().to_string();
+            assert_eq!(err, format!("the layer has a tar header record of {size} bytes, larger than berth's cap of 1 MiB (a broken or hostile layer)"), "{kind:?}");
+        }
+        // The cap itself, and what real images carry, pass.
+        let d = tmp("record-ok");
+        let mut name = "n/".repeat(200).into_bytes();
+        name.extend(b"long\0");
+        unpack(&with_record(tar::EntryType::GNULongName, name.len() as u64, &name)[..], &d, &opts()).unwrap();
+        assert!(d.join("n/".repeat(200)).join("long").exists() && !d.join("after").exists(), "the long name names the entry after it");
+        let d = tmp("record-at-cap");
+        unpack(&with_record(tar::EntryType::XGlobalHeader, MAX_HEADER_RECORD, b"")[..], &d, &opts()).unwrap();
+        assert!(d.join("after").exists());
+    }
+
+    #[test]
+    fn the_guard_follows_pax_sizes_and_sparse_extension_blocks_as_the_reader_does() {
+        // A PAX size record makes the next entry longer than its header says; the
+        // guard must skip exactly that much, then refuse the oversized record behind it.
+        let body = vec![7u8; 3000];
+        let record = b"13 size=3000\n";
+        let mut h = header(tar::EntryType::XHeader, 0o644, record.len() as u64);
+        h.set_path("././@PaxHeader").unwrap();
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.extend(record);
+        t.resize(t.len().div_ceil(512) * 512, 0);
+        let mut f = header(tar::EntryType::Regular, 0o644, 100);
+        f.set_path("big").unwrap();
+        f.set_cksum();
+        t.extend(f.as_bytes());
+        t.extend(&body);
+        t.resize(t.len().div_ceil(512) * 512, 0);
+        let mut bomb = with_record(tar::EntryType::GNULongName, MAX_HEADER_RECORD + 1, b"");
+        t.append(&mut bomb);
+        let d = tmp("pax-size");
+        let err = unpack(&t[..], &d, &opts()).unwrap_err();
+        assert!(matches!(err, UnpackError::HeaderTooLarge { .. }), "{err}");
+        assert_eq!(std::fs::metadata(d.join("big")).unwrap().len(), 3000);
+
+        let mut guard = Guard::new(&[][..]);
+        let mut sparse = header(tar::EntryType::GNUSparse, 0o644, 512);
+        sparse.as_gnu_mut().unwrap().isextended[0] = 1;
+        sparse.set_cksum();
+        let mut ext = [0u8; 512];
+        ext[504] = 0;
+        guard.watch(sparse.as_bytes()).unwrap();
+        guard.watch(&ext).unwrap();
+        guard.watch(&[1u8; 512]).unwrap();
+        let big = with_record(tar::EntryType::XHeader, MAX_HEADER_RECORD + 1, b"");
+        assert_eq!(guard.watch(&big[..512]), Err(MAX_HEADER_RECORD + 1), "the block after the sparse data is a header");
+    }
+
+    #[test]
+    fn the_budget_caps_bytes_and_entries_across_layers() {
+        let budget = Budget::new(10, "10", 3);
+        let (l1, l2) = (tmp("budget-1"), tmp("budget-2"));
+        unpack_within(&tar_of(&[E::File("a", b"12345", 0o644), E::File("b", b"", 0o644)])[..], &l1, &opts(), &budget).unwrap();
+        let err = unpack_within(&tar_of(&[E::File("c", b"123456", 0o644)])[..], &l2, &opts(), &budget).unwrap_err();
+        assert_eq!(err.to_string(), "the image unpacks to more than max_image_size (10); raise max_image_size in the admin config if it is meant to be this large");
+        assert!(err.is_refused() && !err.is_no_space());
+        let budget = Budget::new(u64::MAX, "64G", 2);
+        let err = unpack_within(&tar_of(&[E::Dir("d/", 0o755), E::File("d/a", b"", 0o644), E::File("d/b", b"", 0o644)])[..], &tmp("budget-3"), &opts(), &budget).unwrap_err();
+        assert!(matches!(err, UnpackError::TooManyFiles { limit: 2 }), "{err}");
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
     if !is_sha256_digest(&config_digest) {
         return Err(bad(format!("config digest {config_digest} is not a sha256 digest")));
     }
+    if manifest.config().size() > crate::registry::MAX_CONFIG {
+        return Err(bad(format!("the image config of {} bytes is larger than berth's cap of 8 MiB", manifest.config().size())));
+    }
     let config_path = store.blob_path(&config_digest);
     let stored = || std::fs::read(&config_path).ok().filter(|b| crate::registry::sha256_digest(b) == config_digest);
     let config_bytes = match stored() {
@@ -72,8 +75,11 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
 
     let reporter = Reporter::new(progress, &key);
     let present: Vec<Option<String>> = diff_ids.iter().zip(&chain_ids).map(|(d, c)| published(store, d, c)).collect();
-    let missing_bytes: u64 = layers.iter().zip(&present).filter(|(_, p)| p.is_none()).map(|(l, _)| l.size()).sum();
+    // Sizes are the manifest's word: added without overflow.
+    let missing_bytes = layers.iter().zip(&present).filter(|(_, p)| p.is_none()).fold(0u64, |sum, (l, _)| sum.saturating_add(l.size()));
     reporter.start(present.iter().filter(|p| p.is_none()).count(), layers.len(), missing_bytes);
+    // What this pull may unpack: layers already in the store were counted when they came.
+    let budget = unpack::Budget::new(store.config.max_image_bytes(), &store.config.max_image_size, store.config.max_image_files);
 
     let outcomes: Vec<Result<Outcome, StoreError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = layers
@@ -81,10 +87,10 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
             .zip(diff_ids.iter().zip(&chain_ids))
             .zip(&present)
             .map(|((layer, (diff_id, chain_id)), present)| {
-                let (client, reporter, key) = (&client, &reporter, &key);
+                let (client, reporter, key, budget) = (&client, &reporter, &key, &budget);
                 scope.spawn(move || match present {
                     Some(rel) => Ok(Outcome::Published(rel.clone())),
-                    None => fetch_layer(store, client, reporter, key, layer, diff_id, chain_id),
+                    None => fetch_layer(store, client, reporter, key, budget, layer, diff_id, chain_id),
                 })
             })
             .collect();
@@ -149,7 +155,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         manifest_digest: manifest_digest.clone(),
         config_digest,
         layers: rels.clone(),
-        size: layers.iter().map(|l| l.size()).sum(),
+        size: layers.iter().fold(0u64, |sum, l| sum.saturating_add(l.size())),
         config: config.clone(),
     };
     store.write_record(&record)?;
@@ -201,6 +207,9 @@ fn fetch_manifest(client: &Client, r: &Reference, platform: &Platform, key: &str
         Fetched::Index(index) => {
             let chosen = manifest::select_platform(&index, platform).map_err(man)?;
             let digest = chosen.digest().to_string();
+            if chosen.size() > crate::registry::MAX_MANIFEST {
+                return Err(StoreError::BadImage { reference: key.into(), why: format!("the platform manifest of {} bytes is larger than berth's cap of 4 MiB", chosen.size()) });
+            }
             if !is_sha256_digest(&digest) {
                 return Err(StoreError::BadImage { reference: key.into(), why: format!("index entry {digest} is not a sha256 digest") });
             }
@@ -246,11 +255,13 @@ fn unpack_err(store: &Store, key: &str, layer: &str, source: UnpackError) -> Sto
 }
 
 /// Fetches one layer unless another process published it while we waited for its lock.
+#[allow(clippy::too_many_arguments)]
 fn fetch_layer(
     store: &Store,
     client: &Client,
     reporter: &Reporter,
     key: &str,
+    budget: &unpack::Budget,
     layer: &Descriptor,
     diff_id: &str,
     chain_id: &str,
@@ -267,7 +278,7 @@ fn fetch_layer(
     loop {
         attempt += 1;
         let tmp = store.tmp_dir("layer")?;
-        match download_and_unpack(store, client, key, layer, diff_id, &tmp, &bar) {
+        match download_and_unpack(store, client, key, budget, layer, diff_id, &tmp, &bar) {
             Ok(links) if links.is_empty() => {
                 let rel = format!("layers/sha256/{hex}");
                 let dest = store.root.join(&rel);
@@ -348,10 +359,12 @@ impl<R: Read> Read for Hashing<'_, R> {
 
 /// Streams one blob through hash, decompression, diff hash and the unpacker.
 /// Returns the hard links that point into lower layers.
+#[allow(clippy::too_many_arguments)]
 fn download_and_unpack(
     store: &Store,
     client: &Client,
     key: &str,
+    budget: &unpack::Budget,
     layer: &Descriptor,
     diff_id: &str,
     tmp: &Path,
@@ -378,7 +391,7 @@ fn download_and_unpack(
             ),
         };
         let mut diff = Hashing::new(decoded, u64::MAX, None);
-        let unpacked = unpack::unpack(&mut diff, tmp, &store.opts);
+        let unpacked = unpack::unpack_within(&mut diff, tmp, &store.opts, budget);
         // The tar end marker may leave padding unread; the diff_id covers it too.
         let drained = unpacked.is_ok() && std::io::copy(&mut diff, &mut std::io::sink()).is_ok();
         (unpacked, drained, diff.digest())
@@ -403,7 +416,7 @@ fn download_and_unpack(
     }
     let links = match unpacked {
         Ok(u) => u.external_links,
-        Err(e) if blob_digest != digest && !e.is_no_space() && !matches!(e, UnpackError::Hostile { .. }) => {
+        Err(e) if blob_digest != digest && !e.is_no_space() && !e.is_refused() => {
             return Err(StoreError::DigestMismatch { reference: key.into(), what: format!("layer {short}"), expected: digest, actual: blob_digest })
         }
         Err(e) => return Err(unpack_err(store, key, &digest, e)),
