@@ -93,12 +93,13 @@ fn twenty_jobs_asking_at_once_for_one_uncached_image_download_each_blob_once_and
 }
 
 /// What a node holds that a job could leave behind: files under the runtime dir (the
-/// Slurm client wrappers written once per node aside), mounts under it, processes
+/// Slurm client wrappers written once per node, and the cgroup2 hierarchy berth mounts
+/// there when the node has none, which all test hosts share, aside), mounts under it, processes
 /// outside the node's own mount namespace, and the store's entries and bytes.
 fn footprint(cluster: &Cluster, node: &str) -> String {
     stdout_ok(&cluster.on_node(
         node,
-        "echo runtime:; find /run/berth -mindepth 1 -path /run/berth/.slurm-client -prune -o -print | sort; \
+        "echo runtime:; find /run/berth -mindepth 1 \\( -path /run/berth/.slurm-client -o -path /run/berth/.cgroup2 \\) -prune -o -print | sort; \
          echo mounts: $(grep -c ' /run/berth/' /proc/self/mountinfo); \
          net=$(stat -L -c %i /proc/self/ns/net); mnt=$(stat -L -c %i /proc/self/ns/mnt); n=0; ns=''; \
          for p in /proc/[0-9]*; do [ \"$(stat -L -c %i $p/ns/net 2>/dev/null)\" = \"$net\" ] || continue; \

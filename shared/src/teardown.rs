@@ -1,14 +1,16 @@
-//! Removing a job's containers from a node: kill every process whose mount namespace
-//! is a container's, unpin the namespaces, remove the runtime dir (upper dirs
-//! included). Reads only the job's runtime dir and /proc. Idempotent: safe twice,
-//! after a crash half-way through create, or when create never ran. Must never touch
-//! a process or file outside the job (it matches processes by namespace identity,
-//! never by name or user).
+//! Removing a job's containers from a node: kill every process of the container's
+//! cgroup ([`cgroup`]: also those that left its namespaces) and every process whose
+//! mount namespace is the container's, unpin the namespaces, remove the runtime dir
+//! (upper dirs included). Reads only the job's runtime dir, its cgroup and /proc.
+//! Idempotent: safe twice, after a crash half-way through create, or when create never
+//! ran. Must never touch a process or file outside the job: it matches processes by
+//! cgroup and namespace identity, never by name or user, and signals them through a
+//! pidfd taken before the match is checked, so a recycled pid is never hit.
+
+pub mod cgroup;
 
 use nix::errno::Errno;
 use nix::mount::MntFlags;
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -32,6 +34,8 @@ pub enum TeardownError {
     Stuck { dir: PathBuf, pids: Vec<i32>, secs: u64 },
     #[error("cannot lock {path}: {source}")]
     Lock { path: PathBuf, source: Errno },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
 }
 
 /// What destroy did.
@@ -100,7 +104,7 @@ pub fn destroy_job(runtime_dir: &Path, job: &str) -> Result<Destroyed, TeardownE
 /// Destroys one container given its dir; returns how many processes were killed.
 /// The caller holds the job's lock.
 pub fn destroy_container(dir: &Path) -> Result<usize, TeardownError> {
-    let mut killed = 0;
+    let mut killed = cgroup::kill(dir, KILL_TIMEOUT)?;
     let mnt = dir.join("mnt");
     if is_pinned(&mnt) {
         let meta = std::fs::metadata(&mnt).map_err(|source| TeardownError::Read { path: mnt.clone(), source })?;
@@ -112,7 +116,7 @@ pub fn destroy_container(dir: &Path) -> Result<usize, TeardownError> {
             None => !is_link,
         };
         if matches {
-            killed = kill_members(dir, (meta.dev(), meta.ino()))?;
+            killed += kill_members(dir, (meta.dev(), meta.ino()))?;
         }
     }
     for pin in PINS {
@@ -145,13 +149,11 @@ fn remove_all(path: &Path) -> Result<(), TeardownError> {
 pub fn members(ns: (u64, u64)) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| (m.dev(), m.ino()) == ns).unwrap_or(false)
-        })
-        .collect()
+    entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).filter(|pid| *pid != me && in_namespace(*pid, ns)).collect()
+}
+
+fn in_namespace(pid: i32, ns: (u64, u64)) -> bool {
+    std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| (m.dev(), m.ino()) == ns).unwrap_or(false)
 }
 
 fn kill_members(dir: &Path, ns: (u64, u64)) -> Result<usize, TeardownError> {
@@ -166,9 +168,12 @@ fn kill_members(dir: &Path, ns: (u64, u64)) -> Result<usize, TeardownError> {
             return Err(TeardownError::Stuck { dir: dir.to_path_buf(), pids, secs: KILL_TIMEOUT.as_secs() });
         }
         for pid in pids {
-            // ESRCH: it died meanwhile, which is what we want.
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            killed.insert(pid);
+            // The pidfd pins the process; checked again through it, so a pid recycled
+            // since the scan is never hit. Errors: it died meanwhile, as wanted.
+            let Some(pidfd) = cgroup::pidfd(pid) else { continue };
+            if in_namespace(pid, ns) && rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).is_ok() {
+                killed.insert(pid);
+            }
         }
         std::thread::sleep(Duration::from_millis(2));
     }

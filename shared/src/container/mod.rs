@@ -442,6 +442,11 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
 
     let layout = open_sources(config, spec)?;
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    // Before any process of the container exists: teardown finds them all through it.
+    teardown::cgroup::create(dir, &config.runtime_dir).map_err(|e| match e {
+        teardown::cgroup::CgroupError::Io { action, path, source } => io(action, &path)(source),
+        e => teardown::TeardownError::from(e).into(),
+    })?;
     let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), dir);
     overlay.userxattr = spec.image.userxattr;
     overlay.check_layers()?;
@@ -544,6 +549,7 @@ fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result
         sys::Forked::Parent(pid) => pid,
     };
     drop(commit_read);
+    teardown::cgroup::enter(dir, anchor.as_raw() as u32).map_err(teardown::TeardownError::from)?;
     for ns in namespaces {
         let target = dir.join(ns);
         std::fs::remove_file(&target).map_err(io("replace", &target))?;
@@ -652,6 +658,8 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
             return Err(ContainerError::NotFound { job: job.into(), name: name.into() });
         }
     }
+    // The cgroup is a host path: entered before the namespaces, kept by all the task forks.
+    teardown::cgroup::enter(&dir, std::process::id()).map_err(teardown::TeardownError::from)?;
     for (fd, flag) in &fds {
         nix::sched::setns(fd.as_fd(), *flag).map_err(sys_err("join the container's namespaces"))?;
     }

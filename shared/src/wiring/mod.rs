@@ -298,7 +298,9 @@ fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &container
     match container::sys::fork().map_err(|source| WiringError::Sys { action: "fork", source })? {
         container::sys::Forked::Child => {
             drop(read_end);
-            let report = match nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS) {
+            // sshd and every session it starts stay in the container's cgroup.
+            let entered = crate::teardown::cgroup::enter(dir, std::process::id());
+            let report = match entered.map_err(|e| e.to_string()).and_then(|()| nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())) {
                 Err(e) => format!("err cannot join the container: {e}"),
                 Ok(()) => match inside::prepare_and_start(&what) {
                     Ok(pid) => format!("ok {pid}"),

@@ -1,0 +1,202 @@
+//! A container's own cgroup, so that teardown finds every process of the container,
+//! also those that left its namespaces (`unshare -Urm`: a user namespace with a mount
+//! namespace of its own, which any user may make) or its session (a double-forked
+//! daemon). Processes go in at create (the anchor) and at every join, before they
+//! enter the container; their children inherit it, and a job user cannot move out of
+//! a root-owned cgroup. Teardown kills the cgroup (`cgroup.kill`, else each member by
+//! pidfd) and removes it.
+//!
+//! The cgroup lives in the cgroup v2 hierarchy (found in `/proc/self/mountinfo`; when
+//! the node mounts none, berth mounts one at `<runtime_dir>/.cgroup2`), and only while
+//! that hierarchy enables no controller at its root: then it only tracks processes, as
+//! on hybrid nodes whose controllers are all v1's. Where v2 carries controllers, the
+//! scheduler's or systemd's cgroups give the job its limits, and moving tasks out of
+//! them would lift those limits: berth leaves tasks where they are and relies on the
+//! scheduler's cgroup tracking (Slurm's `proctrack/cgroup`) plus the mount-namespace
+//! scan of [`super`].
+//!
+//! Owns `<cgroup2>/berth/<id>` and the container dir's `cgroup` file naming it; never
+//! writes to any other cgroup, never signals a process it has not pinned by pidfd and
+//! seen in its cgroup.
+
+use rustix::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The container dir's file naming its cgroup.
+const RECORD: &str = "cgroup";
+/// The mount berth makes when the node has no cgroup2 mount.
+const OWN_MOUNT: &str = ".cgroup2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot {action} the container's cgroup {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("cannot mount a cgroup2 hierarchy at {path}: {source} (the node needs cgroup v2 in its kernel)")]
+    Mount { path: PathBuf, source: nix::errno::Errno },
+    #[error("processes {pids:?} of the container's cgroup {path} survived SIGKILL for {secs} s (stuck in the kernel?)")]
+    Stuck { path: PathBuf, pids: Vec<i32>, secs: u64 },
+}
+
+type Result<T> = std::result::Result<T, CgroupError>;
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// The first cgroup2 mount of this mount namespace, from mountinfo.
+fn mounted_hierarchy() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let point = left.split(' ').nth(4)?;
+        (right.split(' ').next()? == "cgroup2").then(|| PathBuf::from(unescape(point)))
+    })
+}
+
+/// mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        match rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok()) {
+            Some(b) => {
+                out.push(b as char);
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out + rest
+}
+
+/// The cgroup2 hierarchy berth may put containers in, mounting one under
+/// `runtime_dir` when the node has none; `None` when the hierarchy carries controllers.
+fn hierarchy(runtime_dir: &Path) -> Result<Option<PathBuf>> {
+    let root = match mounted_hierarchy() {
+        Some(root) => root,
+        None => {
+            let own = runtime_dir.join(OWN_MOUNT);
+            std::fs::create_dir_all(&own).map_err(io("create", &own))?;
+            nix::mount::mount(Some("berth"), &own, Some("cgroup2"), nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC, None::<&str>)
+                .map_err(|source| CgroupError::Mount { path: own.clone(), source })?;
+            own
+        }
+    };
+    let controllers = root.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&controllers).map_err(io("read", &controllers))?;
+    Ok(enabled.trim().is_empty().then_some(root))
+}
+
+/// Makes the cgroup of the container at `dir` (under `runtime_dir`) and records it in
+/// the dir; nothing when the node's cgroup v2 carries controllers.
+pub fn create(dir: &Path, runtime_dir: &Path) -> Result<()> {
+    let Some(root) = hierarchy(runtime_dir)? else { return Ok(()) };
+    // Unique on the node while the container dir lives, whatever the job ids (also
+    // across test clusters sharing one kernel).
+    let meta = std::fs::metadata(dir).map_err(io("inspect", dir))?;
+    let path = root.join("berth").join(format!("{}-{}", meta.dev(), meta.ino()));
+    std::fs::create_dir_all(&path).map_err(io("create", &path))?;
+    let record = dir.join(RECORD);
+    std::fs::write(&record, path.as_os_str().as_encoded_bytes()).map_err(io("record", &record))
+}
+
+/// The cgroup recorded for the container at `dir`, if it has one.
+fn recorded(dir: &Path) -> Result<Option<PathBuf>> {
+    let record = dir.join(RECORD);
+    match std::fs::read_to_string(&record) {
+        Ok(path) => Ok(Some(PathBuf::from(path))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", &record)(e)),
+    }
+}
+
+/// Puts process `pid` (and so all it forks from now on) into the container's cgroup.
+/// Call before the process enters the container: the cgroup is a host path.
+pub fn enter(dir: &Path, pid: u32) -> Result<()> {
+    let Some(path) = recorded(dir)? else { return Ok(()) };
+    let procs = path.join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string()).map_err(io("enter", &path))
+}
+
+/// Kills every process in the container's cgroup and removes it; returns how many
+/// processes were signalled.
+pub fn kill(dir: &Path, timeout: Duration) -> Result<usize> {
+    let Some(path) = recorded(dir)? else { return Ok(0) };
+    if !path.is_dir() {
+        return Ok(0);
+    }
+    // Atomic where the kernel has it (5.14): no fork escapes between read and kill.
+    let kill_file = path.join("cgroup.kill");
+    if kill_file.exists() {
+        std::fs::write(&kill_file, "1").map_err(io("kill", &path))?;
+    }
+    let start = Instant::now();
+    let mut killed = std::collections::HashSet::new();
+    loop {
+        let procs = path.join("cgroup.procs");
+        let pids: Vec<i32> = std::fs::read_to_string(&procs).map_err(io("read", &procs))?.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            break;
+        }
+        if start.elapsed() > timeout {
+            return Err(CgroupError::Stuck { path, pids, secs: timeout.as_secs() });
+        }
+        for pid in pids {
+            if kill_if_member(pid, &path) {
+                killed.insert(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    match std::fs::remove_dir(&path) {
+        Ok(()) => Ok(killed.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed.len()),
+        Err(e) => Err(io("remove", &path)(e)),
+    }
+}
+
+/// SIGKILL to `pid` through a pidfd, if the process the pidfd pins is in the cgroup at
+/// `path`: a pid that was recycled after the cgroup listed it is never hit.
+fn kill_if_member(pid: i32, path: &Path) -> bool {
+    let Some(pidfd) = pidfd(pid) else { return false };
+    // While the pinned process lives, /proc/<pid> is that process; if it died since, the
+    // signal below goes nowhere whatever /proc/<pid> shows now.
+    let member = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|text| text.lines().find_map(|l| l.strip_prefix("0::").map(String::from)))
+        .is_some_and(|rel| path.ends_with(rel.trim_start_matches('/')) && !rel.trim_start_matches('/').is_empty());
+    member && rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).is_ok()
+}
+
+/// A pidfd for `pid`, or `None` when it is gone.
+pub(super) fn pidfd(pid: i32) -> Option<OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_read() {
+        assert_eq!(unescape(r"/sys/fs/cgroup/un\040ified"), "/sys/fs/cgroup/un ified");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape(r"/odd\x"), r"/odd\x");
+    }
+
+    #[test]
+    fn a_container_without_a_cgroup_has_nothing_to_kill_or_enter() {
+        let dir = std::env::temp_dir().join(format!("berth-cgroup-none-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(kill(&dir, Duration::from_secs(1)).unwrap(), 0);
+        enter(&dir, std::process::id()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
