@@ -131,16 +131,20 @@ pub fn kill(dir: &Path, timeout: Duration) -> Result<usize> {
     if !path.is_dir() {
         return Ok(0);
     }
+    let procs = path.join("cgroup.procs");
+    let members = || -> Result<Vec<i32>> {
+        Ok(std::fs::read_to_string(&procs).map_err(io("read", &procs))?.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    };
+    let mut killed: std::collections::HashSet<i32> = std::collections::HashSet::new();
     // Atomic where the kernel has it (5.14): no fork escapes between read and kill.
     let kill_file = path.join("cgroup.kill");
     if kill_file.exists() {
+        killed.extend(members()?);
         std::fs::write(&kill_file, "1").map_err(io("kill", &path))?;
     }
     let start = Instant::now();
-    let mut killed = std::collections::HashSet::new();
     loop {
-        let procs = path.join("cgroup.procs");
-        let pids: Vec<i32> = std::fs::read_to_string(&procs).map_err(io("read", &procs))?.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids = members()?;
         if pids.is_empty() {
             break;
         }
