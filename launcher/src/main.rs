@@ -35,6 +35,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Run as root by slurmstepd or pbs_mom with the job user's umask: not theirs to choose.
+    berth_engine::fsmode::root_umask();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version print as clap prints them.

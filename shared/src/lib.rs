@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod container;
+pub mod fsmode;
 pub mod rootfs;
 pub mod teardown;
 pub mod wiring;

@@ -8,7 +8,6 @@ use nix::mount::MsFlags;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// The kernel reads mount options from one page, NUL included.
@@ -113,12 +112,9 @@ impl Overlay {
 
     /// Creates the upper and work directories (the root directory's mode comes from upper).
     pub fn prepare(&self) -> Result<(), RootfsError> {
+        // The upper dir's mode is the container root's: exactly 0755, whatever the umask.
         for dir in [&self.upper, &self.work] {
-            std::fs::DirBuilder::new()
-                .mode(0o755)
-                .recursive(true)
-                .create(dir)
-                .map_err(|source| RootfsError::Prepare { path: dir.clone(), source })?;
+            crate::fsmode::ensure_dir(dir, 0o755).map_err(|source| RootfsError::Prepare { path: dir.clone(), source })?;
         }
         Ok(())
     }

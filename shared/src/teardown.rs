@@ -12,7 +12,6 @@ pub mod cgroup;
 use nix::errno::Errno;
 use nix::mount::MntFlags;
 use std::collections::HashSet;
-use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,8 +31,8 @@ pub enum TeardownError {
     Unmount { path: PathBuf, source: Errno },
     #[error("processes {pids:?} in container {dir} survived SIGKILL for {secs} s (stuck in the kernel?)")]
     Stuck { dir: PathBuf, pids: Vec<i32>, secs: u64 },
-    #[error("cannot lock {path}: {source}")]
-    Lock { path: PathBuf, source: Errno },
+    #[error(transparent)]
+    Lock(#[from] crate::store::lock::LockError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
 }
@@ -50,10 +49,12 @@ pub fn is_pinned(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC).unwrap_or(false)
 }
 
-/// Takes the job's lock (`<job dir>/.lock`), creating the job dir when `create`; `None`
+/// Takes the job's lock (`<job dir>/.lock`, root's alone, waited for at most
+/// [`JOB_WAIT`](crate::store::lock::JOB_WAIT)), creating the job dir when `create`; `None`
 /// when the job dir does not exist and `create` is false. Retries when the dir was
 /// removed by a destroy while we waited, so the lock always guards the live dir.
-pub fn lock_job(job_dir: &Path, create: bool) -> Result<Option<nix::fcntl::Flock<File>>, TeardownError> {
+pub fn lock_job(job_dir: &Path, create: bool) -> Result<Option<crate::store::lock::Lock>, TeardownError> {
+    use crate::store::lock;
     use std::os::unix::fs::DirBuilderExt;
     let path = job_dir.join(".lock");
     loop {
@@ -67,14 +68,12 @@ pub fn lock_job(job_dir: &Path, create: bool) -> Result<Option<nix::fcntl::Flock
         if !create && !job_dir.is_dir() {
             return Ok(None);
         }
-        let file = match std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(TeardownError::Read { path, source }),
+        let locked = match lock::acquire(&path, true, lock::JOB_WAIT, "a job's containers, held by another create, wire or destroy") {
+            Ok(l) => l,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
         };
-        let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, source)| TeardownError::Lock { path: path.clone(), source })?;
-        let held = locked.metadata().map_err(|source| TeardownError::Read { path: path.clone(), source })?;
+        let held = locked.file().metadata().map_err(|source| TeardownError::Read { path: path.clone(), source })?;
         match std::fs::metadata(&path) {
             Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(Some(locked)),
             _ => continue,

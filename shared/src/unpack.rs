@@ -21,6 +21,10 @@
 //! writes are counted against the admin's caps ([`Budget`]), so a decompression bomb
 //! stops at the cap, not at a full disk.
 //!
+//! Modes are the tar entries' exactly (set through the fd, so the caller's umask takes
+//! nothing away and adds nothing); directories a stream implies without listing them
+//! get 0755.
+//!
 //! Never follows a symlink from the image while writing, never writes outside the
 //! directory it was given, never touches the network.
 
@@ -300,6 +304,10 @@ fn os(b: &[u8]) -> &OsStr {
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
+/// The mode of a directory the tar stream implies but does not list, whatever the
+/// caller's umask (set through the fd: mkdir's mode is filtered by the umask).
+const IMPLIED_DIR_MODE: u32 = 0o755;
+
 /// Opens `comps` below `root` without following any symlink; creates missing
 /// directories (mode 0755) when `create`.
 fn open_beneath(root: &OwnedFd, comps: &[Vec<u8>], create: bool) -> Result<OwnedFd, UnpackError> {
@@ -308,11 +316,19 @@ fn open_beneath(root: &OwnedFd, comps: &[Vec<u8>], create: bool) -> Result<Owned
         let here = &comps[..=i];
         let next = match rustix::fs::openat(&cur, os(c), DIR_FLAGS, Mode::empty()) {
             Err(Errno::NOENT) if create => {
-                match rustix::fs::mkdirat(&cur, os(c), Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
+                let made = match rustix::fs::mkdirat(&cur, os(c), Mode::from_raw_mode(IMPLIED_DIR_MODE)) {
+                    Ok(()) => true,
+                    Err(Errno::EXIST) => false,
                     Err(e) => return Err(io(here, e)),
+                };
+                let fd = rustix::fs::openat(&cur, os(c), DIR_FLAGS, Mode::empty());
+                match fd {
+                    Ok(fd) if made => {
+                        rustix::fs::fchmod(&fd, Mode::from_raw_mode(IMPLIED_DIR_MODE)).map_err(|e| io(here, e))?;
+                        Ok(fd)
+                    }
+                    other => other,
                 }
-                rustix::fs::openat(&cur, os(c), DIR_FLAGS, Mode::empty())
             }
             other => other,
         };
@@ -639,8 +655,9 @@ fn ensure_parents(root: &OwnedFd, lroot: &OwnedFd, parent: &[Vec<u8>], opts: &Op
         if rustix::fs::statat(&up, os(dname), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
             continue;
         }
-        rustix::fs::mkdirat(&up, os(dname), Mode::from_raw_mode(0o755)).map_err(|e| io(here, e))?;
+        rustix::fs::mkdirat(&up, os(dname), Mode::from_raw_mode(IMPLIED_DIR_MODE)).map_err(|e| io(here, e))?;
         let dst = open_beneath(root, here, false)?;
+        rustix::fs::fchmod(&dst, Mode::from_raw_mode(IMPLIED_DIR_MODE)).map_err(|e| io(here, e))?;
         if let Ok(src) = open_beneath(lroot, here, false) {
             let sst = rustix::fs::fstat(&src).map_err(|e| io(here, e))?;
             if opts.as_root {

@@ -275,8 +275,9 @@ fn open_fd(path: &Path, flags: OFlag) -> Result<OwnedFd> {
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", path))
+    // A leftover of a crashed create; the job's lock is held, so it is nobody's work.
+    let _ = std::fs::remove_file(&tmp);
+    crate::fsmode::replace(&tmp, path, bytes, 0o644).map_err(io("write", path))
 }
 
 use std::os::unix::fs::OpenOptionsExt;
@@ -313,7 +314,7 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     require_root()?;
     let dir = container_dir(config, &spec.job, &spec.name)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    std::fs::create_dir_all(&config.runtime_dir).map_err(io("create", &config.runtime_dir))?;
+    crate::fsmode::ensure_dir(&config.runtime_dir, 0o755).map_err(io("create", &config.runtime_dir))?;
     {
         let _runtime_lock = teardown::lock_job(&config.runtime_dir, false)?;
         make_private(&config.runtime_dir)?;
@@ -441,7 +442,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     let (container_env, workdir) = env_and_workdir(spec)?;
 
     let layout = open_sources(config, spec)?;
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    crate::fsmode::ensure_dir(dir, 0o700).map_err(io("create", dir))?;
     // Before any process of the container exists: teardown finds them all through it.
     teardown::cgroup::create(dir, &config.runtime_dir).map_err(|e| match e {
         teardown::cgroup::CgroupError::Io { action, path, source } => io(action, &path)(source),
@@ -452,7 +453,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     overlay.check_layers()?;
     overlay.prepare()?;
     let root = dir.join("root");
-    std::fs::create_dir_all(&root).map_err(io("create", &root))?;
+    crate::fsmode::ensure_dir(&root, 0o755).map_err(io("create", &root))?;
 
     let mut flags = CloneFlags::CLONE_NEWNS;
     let mut namespaces = vec!["mnt".to_string()];
@@ -465,7 +466,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         namespaces.push("ipc".into());
     }
     for ns in &namespaces {
-        std::fs::write(dir.join(ns), b"").map_err(io("create", &dir.join(ns)))?;
+        crate::fsmode::create_file(&dir.join(ns), 0o644).map_err(io("create", &dir.join(ns)))?;
     }
     // Our own namespaces, to come back to.
     let home: Vec<(OwnedFd, CloneFlags)> = namespaces

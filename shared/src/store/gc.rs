@@ -26,13 +26,16 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
     let refs = root.join("refs");
     for entry in list(store, &refs)? {
         let path = refs.join(&entry);
-        match super::read_record(&path) {
+        let trusted = super::read_trusted(&path)
+            .and_then(|b| serde_json::from_slice::<super::Record>(&b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+        match trusted {
             Ok(r) => {
                 keep_layers.extend(r.layers);
                 keep_blobs.insert(r.manifest_digest.trim_start_matches("sha256:").to_string());
                 keep_blobs.insert(r.config_digest.trim_start_matches("sha256:").to_string());
             }
-            // A record that cannot be read names nothing; it goes too.
+            // A record that cannot be read, or that others could have written (the
+            // caller's umask before berth set modes itself), names nothing; it goes too.
             Err(_) => remove_tree(&path).map_err(|e| store.io(&path, e))?,
         }
     }

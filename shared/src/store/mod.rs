@@ -17,6 +17,15 @@
 //! `tmp/`. Concurrent pulls of a layer serialize on its lock: the first fetches, the
 //! others find it published. Owns the store directory; never mounts anything and never
 //! changes a published layer.
+//!
+//! A root store is shared by every user of the node, so nothing in it depends on the
+//! caller (every entry gets its mode explicitly, `fsmode`), and nothing read back from
+//! it is believed unless root wrote it: a record must be root's and writable by no one
+//! else, names its config by digest (the config is read from that verified blob, never
+//! from the record) and its layers only as `layers/sha256/<hex>` or `layers/chain/<hex>`
+//! of that config's diff_ids; a record failing any of this is treated as absent, so the
+//! image is pulled again. An image that needed a login is reused without the registry
+//! only by the users who showed it theirs (see [`Access`]).
 
 mod gc;
 pub mod lock;
@@ -39,7 +48,6 @@ use crate::registry::RegistryError;
 use crate::unpack::{self, UnpackError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -73,6 +81,10 @@ pub enum StoreError {
     InUse { runtime_dir: PathBuf, why: String },
     #[error("cannot export {reference} to {dest}: {why}")]
     Export { reference: String, dest: PathBuf, why: String },
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    #[error("cannot use {reference} from the image store: another user pulled it with a login and {source}")]
+    NoAccess { reference: String, source: RegistryError },
 }
 
 /// When to contact the registry (`--pull`, and the adapters' `container-pull`).
@@ -156,7 +168,23 @@ struct Record {
     /// Layer dirs relative to the store root, lowest first.
     layers: Vec<String>,
     size: u64,
+    /// A copy for `berth images`-like readers; containers get the config blob's.
     config: ImageConfig,
+    #[serde(default)]
+    access: Access,
+}
+
+/// Who may reuse a stored image without asking its registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Access {
+    /// Pulled before berth recorded this: every job user asks the registry once.
+    #[default]
+    Unknown,
+    /// The registry serves it without a login.
+    Public,
+    /// It needed a login: these uids showed the registry theirs (the puller first).
+    Users(Vec<u32>),
 }
 
 /// The store lock, held shared: while it lives, `gc` waits.
@@ -193,24 +221,47 @@ pub fn default_store_dir(config: &Config) -> PathBuf {
     }
 }
 
-const SUBDIRS: [&str; 6] = ["blobs/sha256", "layers/sha256", "layers/chain", "refs", "locks", "tmp"];
+/// The store's dirs and their modes, set on every open by whoever owns the store.
+/// Only the owner may enter layers, blobs, locks and tmp: layers keep the image's modes,
+/// so an image's `1777` `/tmp` would otherwise let any user of the node add files to a
+/// layer every container of that image shares; blobs may come from private
+/// repositories; a lock others could open they could hold. Overlay reads lower layers
+/// with the mounter's (root's) credentials, so containers do not need more. The ref
+/// index stays readable (`berth images` for everyone).
+const SUBDIRS: [(&str, u32); 8] = [
+    ("blobs", 0o700),
+    ("blobs/sha256", 0o700),
+    ("layers", 0o700),
+    ("layers/sha256", 0o700),
+    ("layers/chain", 0o700),
+    ("refs", 0o755),
+    ("locks", 0o700),
+    ("tmp", 0o700),
+];
 
-/// What of a root store only root may enter: layers keep the image's modes, so an
-/// image's `1777` `/tmp` would otherwise let any user of the node add files to a layer
-/// every container of that image shares; blobs may come from private repositories.
-/// Overlay reads lower layers with the mounter's (root's) credentials, so containers
-/// do not need more. The ref index stays readable (`berth images` for everyone).
-const ROOT_ONLY: [&str; 3] = ["layers", "blobs", "tmp"];
+/// Files of the index and blobs: readable (within their dirs' modes), the owner's to write.
+const FILE_MODE: u32 = 0o644;
 
-fn keep_private(root: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for sub in ROOT_ONLY {
-        let path = root.join(sub);
-        if std::fs::metadata(&path)?.permissions().mode() & 0o077 != 0 {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
-        }
+/// Reads a file of the store only if the caller may believe it ([`crate::fsmode::trusted`]:
+/// root's or the caller's, writable by nobody else), never through a symlink.
+fn read_trusted(path: &Path) -> std::io::Result<Vec<u8>> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use std::io::Read;
+    let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || !crate::fsmode::trusted(&st) {
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{} is not the store owner's alone", path.display())));
     }
-    Ok(())
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Whether a record's layer path is one of the store's own: `layers/sha256/<hex>` or
+/// `layers/chain/<hex>`, 64 lowercase hex digits.
+fn is_layer_path(rel: &str) -> bool {
+    let hex = rel.strip_prefix("layers/sha256/").or_else(|| rel.strip_prefix("layers/chain/"));
+    hex.is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 impl Store {
@@ -220,24 +271,25 @@ impl Store {
         let root = config.store_dir.clone();
         let open_err = |source| StoreError::Open { path: root.clone(), source };
         let as_root = rustix::process::geteuid().is_root();
-        match std::fs::create_dir_all(&root) {
-            Ok(()) => {}
-            Err(e) if root.is_dir() => drop(e),
-            Err(e) => return Err(open_err(e)),
-        }
-        let writable = rustix::fs::access(&root, rustix::fs::Access::WRITE_OK).is_ok();
-        if writable {
-            for sub in SUBDIRS {
-                std::fs::create_dir_all(root.join(sub)).map_err(open_err)?;
+        // The caller's own store (root's, for root) gets its modes; anyone else's is read only.
+        let writable = match crate::fsmode::ensure_dir(&root, 0o755) {
+            Ok(()) => true,
+            Err(e) if !as_root && root.is_dir() => {
+                drop(e);
+                false
             }
-            if as_root {
-                keep_private(&root).map_err(open_err)?;
+            Err(e) => return Err(open_err(e)),
+        };
+        if writable {
+            for (sub, mode) in SUBDIRS {
+                crate::fsmode::ensure_dir(&root.join(sub), mode).map_err(open_err)?;
             }
         }
         let marker = root.join("overlay-xattrs");
-        let userxattr = match std::fs::read_to_string(&marker) {
+        let userxattr = match read_trusted(&marker).map(|b| String::from_utf8_lossy(&b).into_owned()) {
             Ok(s) => s.trim() == "user",
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && writable => {
+            // Missing, or not the owner's alone: written anew.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied) && writable => {
                 let kind = if as_root { "trusted" } else { "user" };
                 write_atomic(&root, &marker, format!("{kind}\n").as_bytes()).map_err(open_err)?;
                 !as_root
@@ -296,7 +348,8 @@ impl Store {
         let key = r.to_string();
         let shared = Held { _lock: self.lock_store(false)? };
         if policy != PullPolicy::Always {
-            if let Some(image) = self.load(&key)? {
+            if let Some((image, record)) = self.load(&key)? {
+                self.check_access(&r, record)?;
                 self.touch(&key);
                 return Ok((image, shared));
             }
@@ -399,12 +452,47 @@ impl Store {
 
     fn lock_store(&self, exclusive: bool) -> Result<Option<lock::Lock>, StoreError> {
         let path = self.root.join("lock");
-        match lock::acquire(&path, exclusive) {
+        match lock::acquire(&path, exclusive, lock::STORE_WAIT, "the image store, held by a gc or verify") {
             Ok(l) => Ok(Some(l)),
-            // A read-only store that nobody ever locked: nothing can be changing it.
-            Err(e) if !self.writable && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(&path, e)),
+            // Another user's store (root's): its lock is its owner's alone. Such a caller
+            // only reads what it may read; a gc removing an image under it fails its run.
+            Err(e) if !self.writable && (e.is_not_found() || e.is_denied()) => Ok(None),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Reuse of an image that needed a login: by its puller and users who showed the
+    /// registry their access, freely; by anyone else only after the registry serves
+    /// them its manifest (by digest) with their own credentials. Callers without a job
+    /// user (root itself, a user's own store) are not asked.
+    fn check_access(&self, r: &Reference, mut record: Record) -> Result<(), StoreError> {
+        let Some(user) = &self.job_user else { return Ok(()) };
+        let uid = user.ids.uid;
+        match &record.access {
+            Access::Public => return Ok(()),
+            Access::Users(uids) if uids.contains(&uid) => return Ok(()),
+            Access::Users(_) | Access::Unknown => {}
+        }
+        let denied = |source| StoreError::NoAccess { reference: record.reference.clone(), source };
+        let admin_file = self.config.credentials_file.as_deref();
+        let credentials = crate::registry::auth::Credentials::load_for(user.clone(), admin_file).map_err(|e| denied(e.into()))?;
+        let client = crate::registry::Client::new(&self.config, r, &credentials).map_err(denied)?;
+        client.manifest(&record.manifest_digest).map_err(denied)?;
+        if self.writable {
+            // Served to a user with no login for it: the image is public after all.
+            let anonymous = matches!(credentials.lookup(&r.registry), Ok(None));
+            record.access = match std::mem::take(&mut record.access) {
+                _ if anonymous => Access::Public,
+                Access::Users(mut uids) => {
+                    uids.push(uid);
+                    Access::Users(uids)
+                }
+                _ => Access::Users(vec![uid]),
+            };
+            // Only a cache of the registry's answer: failing to keep it costs a round trip next time.
+            let _ = self.write_record(&record);
+        }
+        Ok(())
     }
 
     fn io(&self, path: &Path, source: std::io::Error) -> StoreError {
@@ -419,29 +507,54 @@ impl Store {
         self.root.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
     }
 
+    /// The record of a key, if there is one the caller may believe (else `None`).
     fn record(&self, key: &str) -> Result<Option<Record>, StoreError> {
         let path = self.ref_path(key);
-        match read_record(&path) {
-            Ok(r) => Ok(Some(r)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(&path, e)),
-        }
+        let bytes = match read_trusted(&path) {
+            Ok(b) => b,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied) => return Ok(None),
+            Err(e) => return Err(self.io(&path, e)),
+        };
+        Ok(serde_json::from_slice::<Record>(&bytes).ok().filter(|r| r.reference == key))
     }
 
-    /// The stored image for a key, if its record and every layer are present.
-    fn load(&self, key: &str) -> Result<Option<StoredImage>, StoreError> {
+    /// The stored image for a key, if its record checks out and every layer is present:
+    /// config from the digest-verified blob, layers only the store's dirs of that
+    /// config's diff_ids. Anything else is as if not pulled.
+    fn load(&self, key: &str) -> Result<Option<(StoredImage, Record)>, StoreError> {
         let Some(record) = self.record(key)? else { return Ok(None) };
-        let layer_dirs: Vec<PathBuf> = record.layers.iter().map(|l| self.root.join(l)).collect();
-        if !layer_dirs.iter().all(|d| d.is_dir()) {
+        if !crate::reference::is_sha256_digest(&record.manifest_digest) || !crate::reference::is_sha256_digest(&record.config_digest) {
             return Ok(None);
         }
-        Ok(Some(StoredImage {
-            reference: record.reference,
-            manifest_digest: record.manifest_digest,
+        let Ok(config_bytes) = read_trusted(&self.blob_path(&record.config_digest)) else { return Ok(None) };
+        if crate::registry::sha256_digest(&config_bytes) != record.config_digest {
+            return Ok(None);
+        }
+        let Ok(image_config) = oci_spec::image::ImageConfiguration::from_reader(&config_bytes[..]) else { return Ok(None) };
+        let diff_ids = image_config.rootfs().diff_ids();
+        if diff_ids.len() != record.layers.len() {
+            return Ok(None);
+        }
+        let chain_ids = pull::chain_ids(diff_ids);
+        for ((rel, diff_id), chain_id) in record.layers.iter().zip(diff_ids).zip(&chain_ids) {
+            let ours = [format!("layers/sha256/{}", diff_id.trim_start_matches("sha256:")), format!("layers/chain/{}", chain_id.trim_start_matches("sha256:"))];
+            if !is_layer_path(rel) || !ours.contains(rel) {
+                return Ok(None);
+            }
+        }
+        let layer_dirs: Vec<PathBuf> = record.layers.iter().map(|l| self.root.join(l)).collect();
+        let is_dir = |d: &PathBuf| std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir());
+        if !layer_dirs.iter().all(is_dir) {
+            return Ok(None);
+        }
+        let image = StoredImage {
+            reference: record.reference.clone(),
+            manifest_digest: record.manifest_digest.clone(),
             layer_dirs,
-            config: record.config,
+            config: pull::image_config_of(&image_config),
             userxattr: self.opts.userxattr,
-        }))
+        };
+        Ok(Some((image, record)))
     }
 
     /// Marks a reference as used now (its record's mtime), when the caller may.
@@ -450,7 +563,7 @@ impl Store {
             last_access: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
             last_modification: rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW },
         };
-        let _ = rustix::fs::utimensat(rustix::fs::CWD, self.ref_path(key), &now, rustix::fs::AtFlags::empty());
+        let _ = rustix::fs::utimensat(rustix::fs::CWD, self.ref_path(key), &now, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
     }
 
     fn write_record(&self, record: &Record) -> Result<(), StoreError> {
@@ -459,10 +572,11 @@ impl Store {
         write_atomic(&self.root, &path, &text).map_err(|e| self.io(&path, e))
     }
 
-    /// A fresh directory under `tmp/` for work in progress.
+    /// A fresh directory under `tmp/` for work in progress (a layer's root: 0755 unless
+    /// its tar says otherwise).
     fn tmp_dir(&self, what: &str) -> Result<PathBuf, StoreError> {
         let path = unique_tmp(&self.root, what);
-        std::fs::create_dir(&path).map_err(|e| self.io(&path, e))?;
+        crate::fsmode::create_dir(&path, 0o755).map_err(|e| self.io(&path, e))?;
         Ok(path)
     }
 }
@@ -481,19 +595,7 @@ fn unique_tmp(root: &Path, what: &str) -> PathBuf {
 
 /// Writes a file under `tmp/` and renames it into place, so readers see all or nothing.
 fn write_atomic(root: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp_root = root.join("tmp");
-    std::fs::create_dir_all(&tmp_root)?;
-    let tmp = unique_tmp(root, "file");
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::fsmode::replace(&unique_tmp(root, "file"), path, bytes, FILE_MODE)
 }
 
 #[cfg(test)]
@@ -510,7 +612,7 @@ mod tests {
     #[test]
     fn a_new_store_has_its_layout_and_knows_nothing() {
         let (store, dir) = store_in("layout");
-        for sub in SUBDIRS {
+        for (sub, _) in SUBDIRS {
             assert!(dir.join(sub).is_dir(), "{sub}");
         }
         assert!(store.images().unwrap().is_empty());
@@ -521,28 +623,111 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A config blob with two layers (diff_ids `sha256:11..`, `sha256:22..`) and `Env`,
+    /// written into the store; returns the record that names it and its layer dirs.
+    fn stored_image(store: &Store, dir: &Path, env: &str) -> Record {
+        let diff_ids = [format!("sha256:{}", "1".repeat(64)), format!("sha256:{}", "2".repeat(64))];
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["{env}"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
+            diff_ids[0], diff_ids[1]
+        );
+        let config_digest = crate::registry::sha256_digest(config.as_bytes());
+        write_atomic(dir, &store.blob_path(&config_digest), config.as_bytes()).unwrap();
+        let chain = pull::chain_ids(&diff_ids);
+        let layers = vec![format!("layers/sha256/{}", "1".repeat(64)), format!("layers/chain/{}", chain[1].trim_start_matches("sha256:"))];
+        for l in &layers {
+            std::fs::create_dir_all(dir.join(l)).unwrap();
+        }
+        Record {
+            reference: "docker.io/library/x:latest".into(),
+            manifest_digest: format!("sha256:{}", "0".repeat(64)),
+            config_digest,
+            layers,
+            size: 42,
+            config: ImageConfig { env: vec![env.into()], ..ImageConfig::default() },
+            access: Access::Public,
+        }
+    }
+
     #[test]
     fn records_round_trip_and_missing_layers_mean_not_pulled() {
         let (store, dir) = store_in("records");
-        let layer = "layers/sha256/aa".to_string();
-        std::fs::create_dir_all(dir.join(&layer)).unwrap();
-        let record = Record {
-            reference: "docker.io/library/x:latest".into(),
-            manifest_digest: "sha256:00".into(),
-            config_digest: "sha256:11".into(),
-            layers: vec![layer.clone()],
-            size: 42,
-            config: ImageConfig { env: vec!["A=1".into()], ..ImageConfig::default() },
-        };
+        let record = stored_image(&store, &dir, "A=1");
         store.write_record(&record).unwrap();
         let image = store.resolve("x", PullPolicy::Never, Progress::Silent).unwrap();
-        assert_eq!(image.layer_dirs, vec![dir.join(&layer)]);
+        assert_eq!(image.layer_dirs, record.layers.iter().map(|l| dir.join(l)).collect::<Vec<_>>());
         assert_eq!(image.config.env, vec!["A=1"]);
         assert_eq!(store.images().unwrap()[0].size, 42);
-        std::fs::remove_dir(dir.join(&layer)).unwrap();
+        std::fs::remove_dir(dir.join(&record.layers[1])).unwrap();
         assert!(matches!(store.resolve("x", PullPolicy::Never, Progress::Silent), Err(StoreError::NotPulled { .. })));
         store.remove("x").unwrap();
         assert!(store.images().unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_record_is_used_only_as_the_store_owner_wrote_it_and_as_its_config_says() {
+        use std::os::unix::fs::PermissionsExt;
+        let (store, dir) = store_in("tampered");
+        let good = stored_image(&store, &dir, "A=1");
+        let outside = dir.join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        let path = store.ref_path(&good.reference);
+        let with = |f: &dyn Fn(&mut Record)| {
+            let mut r = good.clone();
+            f(&mut r);
+            r
+        };
+        let sha_other = format!("sha256:{}", "3".repeat(64));
+        let bad: Vec<(&str, Record)> = vec![
+            ("an absolute layer path", with(&|r| r.layers[0] = outside.display().to_string())),
+            ("a layer path with ..", with(&|r| r.layers[0] = format!("layers/sha256/../../{}", outside.file_name().unwrap().to_string_lossy()))),
+            ("another image's layer", with(&|r| r.layers[0] = format!("layers/sha256/{}", "3".repeat(64)))),
+            ("layers swapped", with(&|r| r.layers.reverse())),
+            ("a config that is not stored", with(&|r| r.config_digest = sha_other.clone())),
+            ("a digest that is not one", with(&|r| r.config_digest = "sha256:../../refs/x".into())),
+            ("another reference", with(&|r| r.reference = "docker.io/library/y:latest".into())),
+        ];
+        std::fs::create_dir_all(dir.join(format!("layers/sha256/{}", "3".repeat(64)))).unwrap();
+        for (case, record) in bad {
+            let text = serde_json::to_vec_pretty(&record).unwrap();
+            write_atomic(&dir, &path, &text).unwrap();
+            assert!(matches!(store.resolve("x", PullPolicy::Never, Progress::Silent), Err(StoreError::NotPulled { .. })), "{case}");
+        }
+        // The record's own copy of the config is not what containers get.
+        store.write_record(&with(&|r| r.config.env = vec!["EVIL=1".into()])).unwrap();
+        assert_eq!(store.resolve("x", PullPolicy::Never, Progress::Silent).unwrap().config.env, vec!["A=1"]);
+        // Writable by others, or not the owner's: as if absent.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(store.resolve("x", PullPolicy::Never, Progress::Silent), Err(StoreError::NotPulled { .. })));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            assert!(matches!(store.resolve("x", PullPolicy::Never, Progress::Silent), Err(StoreError::NotPulled { .. })));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_opened_under_any_umask_has_exact_modes_and_private_locks() {
+        use std::os::unix::fs::MetadataExt;
+        let (store, dir) = store_in("modes");
+        // An earlier berth with the caller's umask 0 left these.
+        for sub in ["refs", "layers"] {
+            std::fs::set_permissions(dir.join(sub), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        }
+        drop(store);
+        let store = Store::open(&Config { store_dir: dir.clone(), ..Config::default() }).unwrap();
+        let mode = |p: &str| std::fs::symlink_metadata(dir.join(p)).unwrap().mode() & 0o7777;
+        for (sub, want) in SUBDIRS {
+            assert_eq!(mode(sub), want, "{sub}");
+        }
+        let record = stored_image(&store, &dir, "A=1");
+        store.write_record(&record).unwrap();
+        store.resolve("x", PullPolicy::Never, Progress::Silent).unwrap();
+        assert_eq!((mode("lock"), mode("overlay-xattrs")), (0o600, 0o644));
+        let rel = store.ref_path(&record.reference).strip_prefix(&dir).unwrap().to_path_buf();
+        assert_eq!(mode(rel.to_str().unwrap()), 0o644);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -5,7 +5,7 @@
 //! publishes anything unverified.
 
 use super::progress::{LayerBar, Reporter};
-use super::{lock, Progress, Record, Store, StoreError, StoredImage};
+use super::{lock, Access, Progress, Record, Store, StoreError, StoredImage};
 use crate::reference::{is_sha256_digest, Reference};
 use crate::registry::auth::Credentials;
 use crate::registry::manifest::{self, Compression, Fetched, Platform};
@@ -30,6 +30,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
     .map_err(|e| reg(e.into()))?;
     let client = Client::new(&store.config, r, &credentials).map_err(reg)?;
     let (manifest_digest, manifest_bytes, manifest) = fetch_manifest(&client, r, platform, &key)?;
+    let access = access(store, r, &credentials, &manifest_digest);
     let bad = |why: String| StoreError::BadImage { reference: key.clone(), why };
 
     let config_digest = manifest.config().digest().to_string();
@@ -46,7 +47,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         None => {
             // Under the blob's lock, so that concurrent pulls of one image fetch it once.
             let lock_path = store.root.join("locks").join(format!("{}.lock", config_digest.trim_start_matches("sha256:")));
-            let _lock = lock::acquire(&lock_path, true).map_err(|e| io_err(store, &key, &lock_path, e))?;
+            let _lock = lock::acquire(&lock_path, true, lock::PULL_WAIT, "an image config another pull is fetching")?;
             match stored() {
                 Some(b) => b,
                 None => {
@@ -127,8 +128,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         let hex = chain_ids[i].trim_start_matches("sha256:");
         let rel = format!("layers/chain/{hex}");
         let dest = store.root.join(&rel);
-        let _l = lock::acquire(&store.root.join("locks").join(format!("chain-{hex}.lock")), true)
-            .map_err(|e| io_err(store, &key, &store.root.join("locks"), e))?;
+        let _l = lock::acquire(&store.root.join("locks").join(format!("chain-{hex}.lock")), true, lock::PULL_WAIT, "a layer another pull is linking")?;
         if dest.is_dir() {
             let _ = super::gc::remove_tree(&tmp);
         } else {
@@ -143,13 +143,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         rels[i] = rel;
     }
 
-    let config = super::ImageConfig {
-        env: image_config.config().as_ref().and_then(|c| c.env().clone()).unwrap_or_default(),
-        entrypoint: image_config.config().as_ref().and_then(|c| c.entrypoint().clone()).unwrap_or_default(),
-        cmd: image_config.config().as_ref().and_then(|c| c.cmd().clone()).unwrap_or_default(),
-        working_dir: image_config.config().as_ref().and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()),
-        user: image_config.config().as_ref().and_then(|c| c.user().clone()).filter(|u| !u.is_empty()),
-    };
+    let config = image_config_of(&image_config);
     let record = Record {
         reference: key.clone(),
         manifest_digest: manifest_digest.clone(),
@@ -157,6 +151,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         layers: rels.clone(),
         size: layers.iter().fold(0u64, |sum, l| sum.saturating_add(l.size())),
         config: config.clone(),
+        access,
     };
     store.write_record(&record)?;
     reporter.finish(&manifest_digest);
@@ -167,6 +162,36 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         config,
         userxattr: store.opts.userxattr,
     })
+}
+
+/// The parts of a (verified) image config a container needs.
+pub(super) fn image_config_of(image_config: &ImageConfiguration) -> super::ImageConfig {
+    let c = image_config.config().as_ref();
+    super::ImageConfig {
+        env: c.and_then(|c| c.env().clone()).unwrap_or_default(),
+        entrypoint: c.and_then(|c| c.entrypoint().clone()).unwrap_or_default(),
+        cmd: c.and_then(|c| c.cmd().clone()).unwrap_or_default(),
+        working_dir: c.and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()),
+        user: c.and_then(|c| c.user().clone()).filter(|u| !u.is_empty()),
+    }
+}
+
+/// Who may reuse what this pull stores: everyone when no login was at hand (the pull
+/// itself was anonymous) or when the registry also serves the manifest anonymously;
+/// else the puller alone, until others show their access (`Store::check_access`).
+fn access(store: &Store, r: &Reference, credentials: &Credentials, manifest_digest: &str) -> Access {
+    let puller = store.job_user.as_ref().map_or_else(|| rustix::process::geteuid().as_raw(), |u| u.ids.uid);
+    let private = || Access::Users(vec![puller]);
+    match credentials.lookup(&r.registry) {
+        Ok(None) => return Access::Public,
+        Ok(Some(_)) => {}
+        Err(_) => return private(),
+    }
+    let anonymous = Credentials::none();
+    match Client::new(&store.config, r, &anonymous).and_then(|c| c.manifest(manifest_digest)) {
+        Ok(_) => Access::Public,
+        Err(_) => private(),
+    }
 }
 
 /// A layer waiting for its lowers: index, tmp dir, hard links (link, target) into lowers.
@@ -268,7 +293,7 @@ fn fetch_layer(
 ) -> Result<Outcome, StoreError> {
     let hex = diff_id.trim_start_matches("sha256:");
     let lock_path = store.root.join("locks").join(format!("{hex}.lock"));
-    let _lock = lock::acquire(&lock_path, true).map_err(|e| io_err(store, key, &lock_path, e))?;
+    let _lock = lock::acquire(&lock_path, true, lock::PULL_WAIT, "a layer another pull is fetching")?;
     if let Some(rel) = published(store, diff_id, chain_id) {
         return Ok(Outcome::Published(rel));
     }

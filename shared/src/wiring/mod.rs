@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -175,9 +175,8 @@ fn wired_env(current: &[env::Var]) -> Vec<env::Var> {
 }
 
 fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io("create", path))?;
-    file.write_all(text.as_bytes()).map_err(io("write", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod", path))
+    let mut file = crate::fsmode::create_file(path, mode).map_err(io("create", path))?;
+    file.write_all(text.as_bytes()).map_err(io("write", path))
 }
 
 /// Whether `pid` runs in the mount namespace pinned at `mnt`.
@@ -240,8 +239,8 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
     let plain: Vec<(String, String)> = vars.iter().filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string()))).collect();
     stage(&staged, request, &nodes, &keys, &plain, &state.user)?;
     let tmp = env_path.with_extension("wired");
-    std::fs::write(&tmp, env::encode(&vars)).map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &env_path).map_err(io("rename", &env_path))?;
+    let _ = std::fs::remove_file(&tmp);
+    crate::fsmode::replace(&tmp, &env_path, &env::encode(&vars), 0o644).map_err(io("write", &env_path))?;
 
     let log_path = dir.join("sshd.log");
     let log = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(&log_path).map_err(io("create", &log_path))?;
@@ -259,17 +258,16 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
         reused: false,
     };
     let json = serde_json::to_vec(&wired).map_err(|e| WiringError::Io { action: "encode", path: record.clone(), source: e.into() })?;
-    std::fs::write(&record, json).map_err(io("write", &record))?;
+    crate::fsmode::replace(&record.with_extension("tmp"), &record, &json, 0o644).map_err(io("write", &record))?;
     Ok(wired)
 }
 
 /// Fills the wiring dir (root's, 0755; the private keys the user's, 0600).
 fn stage(dir: &Path, request: &Request, nodes: &[Node], keys: &secrets::JobSecrets, env: &[(String, String)], user: &container::Credentials) -> Result<()> {
-    std::fs::create_dir(dir).map_err(io("create", dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io("chmod", dir))?;
+    crate::fsmode::create_dir(dir, 0o755).map_err(io("create", dir))?;
     let loader = openssh::stage(&dir.join("openssh"))?;
     let bin = dir.join("bin");
-    std::fs::create_dir(&bin).map_err(io("create", &bin))?;
+    crate::fsmode::create_dir(&bin, 0o755).map_err(io("create", &bin))?;
     write_file(&bin.join("ssh"), &files::ssh_wrapper(&loader), 0o755)?;
     write_file(&dir.join("hostfile"), &files::hostfile(nodes), 0o644)?;
     write_file(&dir.join("ssh_config"), &files::ssh_config(&request.job, nodes, keys.port, request.unlisted_nodes), 0o644)?;

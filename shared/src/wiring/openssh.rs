@@ -82,7 +82,7 @@ pub fn stage(dir: &Path) -> Result<String, WiringError> {
     let loader = interpreter(sshd)?;
     let loader_name = loader.file_name().map(|n| n.to_string_lossy().into_owned()).ok_or_else(|| bad(format!("odd loader path {}", loader.display())))?;
     let lib = dir.join("lib");
-    std::fs::create_dir_all(&lib).map_err(|e| bad(format!("cannot create {}: {e}", lib.display())))?;
+    crate::fsmode::ensure_dir(&lib, 0o755).map_err(|e| bad(format!("cannot create {}: {e}", lib.display())))?;
     let copy = |from: &Path, to: PathBuf| -> Result<(), WiringError> {
         std::fs::copy(from, &to).map_err(|e| bad(format!("cannot copy {} to {}: {e}", from.display(), to.display())))?;
         std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).map_err(|e| bad(format!("cannot chmod {}: {e}", to.display())))
