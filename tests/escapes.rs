@@ -749,3 +749,190 @@ fn on_a_node_berth_host_shows_the_nodes_root_read_only_with_its_permissions() {
     let job = lines[0].trim_start_matches("JOB=").to_string();
     berth_e2e::assert_nodes_clean(&c, &job);
 }
+
+/// A dir on the machine (every test host shares `/var/tmp`, and `/proc/1/root` inside a
+/// container is the machine's root) holding a canary file; removed on drop.
+struct Canary(PathBuf);
+
+impl Canary {
+    fn new(name: &str) -> Canary {
+        let dir = PathBuf::from(format!("/var/tmp/berth-canary-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for file in ["hostfile", "passwd"] {
+            std::fs::write(dir.join(file), "canary\n").unwrap();
+        }
+        Canary(dir)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+
+    /// Nothing added, removed or changed in the dir, as node1 sees it.
+    fn assert_untouched(&self, node: &str, case: &str) {
+        let seen = on(node, &format!("cd {} && for f in * .[!.]*; do [ -e \"$f\" ] && echo \"$f=$(cat \"$f\" 2>/dev/null)\"; done; true", self.path()));
+        assert_eq!(seen, "hostfile=canary\npasswd=canary\n", "{case}: root wrote into the host's {}", self.path());
+    }
+}
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The berth lines of a failed job's output (stdout and stderr together).
+fn berth_lines(out: &Output) -> Vec<String> {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    text.lines().filter(|l| l.contains("berth: ")).map(String::from).collect()
+}
+
+#[test]
+fn on_a_node_an_images_symlinks_never_carry_berths_root_writes_out_of_the_container() {
+    let c = cluster();
+    let lab = Lab::new("rootwrites");
+    let node = c.nodes()[0].clone();
+    let alice = c.users()[0].clone();
+    let canary = Canary::new("rootwrites");
+    let to_host = format!("/proc/1/root{}", canary.path());
+    let up = format!("../../../../../..{}", canary.path());
+    // The submit dir is alice's, bound into the container: a write "into the task's
+    // cwd" would land there, on the host.
+    let submit = format!("escapes-rootwrites-{}", std::process::id());
+    stdout_ok(&c.run_as(&alice, &format!("rm -rf {submit}; mkdir {submit}")));
+    let to_host_file = format!("{to_host}/hostfile");
+    let cases: Vec<(&str, Vec<E>, &str)> = vec![
+        // The Slurm hostfile, /.berth/slurm/hostfile.
+        ("hostfile-dir-to-host", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/slurm", &to_host)], "/.berth/slurm"),
+        ("hostfile-dir-to-cwd", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/slurm", "/proc/self/cwd")], "/.berth/slurm"),
+        ("hostfile-dir-relative", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/slurm", &up)], "/.berth/slurm"),
+        ("hostfile-itself-to-host", vec![E::Dir(".berth/", 0o755), E::Dir(".berth/slurm/", 0o755), E::Sym(".berth/slurm/hostfile", &to_host_file)], ""),
+        ("berth-dir-to-host", vec![E::Sym(".berth", &to_host)], "/.berth"),
+        ("berth-dir-a-file", vec![E::File(".berth", b"x", 0o644)], "/.berth"),
+        // The mount point of the step's PMIx server dir, <SlurmdSpoolDir>/pmix.J.S.
+        ("pmix-spool-to-host", vec![E::Dir("var/spool/", 0o755), E::Sym("var/spool/slurmd", &to_host)], "/var/spool/slurmd"),
+    ];
+    let mut failed = Vec::new();
+    for (name, entries, named) in cases {
+        let image = lab.push(name, &[busybox_layer(), layer(&entries)], serde_json::json!({}));
+        let mpi = if name.starts_with("pmix") { "--mpi=pmix" } else { "" };
+        let out = c.run_as(&alice, &format!("cd {submit} && srun -N1 -w {node} {mpi} --container-image={image} sh -c 'echo JOB=$SLURM_JOB_ID; cat $BERTH_HOSTFILE'"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines = berth_lines(&out);
+        let left = stdout_ok(&c.run_as(&alice, &format!("ls -A {submit}; rm -rf {submit}/* {submit}/.[!.]*")));
+        if let Err(e) = std::panic::catch_unwind(|| canary.assert_untouched(&node, name)) {
+            failed.push(format!("{name}: {}", e.downcast_ref::<String>().cloned().unwrap_or_default()));
+        } else if !left.is_empty() {
+            failed.push(format!("{name}: root wrote {left:?} into alice's submit dir"));
+        } else if out.status.success() && !(named.is_empty() && text.contains(&format!("\n{node}\n"))) {
+            // Ran: then only with its hostfile in the container's own files.
+            failed.push(format!("{name}: ran although berth must write through {named}: {text:?}"));
+        } else if !out.status.success() && !(lines.len() == 1 && lines[0].contains(named)) {
+            failed.push(format!("{name}: not one berth line naming {named}: {lines:?}"));
+        }
+    }
+    stdout_ok(&c.run_as(&alice, &format!("rm -rf {submit}")));
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[test]
+fn on_a_node_pmix_dirs_named_by_the_jobs_environment_are_bound_only_when_the_users_own() {
+    let c = cluster();
+    let lab = Lab::new("pmixenv");
+    let node = c.nodes()[0].clone();
+    let users = c.users();
+    let (alice, bob) = (&users[0], &users[1]);
+    let image = lab.push("pmixenv", &[busybox_layer()], serde_json::json!({}));
+    let pid = std::process::id();
+    let uid = stdout_ok(&c.run_as(alice, "id -u")).trim().to_string();
+    // bob's dir (world-writable, as scratch dirs are), root's /root, and a symlink of
+    // alice's to /root: Slurm's PMIx plugin makes the step's client dir there (as
+    // root, for alice); whatever it does, berth binds nothing of bob's or root's.
+    let bobs = format!("/var/tmp/berth-escapes-bob-{pid}");
+    stdout_ok(&c.run_as(bob, &format!("rm -rf {bobs}; mkdir -m 1777 {bobs} && echo bob > {bobs}/bobs-file")));
+    let link = format!("$HOME/escapes-pmix-link-{pid}");
+    for (case, base) in [("bob", bobs.clone()), ("root", "/root".to_string()), ("symlink-to-root", link.clone())] {
+        let line = format!(
+            "rm -f {link}; ln -s /root {link}; export SLURM_PMIX_TMPDIR={base} TMPDIR={base}; \
+             srun -N1 -w {node} --mpi=pmix --container-image={image} \
+               sh -c 'echo JOB=$SLURM_JOB_ID; for d in $SLURM_PMIX_TMPDIR/spmix_appdir_*/; do stat -c %u:%U $d; ls $d/..; done'; rc=$?; rm -f {link}; exit $rc"
+        );
+        let out = c.run_as(alice, &line);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!stdout.contains("bobs-file") && !stdout.contains(":root") && !stdout.contains(&format!(":{bob}")), "{case}: another user's dir was bound: {stdout}");
+        // Slurm itself may refuse the dir (it cannot make it through the symlink); when
+        // the task ran, the dir bound is alice's.
+        if out.status.success() && stdout.contains("JOB=") {
+            assert!(stdout.lines().any(|l| l.starts_with(&format!("{uid}:"))), "{case}: the client dir is alice's: {stdout}");
+        }
+        if stdout.contains("JOB=") {
+            berth_e2e::assert_nodes_clean(&c, &berth_e2e::job_of(&stdout));
+        }
+    }
+    let _ = c.run_as(bob, &format!("rm -rf {bobs}"));
+}
+
+#[test]
+fn on_a_node_wiring_adds_to_the_images_own_files_only() {
+    let c = cluster();
+    let lab = Lab::new("wiring");
+    let node = c.nodes()[0].clone();
+    let alice = c.users()[0].clone();
+    let b = berth_binary().display().to_string();
+    let canary = Canary::new("wiring");
+    let job = format!("{}7", 500 + std::process::id() % 400);
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = cluster().on_node(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(node.clone(), format!("{b} container destroy --job {job}"));
+    // The node's own kernel state reached through /proc inside the container: its
+    // domain name (its UTS namespace's, which the container shares).
+    let domainname = on(&node, "cat /proc/sys/kernel/domainname");
+    let to_host = format!("/proc/1/root{}", canary.path());
+    let to_host_passwd = format!("{to_host}/passwd");
+    let cases: Vec<(&str, Vec<E>, &str)> = vec![
+        ("hosts-to-proc", vec![E::Sym("etc/hosts", "/proc/sys/kernel/domainname")], "/etc/hosts"),
+        ("passwd-to-proc", vec![E::Sym("etc/passwd", "../proc/sys/kernel/domainname")], "/etc/passwd"),
+        ("passwd-to-host", vec![E::Sym("etc/passwd", &to_host_passwd)], "/etc/passwd"),
+        ("etc-to-host", vec![E::Sym("etc", &to_host)], "/etc"),
+        ("passwd-a-fifo", vec![E::Dev("etc/passwd", tar::EntryType::Fifo, 0, 0)], "/etc/passwd"),
+        ("passwd-to-dev-zero", vec![E::Sym("etc/passwd", "/dev/zero")], "/etc/passwd"),
+        ("wiring-dir-to-tmp", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/wiring", "/tmp")], "/.berth/wiring"),
+        ("etc-to-a-bound-host-dir", vec![E::Sym("etc", "/data")], "/etc"),
+    ];
+    let mut failed = Vec::new();
+    for (name, entries, named) in cases {
+        // Without the busybox layer's /etc/passwd where the case replaces it.
+        let mut base = busybox_layer();
+        if name.starts_with("etc-") {
+            base = layer(&[E::Dir("bin/", 0o755)]);
+        }
+        let image = lab.push(name, &[base, layer(&entries)], serde_json::json!({}));
+        // alice binds a dir she may read (root's canary dir) at /data, where the image's
+        // /etc leads in one case: root would add to the host's files there.
+        on(&node, &format!("{b} container create --job {job} --user {alice} --image {image} --no-home --mount {}:/data >/dev/null", canary.path()));
+        // A wire that hangs (a FIFO) or eats memory (/dev/zero) is stopped and counts as a failure.
+        let out = c.on_node(&node, &format!("ulimit -v 2000000; timeout 30 {b} container wire --job {job} --nodes {node}"));
+        let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        let now = on(&node, "cat /proc/sys/kernel/domainname");
+        if now != domainname {
+            on(&node, &format!("printf %s '{}' >/proc/sys/kernel/domainname", domainname.trim_end()));
+        }
+        on(&node, &format!("{b} container destroy --job {job} >/dev/null"));
+        if now != domainname {
+            failed.push(format!("{name}: root wrote the node's domain name: {now:?}"));
+        } else if let Err(e) = std::panic::catch_unwind(|| canary.assert_untouched(&node, name)) {
+            failed.push(format!("{name}: {}", e.downcast_ref::<String>().cloned().unwrap_or_default()));
+        } else if out.status.success() {
+            failed.push(format!("{name}: wired although berth must write through {named}"));
+        } else if !(err.lines().count() == 1 && err.starts_with("berth") && err.contains(named)) {
+            failed.push(format!("{name}: not one line naming {named}: {err:?}"));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}

@@ -5,9 +5,11 @@
 //! same in every step of the job, so any task may (re)write it. The MPIs still launch
 //! through `srun` inside a Slurm job; the hostfile only chooses nodes and slots.
 //!
-//! Owns the hostlist and count syntax and the file's text; writes only that file.
+//! Owns the hostlist and count syntax and the file's text; writes only that file, and
+//! only through `container::inroot`.
 
-use std::io::Write;
+use berth_engine::container::inroot;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 /// Where the hostfile is inside a Slurm job's container.
@@ -92,16 +94,17 @@ pub fn text(nodes: &[String], slots: &[u32]) -> Result<String, String> {
 }
 
 /// Writes the hostfile at [`PATH`]; call inside the container (after `join`, as root).
-/// A temp file renamed into place, so tasks writing at once never show a partial file.
-pub fn write(text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let path = Path::new(PATH);
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
-    let tmp = dir.join(format!(".hostfile.{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    std::fs::rename(&tmp, path)
+/// Through the engine's `inroot`: never through a symlink or onto a mount of the image's
+/// choosing, and a temp file renamed into place, so tasks writing at once never show a
+/// partial file.
+pub fn write(text: &str) -> Result<(), inroot::InRootError> {
+    let root = inroot::current_root()?;
+    inroot::replace(root.as_fd(), Path::new(PATH), text, 0o644)
+}
+
+/// Whether the hostfile is already there (a regular file, reached without symlinks).
+pub fn exists() -> bool {
+    inroot::current_root().is_ok_and(|root| inroot::is_file(root.as_fd(), Path::new(PATH)))
 }
 
 #[cfg(test)]

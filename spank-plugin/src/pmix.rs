@@ -13,12 +13,17 @@
 //! into the container at the same paths (nosuid, nodev), once per node: the first task
 //! binds, the others find them there. The binds go with the container.
 //!
+//! The client dir's path comes from the job's environment (the user's): both dirs are
+//! opened without following a symlink at their end and must belong to the job's user,
+//! as Slurm makes them, so no other user's dir, nor root's, is ever bound.
+//!
 //! Owns finding the dirs and binding them; must never bind anything but these two dirs.
 
 use crate::ffi::NodeSettings;
-use berth_engine::container::sys::{attach_tree, clone_tree, restrict_tree, MountRestrictions};
+use berth_engine::container::inroot;
+use berth_engine::container::sys::{attach_tree, clone_tree_of, restrict_tree, MountRestrictions};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Whether a step's `SLURM_MPI_TYPE` is one of Slurm's PMIx plugins (`pmix`, `pmix_v4`, ...).
@@ -67,17 +72,37 @@ pub struct Detached {
     ino: u64,
 }
 
+/// Opens a step dir on the node without following a symlink at its end, and checks it
+/// is a directory of the job's user (Slurm makes both dirs so): the client dir's path
+/// comes from the job's environment, which is the user's to set.
+fn open_step_dir(dir: &Path, uid: u32) -> Result<(OwnedFd, std::fs::Metadata), String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
+    let meta = file.metadata().map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory (a symlink?); Slurm's PMIx plugin makes it one", dir.display()));
+    }
+    if meta.uid() != uid {
+        return Err(format!("{} belongs to uid {}, not to the job's user; berth binds only the job's own PMIx dirs", dir.display(), meta.uid()));
+    }
+    Ok((OwnedFd::from(file), meta))
+}
+
 /// Clones the existing dirs of `candidates` (server dir first, then the first client
-/// dir found); call before joining the container. An error names the missing dir.
-pub fn detach(candidates: &Candidates) -> Result<Vec<Detached>, String> {
-    let client = candidates.clients.iter().find(|d| d.is_dir()).ok_or_else(|| {
+/// dir found), each checked to be the job user's (`uid`); call before joining the
+/// container. An error names the dir.
+pub fn detach(candidates: &Candidates, uid: u32) -> Result<Vec<Detached>, String> {
+    let client = candidates.clients.iter().find(|d| d.symlink_metadata().is_ok()).ok_or_else(|| {
         let tried: Vec<String> = candidates.clients.iter().map(|d| d.display().to_string()).collect();
         format!("no client dir of Slurm's PMIx plugin on this node (looked for {})", tried.join(", "))
     })?;
     let mut detached = Vec::new();
     for dir in [&candidates.server, client] {
-        let meta = std::fs::metadata(dir).map_err(|e| format!("cannot find {} (Slurm's PMIx server dir): {e}", dir.display()))?;
-        let tree = clone_tree(dir).map_err(|e| format!("cannot clone {}: {e}", dir.display()))?;
+        let (fd, meta) = open_step_dir(dir, uid)?;
+        let tree = clone_tree_of(fd.as_fd()).map_err(|e| format!("cannot clone {}: {e}", dir.display()))?;
         let restrictions = MountRestrictions { read_only: false, nosuid: true, nodev: true, noexec: false };
         restrict_tree(tree.as_fd(), &restrictions).map_err(|e| format!("cannot restrict the bind of {}: {e}", dir.display()))?;
         detached.push(Detached { path: dir.clone(), tree, dev: meta.dev(), ino: meta.ino() });
@@ -87,20 +112,20 @@ pub fn detach(candidates: &Candidates) -> Result<Vec<Detached>, String> {
 
 /// Attaches the dirs at their own paths; call inside the container (after `join`, as
 /// root), with the job's lock held so that the step's tasks on this node bind once.
+/// Mount points are reached through the engine's `inroot`: never through a symlink of
+/// the image's, and made only in the container's own files or its `/tmp`.
 pub fn attach(detached: &[Detached]) -> Result<(), String> {
+    let root = inroot::current_root().map_err(|e| e.to_string())?;
+    let create_on: Vec<u64> = ["/", "/tmp"].into_iter().filter_map(|dir| inroot::device(root.as_fd(), Path::new(dir))).collect();
     for dir in detached {
-        if already_there(&dir.path, dir.dev, dir.ino) {
+        let target = inroot::mount_point(root.as_fd(), &dir.path, &create_on).map_err(|e| e.to_string())?;
+        let there = std::fs::File::from(target.try_clone().map_err(|e| format!("cannot open {} in the container: {e}", dir.path.display()))?).metadata();
+        if there.is_ok_and(|m| m.dev() == dir.dev && m.ino() == dir.ino) {
             continue;
         }
-        std::fs::create_dir_all(&dir.path).map_err(|e| format!("cannot create {} in the container: {e}", dir.path.display()))?;
-        let target = std::fs::File::open(&dir.path).map_err(|e| format!("cannot open {} in the container: {e}", dir.path.display()))?;
         attach_tree(dir.tree.as_fd(), target.as_fd()).map_err(|e| format!("cannot bind {} into the container: {e}", dir.path.display()))?;
     }
     Ok(())
-}
-
-fn already_there(path: &Path, dev: u64, ino: u64) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
 #[cfg(test)]
@@ -142,7 +167,7 @@ mod tests {
     #[test]
     fn a_missing_client_dir_is_named() {
         let c = candidates(&node(), None, None, None, 7, 0, 1001);
-        let err = detach(&Candidates { server: "/nonexistent/pmix.7.0".into(), clients: vec!["/nonexistent/spmix_appdir_1001_7.0".into()] })
+        let err = detach(&Candidates { server: "/nonexistent/pmix.7.0".into(), clients: vec!["/nonexistent/spmix_appdir_1001_7.0".into()] }, 1001)
             .err()
             .unwrap();
         assert!(err.contains("/nonexistent/spmix_appdir_1001_7.0"), "{err}");

@@ -175,17 +175,27 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     if let Some(inside) = joined.inside {
         let _ = INSIDE.set(inside);
     }
-    let hostfile = write_hostfile(sp);
+    let hostfile = write_hostfile(sp)?;
     // Slurm's meaning of a step's directory (sbatch -D, srun --chdir, the submit
     // directory) is kept when the container has it; join chose the container's own
     // (the image's WorkingDir, else /) for when it does not.
+    // Entered as the engine does, inside the container's root and through no magic link:
+    // `--container-workdir=/proc/self/fd/N` is not checked by create (a reused
+    // container never sees it) and would otherwise start the task in a host directory.
     let workdir = match (&prepared.args.workdir, submit_dir) {
-        (Some(dir), _) if dir.is_dir() => dir.clone(),
-        (Some(dir), _) => return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display())),
-        (None, Some(dir)) if dir.is_dir() => dir,
-        (None, _) => PathBuf::from(&joined.state.workdir),
+        (Some(dir), _) => match enter_workdir(dir) {
+            Err(container::ContainerError::Workdir { source, .. }) if source as i32 == libc::ENOENT => {
+                return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display()))
+            }
+            other => other.map(|()| dir.clone()).map_err(|err| format!("berth: --container-workdir: {err}"))?,
+        },
+        (None, Some(dir)) if enter_workdir(&dir).is_ok() => dir,
+        (None, _) => {
+            let dir = PathBuf::from(&joined.state.workdir);
+            enter_workdir(&dir).map_err(|err| format!("berth: {err}"))?;
+            dir
+        }
     };
-    std::env::set_current_dir(&workdir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", workdir.display()))?;
     let _ = WORKDIR.set(workdir);
     let job_has = |name: &OsStr| name.to_str().is_some_and(|name| matches!(sp.getenv(name), Ok(Some(_))));
     for (name, value) in env::to_set(&joined.env, &prepared.args.env, job_has) {
@@ -230,19 +240,20 @@ fn pmix_dirs(sp: &Spank, prepared: &Prepared) -> Result<Option<Vec<pmix::Detache
         step,
         prepared.uid,
     );
-    pmix::detach(&candidates)
+    pmix::detach(&candidates, prepared.uid)
         .map(Some)
         .map_err(|why| format!("berth: srun --mpi=pmix: {why}; use mpirun or --mpi=pmi2 meanwhile, and show this line to your admins"))
 }
 
 /// Writes `$BERTH_HOSTFILE` in the container (inside it, as root); whether it is there.
 /// A job without the allocation's variables, or a read-only container root, goes without
-/// one: a line in the slurmd log says why.
-fn write_hostfile(sp: &Spank) -> bool {
+/// one: a line in the slurmd log says why. An image that puts a symlink or a mount
+/// where the hostfile goes fails the task with one line.
+fn write_hostfile(sp: &Spank) -> Result<bool, String> {
     // The job's nodes and slots do not change between its tasks and steps: the first
     // task in this container wrote it.
-    if Path::new(hostfile::PATH).is_file() {
-        return true;
+    if hostfile::exists() {
+        return Ok(true);
     }
     let var = |name: &str| sp.getenv(name).ok().flatten().ok_or_else(|| format!("{name} is not set"));
     let text = var("SLURM_JOB_NODELIST").and_then(|list| {
@@ -250,20 +261,28 @@ fn write_hostfile(sp: &Spank) -> bool {
         let slots = hostfile::expand_counts(&var("SLURM_JOB_CPUS_PER_NODE")?)?;
         hostfile::text(&nodes, &slots)
     });
-    match text.and_then(|text| hostfile::write(&text).map_err(|e| format!("cannot write {}: {e}", hostfile::PATH))) {
-        Ok(()) => true,
-        Err(why) => {
-            ffi::log_info(&format!("berth: no BERTH_HOSTFILE in this container: {why}"));
-            false
-        }
+    let without = |why: String| {
+        ffi::log_info(&format!("berth: no BERTH_HOSTFILE in this container: {why}"));
+        Ok(false)
+    };
+    match text.map(|text| hostfile::write(&text)) {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) if e.is_read_only() => without(e.to_string()),
+        Ok(Err(e)) => Err(format!("berth: {e}")),
+        Err(why) => without(why),
     }
+}
+
+/// Changes to `dir` resolved inside the container's root, never through a magic link.
+fn enter_workdir(dir: &Path) -> Result<(), container::ContainerError> {
+    container::enter_workdir(&dir.to_string_lossy())
 }
 
 pub fn task_init() -> Result<(), String> {
     let Some(dir) = WORKDIR.get() else {
         return Ok(());
     };
-    std::env::set_current_dir(dir).map_err(|err| format!("berth: cannot change to {} in the container: {err}", dir.display()))?;
+    enter_workdir(dir).map_err(|err| format!("berth: {err}"))?;
     sys::no_new_privs().map_err(|err| format!("berth: cannot set no_new_privs: {err}"))?;
     // Last, as the user: the new user namespace must be the task's own.
     if let Some(inside) = INSIDE.get() {

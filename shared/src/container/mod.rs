@@ -13,6 +13,7 @@
 //! namespace other than the pins, and never run anything as root inside a container.
 
 pub mod env;
+pub mod inroot;
 pub mod mounts;
 pub mod remap;
 pub mod sys;
@@ -672,7 +673,7 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
 /// never through a magic link: a WorkingDir such as `/proc/self/fd/7` would otherwise
 /// land on whatever host directory the caller (slurmstepd, a hook) has open as fd 7,
 /// outside the container (runc's CVE-2024-21626).
-fn enter_workdir(workdir: &str) -> Result<()> {
+pub fn enter_workdir(workdir: &str) -> Result<()> {
     let root = open_fd(Path::new("/"), OFlag::O_PATH | OFlag::O_DIRECTORY)?;
     match sys::open_in_root(root.as_fd(), Path::new(workdir), OFlag::O_PATH | OFlag::O_DIRECTORY, 0) {
         Ok(dir) => nix::unistd::fchdir(dir.as_raw_fd()).map_err(|source| ContainerError::Workdir { dir: workdir.into(), source }),

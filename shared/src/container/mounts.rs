@@ -3,15 +3,16 @@
 //! `shm`), `/tmp`, and bind mounts (home, submit dir, site and user mounts).
 //! Owns mount targets and flags. Every target is resolved inside the container's root
 //! (`openat2` with RESOLVE_IN_ROOT), so an image's symlinks can never point a mount at
-//! the host; missing mount points are created through the overlay, hence in the
-//! container's upper dir. Must never choose a mount source itself: sources arrive as
+//! the host; berth's own mount points (`/.berth/...`, `/proc`, `/sys`, `/dev`, `/tmp`)
+//! follow no symlink at all; missing mount points are created through the overlay,
+//! hence in the container's upper dir. Must never choose a mount source itself: sources arrive as
 //! descriptors already checked by the caller, and are opened again here only to bind
 //! them from the new namespace after checking they are still the same files.
 //!
 //! Every mount is `nosuid,nodev`, except the bind mounts of device nodes and `devpts`,
 //! which must allow device access to work at all (they are `nosuid,noexec`).
 
-use super::sys::open_in_root;
+use super::sys::{open_beneath, open_in_root};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::MsFlags;
@@ -33,6 +34,8 @@ pub enum MountError {
     Changed { path: PathBuf },
     #[error("cannot create the mount point {target} in the container: {parent} is bound from the host, and berth creates nothing on the host; create it there yourself or pick another target")]
     InHostDir { target: PathBuf, parent: PathBuf },
+    #[error("cannot make berth's mount point {target} in the container: it or a directory above it is a symlink in the image, and berth's own mount points follow none; fix the image")]
+    Symlink { target: PathBuf },
 }
 
 /// One bind mount into the container.
@@ -108,6 +111,11 @@ pub fn check_target(target: &Path) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether `target` is one of berth's own mount points, which follow no symlink.
+fn is_berths_own(target: &Path) -> bool {
+    target.starts_with(BERTH_DIR) || target == Path::new("/tmp") || RESERVED.iter().any(|r| target.starts_with(r))
+}
+
 /// Why a target of the job user's own bind mounts is refused, if it is: besides
 /// [`check_target`], a writable bind into berth's `/.berth` or onto a file berth
 /// appends to as root (root would write into any host file the user may only read).
@@ -118,8 +126,9 @@ pub fn check_user_target(target: &Path, read_only: bool) -> Result<(), &'static 
     if !read_only && target.starts_with(BERTH_DIR) {
         return Err("binds into /.berth, berth's own, must be read-only (add :ro)");
     }
-    if !read_only && WRITTEN_BY_BERTH.iter().any(|w| target == Path::new(w)) {
-        return Err("berth adds the job's user and nodes to /etc/passwd, /etc/group and /etc/hosts as root, so binds onto them must be read-only (add :ro)");
+    // A directory above them too (/etc): root would write into the bound dir.
+    if !read_only && WRITTEN_BY_BERTH.iter().any(|w| Path::new(w).starts_with(target)) {
+        return Err("berth adds the job's user and nodes to /etc/passwd, /etc/group and /etc/hosts as root, so binds onto them or onto /etc must be read-only (add :ro)");
     }
     Ok(())
 }
@@ -130,6 +139,14 @@ pub fn check_user_target(target: &Path, read_only: bool) -> Result<(), &'static 
 /// the host where a job user asks for a mount point.
 fn ensure(root: BorrowedFd<'_>, path: &Path, dir: bool, host_devs: &[u64]) -> Result<OwnedFd, MountError> {
     let err = |source| MountError::Target { target: path.to_path_buf(), source };
+    // berth's own mount points (its tree, /proc, /sys, /dev, /tmp) are where berth
+    // later writes as root or what it relies on: the image may not redirect them with
+    // a symlink, not even inside the container. Resolution stops at the first symlink
+    // (ELOOP) or the first missing component (ENOENT), so ENOENT means no symlink
+    // lies on the part that exists.
+    if is_berths_own(path) && matches!(open_beneath(root, path, OFlag::O_PATH, 0, true), Err(Errno::ELOOP)) {
+        return Err(MountError::Symlink { target: path.to_path_buf() });
+    }
     let want = if dir { OFlag::O_PATH | OFlag::O_DIRECTORY } else { OFlag::O_PATH };
     match open_in_root(root, path, want, 0) {
         Ok(fd) => return Ok(fd),
@@ -367,7 +384,8 @@ mod tests {
     fn user_targets_also_keep_off_berths_dir_and_the_files_berth_writes() {
         assert!(check_user_target(Path::new("/data"), false).is_ok());
         assert!(check_user_target(Path::new("/etc/passwd.d"), false).is_ok());
-        for bad in ["/.berth", "/.berth/wiring", "/.berth/host/etc", "/etc/passwd", "/etc/group", "/etc/hosts"] {
+        assert!(check_user_target(Path::new("/etcetera"), false).is_ok());
+        for bad in ["/.berth", "/.berth/wiring", "/.berth/host/etc", "/etc/passwd", "/etc/group", "/etc/hosts", "/etc", "/etc/"] {
             assert!(check_user_target(Path::new(bad), false).is_err(), "{bad}");
             assert!(check_user_target(Path::new(bad), true).is_ok(), "{bad} read-only");
         }

@@ -9,10 +9,12 @@
 //! own ids, so no privileged helper is involved and the container's mount namespace
 //! (owned by the host's user namespace) keeps every mount locked.
 
+use super::inroot;
 use super::user::Credentials;
 use crate::config::Config;
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +43,7 @@ impl InsideIds {
 /// Whom a task of this container runs as inside: `None` for the job user as is.
 /// `want_root` is the user's `--container-remap-root`. Reads the image's
 /// `/etc/passwd` and `/etc/group` (call after joining the container) with the job
-/// user's rights, so an image cannot make root read a host file through a symlink.
+/// user's rights and through no symlink, regular files only, size-capped.
 ///
 /// An image without `USER` runs as the job user even with `remap_user`: most HPC
 /// images have none, and Docker's root default would make MPI launchers refuse to run.
@@ -55,16 +57,14 @@ pub fn choose(config: &Config, image_user: Option<&str>, want_root: bool, user: 
     let Some(spec) = image_user.map(str::trim).filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
+    // No symlink, no FIFO, no endless file (`inroot`): a FIFO or /dev/zero at
+    // /etc/passwd would hang the task's root process or exhaust its memory.
     let read = |file: &'static str| -> Result<String, RemapError> {
         let text = user
-            .with_fs_identity(|| std::fs::read_to_string(Path::new(file)))
+            .with_fs_identity(|| inroot::current_root().and_then(|root| inroot::read_across_mounts(root.as_fd(), Path::new(file), inroot::READ_LIMIT)))
             .map_err(|e| RemapError::Read { file, source: std::io::Error::other(e.to_string()) })?;
-        match text {
-            Ok(text) => Ok(text),
-            // An image without the file can still name numeric ids.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-            Err(source) => Err(RemapError::Read { file, source }),
-        }
+        // An image without the file can still name numeric ids.
+        text.map(Option::unwrap_or_default).map_err(|e| RemapError::Read { file, source: std::io::Error::other(e.to_string()) })
     };
     let (name, group) = match spec.split_once(':') {
         Some((name, group)) => (name, Some(group)),

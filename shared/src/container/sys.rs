@@ -1,7 +1,8 @@
 //! The narrow seam between berth's container code and the kernel calls that neither
-//! `nix` nor `std` wrap safely: fork, openat2 confined to a root, capability sets and
-//! close_range. Owns every `unsafe` block of the container code; must never hold
-//! policy (what to mount, whom to run as): callers decide, this only performs.
+//! `nix` nor `std` wrap safely: fork, openat2 confined to a root or beneath a dir,
+//! capability sets, close_range and the new mount API. Owns every `unsafe` block of
+//! the container code; must never hold policy (what to mount, whom to run as): callers
+//! decide, this only performs.
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -32,6 +33,22 @@ pub fn fork() -> nix::Result<Forked> {
 /// Opens `path` relative to `root` as if `root` were `/`: `..` and absolute symlinks
 /// never leave it, and magic links (/proc/self/...) are refused.
 pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlag, mode: u32) -> nix::Result<OwnedFd> {
+    openat2(root, path, flags, mode, libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS)
+}
+
+/// Opens `path` beneath `dir` following no symlink at all (ELOOP), in any component,
+/// nor `..` above `dir`; with `cross_mounts` false, also crossing no mount point
+/// (EXDEV), so what it opens is on `dir`'s own file system. For root's own writes into
+/// a directory someone else filled (an image).
+pub fn open_beneath(dir: BorrowedFd<'_>, path: &Path, flags: OFlag, mode: u32, cross_mounts: bool) -> nix::Result<OwnedFd> {
+    let mut resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    if !cross_mounts {
+        resolve |= libc::RESOLVE_NO_XDEV;
+    }
+    openat2(dir, path, flags, mode, resolve)
+}
+
+fn openat2(dir: BorrowedFd<'_>, path: &Path, flags: OFlag, mode: u32, resolve: u64) -> nix::Result<OwnedFd> {
     let rel = path.strip_prefix("/").unwrap_or(path);
     let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
     let cpath = CString::new(rel.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
@@ -44,7 +61,7 @@ pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlag, mode: u32) 
     let how = OpenHow {
         flags: (flags | OFlag::O_CLOEXEC).bits() as u64,
         mode: if flags.contains(OFlag::O_CREAT) { u64::from(mode) } else { 0 },
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        resolve,
     };
     loop {
         // SAFETY: `cpath` is a valid NUL-terminated string and `how` a fully
@@ -53,7 +70,7 @@ pub fn open_in_root(root: BorrowedFd<'_>, path: &Path, flags: OFlag, mode: u32) 
         let fd = unsafe {
             libc::syscall(
                 libc::SYS_openat2,
-                root.as_raw_fd(),
+                dir.as_raw_fd(),
                 cpath.as_ptr(),
                 &how as *const OpenHow,
                 std::mem::size_of::<OpenHow>(),
@@ -247,6 +264,27 @@ pub fn clone_tree(dir: &Path) -> nix::Result<OwnedFd> {
     }
     // SAFETY: the kernel just returned this descriptor; nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Like [`clone_tree`], of the file or directory `fd` is open on (an `O_PATH`
+/// descriptor will do), so the mount is of exactly what was opened and checked.
+pub fn clone_tree_of(fd: BorrowedFd<'_>) -> nix::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: the path is a valid empty C string and `fd` is open; open_tree returns a
+    // new descriptor or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as i32) })
 }
 
 /// Attaches a detached mount tree (from [`clone_tree`]) on the directory `target`.

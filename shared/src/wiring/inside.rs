@@ -3,11 +3,13 @@
 //! /etc/passwd, /etc/group and /etc/hosts (in its upper dir, through the overlay, also
 //! when the root is read-only; not a read-only /etc/hosts, which is the node's own),
 //! attaches the wiring dir read-only at /.berth/wiring, and starts sshd as the job user
-//! (no capabilities, no_new_privs, in its own session). Every path is resolved inside
-//! the container's root. Must never run anything as root inside the container, nor
+//! (no capabilities, no_new_privs, in its own session). Every file it reads or writes
+//! as root is reached through `container::inroot` (no symlink, no mount crossed,
+//! regular files only). Must never run anything as root inside the container, nor
 //! leave the host's mount namespace changed.
 
 use super::files::{self, Node};
+use crate::container::inroot;
 use crate::container::sys::{self, open_in_root};
 use crate::container::Credentials;
 use nix::errno::Errno;
@@ -15,9 +17,7 @@ use nix::mount::MsFlags;
 use nix::sys::statvfs::FsFlags;
 use nix::fcntl::OFlag;
 use std::ffi::CString;
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// A detached, read-only, nosuid, nodev copy of the mount at `dir`, to be attached
@@ -65,27 +65,35 @@ pub fn prepare_and_start(what: &Inside<'_>) -> Result<i32, String> {
 }
 
 /// The job user, group and nodes in the container's files; the wiring dir attached.
+/// Every path through [`inroot`]: an image whose /etc, /etc/passwd or /.berth is a
+/// symlink (to /proc, a bound host dir, anywhere) fails here with one line.
 fn prepare(what: &Inside<'_>) -> Result<(), String> {
-    let root = open_in_root_dir(Path::new("/")).map_err(|e| format!("cannot open the container's root: {e}"))?;
+    let root = inroot::current_root().map_err(|e| e.to_string())?;
     let root = root.as_fd();
-    let passwd = read(root, "/etc/passwd")?;
+    let text = |path: &str| inroot::read(root, Path::new(path), inroot::READ_LIMIT).map(Option::unwrap_or_default);
+    let passwd = text("/etc/passwd").map_err(|e| e.to_string())?;
     if !files::has_id(&passwd, what.user.uid) {
         let shell = if open_in_root(root, Path::new(what.shell), OFlag::O_PATH, 0).is_ok() { what.shell } else { "/bin/sh" };
-        append(root, "/etc/passwd", &files::passwd_line(what.user_name, what.user.uid, what.user.gid, what.home, shell))?;
+        let line = files::passwd_line(what.user_name, what.user.uid, what.user.gid, what.home, shell);
+        inroot::append(root, Path::new("/etc/passwd"), &line).map_err(|e| e.to_string())?;
     }
-    let group = read(root, "/etc/group")?;
+    let group = text("/etc/group").map_err(|e| e.to_string())?;
     if !files::has_id(&group, what.user.gid) {
-        append(root, "/etc/group", &files::group_line(what.group_name, what.user.gid))?;
+        inroot::append(root, Path::new("/etc/group"), &files::group_line(what.group_name, what.user.gid)).map_err(|e| e.to_string())?;
     }
-    let hosts = read(root, "/etc/hosts")?;
-    let lines = files::hosts_lines(&hosts, what.nodes);
-    // A read-only /etc/hosts is the node's own, bound in by the adapter (Torque's
-    // hooks): names resolve as on the node, nothing to add.
-    let read_only = matches!(open_in_root(root, Path::new("/etc/hosts"), OFlag::O_WRONLY | OFlag::O_NOFOLLOW, 0), Err(Errno::EROFS));
-    if !lines.is_empty() && !read_only {
-        append(root, "/etc/hosts", &lines)?;
+    // An /etc/hosts on a mount is the node's own, bound in by the adapter: names
+    // resolve as on the node, nothing to add (and nothing root may write).
+    match text("/etc/hosts") {
+        Err(e) if e.is_on_a_mount() => {}
+        Err(e) => return Err(e.to_string()),
+        Ok(hosts) => {
+            let lines = files::hosts_lines(&hosts, what.nodes);
+            if !lines.is_empty() {
+                inroot::append(root, Path::new("/etc/hosts"), &lines).map_err(|e| e.to_string())?;
+            }
+        }
     }
-    let target = mkdirs(root, files::MOUNT_POINT)?;
+    let target = inroot::mkdirs(root, Path::new(files::MOUNT_POINT)).map_err(|e| e.to_string())?;
     sys::attach_tree(what.tree, target.as_fd())
         .map_err(|e| format!("cannot mount the wiring dir at {}: {e}", files::MOUNT_POINT))
 }
@@ -104,57 +112,6 @@ fn remount_root(flags: FsFlags, read_only: bool) -> Result<(), String> {
     }
     nix::mount::mount(None::<&str>, "/", None::<&str>, ms, None::<&str>)
         .map_err(|e| format!("cannot make the container's read-only root {} for the wiring: {e}", if read_only { "read-only again" } else { "writable" }))
-}
-
-fn open_in_root_dir(path: &Path) -> nix::Result<OwnedFd> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlag::O_PATH | OFlag::O_DIRECTORY).bits())
-        .open(path)
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
-    Ok(OwnedFd::from(file))
-}
-
-/// A file of the container as text; a missing file is empty.
-fn read(root: BorrowedFd<'_>, path: &str) -> Result<String, String> {
-    match open_in_root(root, Path::new(path), OFlag::O_RDONLY, 0) {
-        Ok(fd) => {
-            let mut text = String::new();
-            std::fs::File::from(fd).read_to_string(&mut text).map_err(|e| format!("cannot read the container's {path}: {e}"))?;
-            Ok(text)
-        }
-        Err(Errno::ENOENT) => Ok(String::new()),
-        Err(e) => Err(format!("cannot open the container's {path}: {e}")),
-    }
-}
-
-/// Appends lines to a file of the container (created 0644 when missing, on a new line).
-fn append(root: BorrowedFd<'_>, path: &str, lines: &str) -> Result<(), String> {
-    let parent = Path::new(path).parent().unwrap_or(Path::new("/"));
-    mkdirs(root, &parent.to_string_lossy())?;
-    let existing = read(root, path)?;
-    let flags = OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_NOFOLLOW;
-    let fd = open_in_root(root, Path::new(path), flags, 0o644).map_err(|e| format!("cannot open the container's {path} to add to it: {e}"))?;
-    let mut text = String::new();
-    if !existing.is_empty() && !existing.ends_with('\n') {
-        text.push('\n');
-    }
-    text.push_str(lines);
-    std::fs::File::from(fd).write_all(text.as_bytes()).map_err(|e| format!("cannot add to the container's {path}: {e}"))
-}
-
-/// Creates a directory of the container and its parents (0755), returns it opened.
-fn mkdirs(root: BorrowedFd<'_>, path: &str) -> Result<OwnedFd, String> {
-    let mut current = std::path::PathBuf::from("/");
-    for part in Path::new(path).components().skip(1) {
-        let parent = open_in_root(root, &current, OFlag::O_PATH | OFlag::O_DIRECTORY, 0).map_err(|e| format!("cannot open {} in the container: {e}", current.display()))?;
-        match nix::sys::stat::mkdirat(Some(parent.as_raw_fd()), part.as_os_str(), nix::sys::stat::Mode::from_bits_truncate(0o755)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return Err(format!("cannot create {}/{} in the container: {e}", current.display(), part.as_os_str().to_string_lossy())),
-        }
-        current.push(part);
-    }
-    open_in_root(root, &current, OFlag::O_PATH | OFlag::O_DIRECTORY, 0).map_err(|e| format!("cannot open {} in the container: {e}", current.display()))
 }
 
 /// Forks sshd: its own session, stdin /dev/null, output to the log, as the job user.
