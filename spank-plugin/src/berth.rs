@@ -91,9 +91,11 @@ pub fn destroy(config: &Config, job: u32) -> Result<(), String> {
 fn run(config: &Config, argv: &[String]) -> Result<Vec<u8>, String> {
     let toml = crate::config::to_toml(config)?;
     let binary: &Path = &config.berth_binary;
+    // Last, so that the command line still starts `container create --job J` (slurmd.rs
+    // finds a lost create by it).
     let mut child = privileged::command(binary, &privileged::daemon_variables(|name| std::env::var_os(name)))
-        .arg("--config-stdin")
         .args(argv)
+        .arg("--config-stdin")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -207,9 +209,9 @@ mod tests {
         let out = String::from_utf8(run(&config, &["container".into(), "destroy".into()]).unwrap()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(out.contains("store_dir = \"/scratch/store\""), "{out}");
-        assert!(out.contains("\n--config-stdin container destroy\n"), "{out}");
+        assert!(out.contains("\ncontainer destroy --config-stdin\n"), "{out}");
         // Nothing of slurmstepd's environment but the proxies (none here) and a fixed PATH.
-        let env: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("--config-stdin")).skip(1).filter(|l| !["PWD=", "SHLVL=", "_="].iter().any(|p| l.starts_with(p)))
+        let env: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("container destroy")).skip(1).filter(|l| !["PWD=", "SHLVL=", "_="].iter().any(|p| l.starts_with(p)))
             .filter(|l| !privileged::DAEMON_VARIABLES.iter().any(|v| l.starts_with(&format!("{v}="))))
             .collect();
         assert_eq!(env, [format!("PATH={}", privileged::ROOT_PATH)], "{out}");
