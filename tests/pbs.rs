@@ -25,6 +25,7 @@ struct Job {
     cluster: Cluster,
     dir: String,
     id: String,
+    user: String,
 }
 
 fn torque() -> Cluster {
@@ -47,20 +48,27 @@ fn quote(s: &str) -> String {
 impl Job {
     /// Writes `script` and submits it with `resources` (`qsub -l`).
     fn submit(test: &str, resources: &str, script: &str) -> Job {
+        Job::submit_as("alice", test, resources, "", "", script)
+    }
+
+    /// Writes `script` and submits it as `user` with `resources`, after running `setup`
+    /// (in the job's fresh dir) and with `qsub_args` besides.
+    fn submit_as(user: &str, test: &str, resources: &str, setup: &str, qsub_args: &str, script: &str) -> Job {
         let cluster = torque();
         let dir = format!("pbs-e2e-{}-{test}", std::process::id());
+        let setup = if setup.is_empty() { String::new() } else { format!("{setup} && ") };
         let line = format!(
-            "rm -rf {dir} && mkdir {dir} && cd {dir} && printf '%s' {} > job.sh && {QSUB} -l {} -o $PWD/out -e $PWD/err job.sh",
+            "rm -rf {dir} && mkdir {dir} && cd {dir} && {setup}printf '%s' {} > job.sh && {QSUB} -l {} {qsub_args} -o $PWD/out -e $PWD/err job.sh",
             quote(script),
             quote(resources)
         );
-        let id = stdout_ok(&cluster.run(&line)).trim().to_string();
+        let id = stdout_ok(&cluster.run_as(user, &line)).trim().to_string();
         assert!(id.ends_with(".head"), "qsub printed {id}");
-        Job { cluster, dir, id }
+        Job { cluster, dir, id, user: user.to_string() }
     }
 
     fn state(&self) -> String {
-        let out = self.cluster.run(&format!("{QSTAT} -f {} 2>/dev/null | sed -n 's/^ *job_state = //p'", self.id));
+        let out = self.cluster.run_as(&self.user, &format!("{QSTAT} -f {} 2>/dev/null | sed -n 's/^ *job_state = //p'", self.id));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -82,7 +90,7 @@ impl Job {
         self.wait_for("C", Duration::from_secs(300));
         let start = Instant::now();
         loop {
-            let out = self.cluster.run(&format!("cd {} && test -e out && test -e err && cat out && echo '#--err--' && cat err", self.dir));
+            let out = self.cluster.run_as(&self.user, &format!("cd {} && test -e out && test -e err && cat out && echo '#--err--' && cat err", self.dir));
             if out.status.success() {
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 let (o, e) = text.split_once("#--err--\n").unwrap_or((&text, ""));
@@ -94,7 +102,7 @@ impl Job {
     }
 
     fn exit_status(&self) -> Option<i64> {
-        let out = self.cluster.run(&format!("{QSTAT} -f {} 2>/dev/null | sed -n 's/^ *exit_status = //p'", self.id));
+        let out = self.cluster.run_as(&self.user, &format!("{QSTAT} -f {} 2>/dev/null | sed -n 's/^ *exit_status = //p'", self.id));
         String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     }
 
@@ -122,7 +130,7 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
-        let _ = self.cluster.run(&format!("/opt/torque/bin/qdel {} 2>/dev/null; rm -rf {}", self.id, self.dir));
+        let _ = self.cluster.run_as(&self.user, &format!("/opt/torque/bin/qdel {} 2>/dev/null; rm -rf {}", self.id, self.dir));
     }
 }
 
@@ -428,4 +436,81 @@ fn remap_root_runs_the_script_as_root_mapped_to_the_user_where_the_site_allows_i
     let owner = stdout_ok(&cluster.run(&format!("stat -c %U {}/made-by-root", job.dir)));
     assert_eq!(owner.trim(), cluster.users()[0], "a file made by remapped root must be the user's");
     job.assert_gone();
+}
+
+/// Shell lines (run in a job's dir, as its user) that build `preload.so`: a library
+/// whose constructor appends the effective uid of every process loading it to
+/// `uids` in that dir, and `evil.toml`, a berth config whose `berth_binary` is
+/// `evil.sh`, which records its uid in `evil-ran` and then does what berth would.
+const HOSTILE_ENV: &str = "printf '%s' '#include <stdio.h>\n#include <unistd.h>\n__attribute__((constructor)) static void f(void) { FILE *o = fopen(UIDS, \"a\"); if (o) { fprintf(o, \"%d\\n\", (int)geteuid()); fclose(o); } }\n' > preload.c \
+     && gcc -shared -fPIC -DUIDS=\"\\\"$PWD/uids\\\"\" -o preload.so preload.c && touch uids && chmod 666 uids \
+     && printf '#!/bin/sh\nid -u >> %s/evil-ran\nexec /usr/bin/env \"$@\"\n' \"$PWD\" > evil.sh && chmod 755 evil.sh \
+     && printf 'berth_binary = \"%s/evil.sh\"\n' \"$PWD\" > evil.toml";
+
+impl Job {
+    /// What the hostile files of [`HOSTILE_ENV`] recorded: the uids that loaded the
+    /// library, and whether the config's program ran at all.
+    fn hostile_records(&self) -> (Vec<String>, String) {
+        let out = self.cluster.run_as(&self.user, &format!("cd {} && cat uids; echo '#--evil--'; cat evil-ran 2>/dev/null; true", self.dir));
+        let text = stdout_ok(&out);
+        let (uids, evil) = text.split_once("#--evil--\n").unwrap_or((&text, ""));
+        (uids.lines().map(String::from).collect(), evil.trim().to_string())
+    }
+}
+
+/// `qsub -v` and `#PBS -v` reach the job starter, which runs as root: neither a berth
+/// config of the user's nor a loader variable may act as root there, with a container
+/// or without; the job's own processes still get both variables.
+#[test]
+fn qsub_v_berth_config_and_loader_variables_never_act_as_root() {
+    let _moms = shared_moms();
+    let vars = "BERTH_CONFIG=$PWD/evil.toml,LD_PRELOAD=$PWD/preload.so,GLIBC_TUNABLES=glibc.malloc.check=3";
+    let script = "#!/bin/bash\necho \"preload=$LD_PRELOAD\"\ntest -d /opt/berth-test && echo in-image || echo on-host\nid -u\n";
+    let cases = [
+        ("hostile-qsub-v", format!("nodes=1:ppn=1,other=container={IMAGE}"), format!("-v \"{vars}\""), script.to_string()),
+        ("hostile-native", "nodes=1:ppn=1".to_string(), format!("-v \"{vars}\""), script.to_string()),
+        (
+            "hostile-pbs-v",
+            format!("nodes=1:ppn=1,other=container={IMAGE}"),
+            String::new(),
+            // #PBS lines cannot expand $PWD: the job's dir is fixed per test, below home.
+            script.replacen("#!/bin/bash\n", &format!("#!/bin/bash\n#PBS -v {}\n", vars.replace("$PWD", &format!("/home/alice/pbs-e2e-{}-hostile-pbs-v", std::process::id()))), 1),
+        ),
+    ];
+    let jobs: Vec<(Job, &str)> = cases
+        .iter()
+        .map(|(test, resources, args, script)| (Job::submit_as("alice", test, resources, HOSTILE_ENV, args, script), if test.contains("native") { "on-host" } else { "in-image" }))
+        .collect();
+    for (job, place) in &jobs {
+        let (out, err) = job.finish();
+        let (uids, evil) = job.hostile_records();
+        assert!(evil.is_empty(), "job {}: the user's berth_binary ran, as uid {evil}; stderr: {err}", job.id);
+        assert!(!uids.iter().any(|u| u == "0"), "job {}: LD_PRELOAD loaded into a root process (uids {uids:?}); stderr: {err}", job.id);
+        assert!(out.contains(&format!("preload=/home/alice/{}/preload.so", job.dir)) && out.contains(place), "job {}: {out} stderr: {err}", job.id);
+        assert!(!uids.is_empty(), "job {}: the job's own processes did not get LD_PRELOAD: {out}", job.id);
+        assert_eq!(job.exit_status(), Some(0), "{err}");
+        job.assert_gone();
+    }
+}
+
+/// The job starter must know the job and its user from pbs_mom, not from variables the
+/// user passes: `PBS_JOBID` naming another user's running job (with its container on
+/// the same node) and `USER=root` must neither enter that container nor run as root.
+#[test]
+fn forged_pbs_jobid_and_user_enter_no_other_job_and_run_as_no_one_else() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let node = cluster.nodes()[0].clone();
+    let bobs = Job::submit_as("bob", "victim", &format!("nodes={node}:ppn=1,other=container={IMAGE}"), "", "", "#!/bin/bash\nsleep 60\n");
+    bobs.wait_for("R", Duration::from_secs(240));
+    let script = "#!/bin/bash\nid -un\ntest -d /opt/berth-test && echo in-image || echo on-host\n";
+    let args = format!("-v PBS_JOBID={},USER=bob,LOGNAME=bob,PBS_O_LOGNAME=bob", bobs.id);
+    let forged = Job::submit_as("alice", "forged-id", &format!("nodes={node}:ppn=1"), "", &args, script);
+    let (out, err) = forged.finish();
+    assert_eq!(out, "alice\non-host\n", "stderr: {err}");
+    let args = "-v USER=root,LOGNAME=root";
+    let root = Job::submit_as("alice", "forged-root", &format!("nodes={node}:ppn=1"), "", args, script);
+    let (out, err) = root.finish();
+    assert_eq!(out, "alice\non-host\n", "stderr: {err}");
+    drop(bobs);
 }

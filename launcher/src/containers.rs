@@ -133,7 +133,28 @@ pub struct ExecArgs {
     /// the admin sets remap_user; there the image's USER is honoured without it).
     #[arg(long)]
     remap_root: bool,
+    /// Read the job's environment (`KEY=VALUE` entries, each ended by a NUL byte) from
+    /// this descriptor instead of taking berth's own: a root caller keeps the job's
+    /// variables out of the root process's environment this way.
+    #[arg(long, value_name = "FD")]
+    job_env_fd: Option<i32>,
     /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct AsUserArgs {
+    /// The user's uid.
+    #[arg(long)]
+    uid: u32,
+    /// The job's environment (`KEY=VALUE` entries, each ended by a NUL byte).
+    #[arg(long, value_name = "FD")]
+    job_env_fd: i32,
+    /// The program's argv[0] (e.g. `-bash` for a login shell).
+    #[arg(long)]
+    arg0: Option<String>,
+    /// The program and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -307,10 +328,14 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
             }
         }
         ContainerCommand::Exec(args) => {
+            let job_env = match args.job_env_fd.map(read_job_env).transpose() {
+                Ok(from_fd) => from_fd.unwrap_or_else(|| std::env::vars_os().collect()),
+                Err(e) => return fail(e),
+            };
             let joined = container::join(config, &args.which.job, &args.which.name())
                 .and_then(|mut joined| joined.choose_inside(config, args.remap_root).map(|()| joined));
             let err = match joined {
-                Ok(joined) => container::exec_joined(&joined, &args.command, &args.env),
+                Ok(joined) => container::exec_joined(&joined, &args.command, &job_env, &args.env),
                 Err(e) => e,
             };
             not_started(err)
@@ -337,6 +362,42 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
             Err(e) => fail(e),
         },
     }
+}
+
+/// `berth as-user`: the job's user as pbs_mom would make it (groups, gid, uid; no
+/// other restriction, as the job runs on the host), then the program.
+pub fn as_user(args: AsUserArgs) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let job_env = match read_job_env(args.job_env_fd) {
+        Ok(env) => env,
+        Err(e) => return fail(e),
+    };
+    let user = match user_credentials(&args.uid.to_string(), None, None) {
+        Ok(user) if user.uid != 0 => user,
+        Ok(_) => return fail("as-user: refusing uid 0"),
+        Err(e) => return fail(e),
+    };
+    let groups: Vec<nix::unistd::Gid> = user.groups.iter().copied().map(nix::unistd::Gid::from_raw).collect();
+    let (uid, gid) = (nix::unistd::Uid::from_raw(user.uid), nix::unistd::Gid::from_raw(user.gid));
+    let become_user = nix::unistd::setgroups(&groups)
+        .and_then(|()| nix::unistd::setresgid(gid, gid, gid))
+        .and_then(|()| nix::unistd::setresuid(uid, uid, uid));
+    if let Err(e) = become_user {
+        return fail(format!("cannot become uid {}: {e}", user.uid));
+    }
+    let mut command = std::process::Command::new(&args.command[0]);
+    command.args(&args.command[1..]).env_clear().envs(job_env.iter().map(|(k, v)| (k, v)));
+    if let Some(arg0) = &args.arg0 {
+        command.arg0(arg0);
+    }
+    let err = command.exec();
+    not_started(container::ContainerError::Exec { program: args.command[0].clone(), source: nix::errno::Errno::from_raw(err.raw_os_error().unwrap_or(0)) })
+}
+
+/// The job's environment from `--job-env-fd` (read through /proc, from its start).
+fn read_job_env(fd: i32) -> Result<Vec<container::env::Var>, String> {
+    let bytes = std::fs::read(format!("/proc/self/fd/{fd}")).map_err(|e| format!("cannot read the job's environment from descriptor {fd} (--job-env-fd): {e}"))?;
+    Ok(container::env::decode(&bytes))
 }
 
 pub fn run(config: &Config, args: RunArgs) -> ExitCode {

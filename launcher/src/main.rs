@@ -1,5 +1,8 @@
 //! `berth`: a thin command over the engine. Parses arguments, loads the admin
 //! config, calls one engine action, and turns any error into one line on stderr.
+//! As root it is a root entry point (the schedulers' adapters run it): it takes its
+//! config only from root-owned places or `--config-stdin`, and works under its own
+//! limits, not those of the job user whose step started it.
 
 mod images;
 
@@ -14,9 +17,14 @@ mod wiring;
 #[derive(Parser)]
 #[command(name = "berth", version, about = "Run Docker/OCI images as the environment of HPC batch jobs")]
 struct Cli {
-    /// The node's image store (overrides the admin config's store_dir).
-    #[arg(long, global = true, env = "BERTH_STORE", value_name = "DIR")]
+    /// The node's image store (overrides the admin config's store_dir; default
+    /// $BERTH_STORE, which root takes only when it names a root-owned directory).
+    #[arg(long, global = true, value_name = "DIR")]
     store: Option<PathBuf>,
+    /// Read the admin config from stdin (the Slurm plugin's settings) instead of
+    /// $BERTH_CONFIG or /etc/berth/berth.toml.
+    #[arg(long, global = true, hide = true)]
+    config_stdin: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +40,11 @@ enum Command {
     Run(containers::RunArgs),
     #[command(flatten)]
     Images(images::ImageCommand),
+    /// (root) Become a job's user, with their groups, and exec a program with the
+    /// job's environment read from a descriptor: how the Torque job starter, a static
+    /// binary that cannot look users up, starts a job without a container.
+    #[command(hide = true)]
+    AsUser(containers::AsUserArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,14 +59,27 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut config = match Config::load() {
-        Ok(config) => config,
-        Err(err) => {
+    // `container exec` and `as-user` become the job's program: they keep the job's limits.
+    if berth_engine::privileged::is_root() {
+        if !matches!(cli.command, Command::Container(containers::ContainerCommand::Exec(_)) | Command::AsUser(_)) {
+            berth_engine::privileged::Limits::for_root();
+        }
+        // Whatever the starter left open stays out of what berth runs.
+        let _ = berth_engine::container::sys::cloexec_from(3);
+    }
+    let loaded = if cli.config_stdin { Config::from_stdin() } else { Config::load() };
+    let store = match &cli.store {
+        Some(_) => Ok(None),
+        None => Config::store_from_var(std::env::var_os(berth_engine::config::STORE_VAR).as_deref()),
+    };
+    let (mut config, store) = match (loaded, store) {
+        (Ok(config), Ok(store)) => (config, cli.store.or(store)),
+        (Err(err), _) | (_, Err(err)) => {
             eprintln!("berth: {err}");
             return ExitCode::from(2);
         }
     };
-    config.store_dir = cli.store.unwrap_or_else(|| berth_engine::store::default_store_dir(&config));
+    config.store_dir = store.unwrap_or_else(|| berth_engine::store::default_store_dir(&config));
     match cli.command {
         Command::Config => {
             println!("{config:#?}");
@@ -61,6 +87,7 @@ fn main() -> ExitCode {
         }
         Command::Container(command) => containers::container(&config, command),
         Command::Run(args) => containers::run(&config, args),
+        Command::AsUser(args) => containers::as_user(args),
         Command::Images(command) => match images::run(command, &config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(line) => {

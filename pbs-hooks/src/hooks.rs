@@ -27,11 +27,13 @@
 //! into the job's error file and fails the job; the epilogue's destroy removes it.
 //! Only a failure to record exits 1. Never holds container logic of its own.
 
+use crate::entry::Caller;
 use crate::request::{Pelog, Request, RequestError};
 use berth_engine::container::UserMount;
 use berth_engine::config::{Config, ConfigError};
+use berth_engine::privileged;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +63,17 @@ pub enum Role {
 }
 
 /// Runs `berth ARGS`; its last stderr line (without the `berth: ` prefix) on failure.
-fn berth(config: &Config, action: &'static str, args: &[&str]) -> Result<String, HookError> {
-    berth_within(config, action, args, None)
+fn berth(config: &Config, caller: &Caller, action: &'static str, args: &[&str]) -> Result<String, HookError> {
+    berth_within(config, caller, action, args, None)
 }
 
-/// `berth`, killed when it is still running at `deadline`.
-fn berth_within(config: &Config, action: &'static str, args: &[&str], deadline: Option<Budget>) -> Result<String, HookError> {
+/// `berth`, killed when it is still running at `deadline`. It gets a cleared
+/// environment with pbs_mom's proxies and the `BERTH_CONFIG` the hook loaded (as root,
+/// only a root-owned file gets this far).
+fn berth_within(config: &Config, caller: &Caller, action: &'static str, args: &[&str], deadline: Option<Budget>) -> Result<String, HookError> {
     use std::io::Read;
     let binary = config.berth_binary.display().to_string();
-    let mut child = Command::new(&config.berth_binary)
+    let mut child = privileged::command(&config.berth_binary, &berth_env(caller, true))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -138,6 +142,18 @@ fn prologalarm(config: &str) -> Option<u64> {
     })
 }
 
+/// What `berth` gets of the hook's environment: the `BERTH_CONFIG` the hook loaded
+/// (as root, only a root-owned file nobody else writes gets this far) and, where that
+/// environment is pbs_mom's (`daemon`: the prologues and epilogues, not the job
+/// starter), its proxies.
+pub fn berth_env(caller: &Caller, daemon: bool) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut passed = if daemon { privileged::daemon_variables(|name| caller.var(name).map(ToOwned::to_owned)) } else { Vec::new() };
+    if let Some(path) = &caller.config_var {
+        passed.push((berth_engine::config::CONFIG_VAR.into(), path.clone()));
+    }
+    passed
+}
+
 /// Nodes in nodefile order, each with the number of its lines (its slots).
 pub fn nodes_and_slots(nodefile: &str) -> (Vec<String>, Vec<u32>) {
     let mut nodes: Vec<String> = Vec::new();
@@ -159,18 +175,18 @@ pub fn this_host() -> String {
 }
 
 /// The job's nodes and slots as this node can know them.
-fn job_nodes(role: &Role) -> Result<(Vec<String>, Vec<u32>), HookError> {
+fn job_nodes(caller: &Caller, role: &Role) -> Result<(Vec<String>, Vec<u32>), HookError> {
     let me = this_host();
     match role {
-        Role::MotherSuperior => match std::env::var("PBS_NODEFILE") {
-            Ok(path) => {
+        Role::MotherSuperior => match caller.var_string("PBS_NODEFILE") {
+            Some(path) => {
                 let text = std::fs::read_to_string(&path).map_err(|source| HookError::Nodefile { path, source })?;
                 Ok(nodes_and_slots(&text))
             }
-            Err(_) => Ok((vec![me], vec![1])),
+            None => Ok((vec![me], vec![1])),
         },
         Role::Sister => {
-            let mut nodes: Vec<String> = std::env::var("PBS_MSHOST").ok().into_iter().filter(|h| !h.is_empty()).collect();
+            let mut nodes: Vec<String> = caller.var_string("PBS_MSHOST").into_iter().filter(|h| !h.is_empty()).collect();
             if !nodes.contains(&me) {
                 nodes.push(me);
             }
@@ -188,21 +204,21 @@ const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 
 /// prologue / prologue.parallel: the job's container on this node, wired for MPI.
 /// Returns the request, or None for a job that asked for no container.
-pub fn prologue(config: &Config, pelog: &Pelog, role: Role, start: Instant) -> Result<Option<Request>, HookError> {
+pub fn prologue(config: &Config, caller: &Caller, pelog: &Pelog, role: Role, start: Instant) -> Result<Option<Request>, HookError> {
     // A requeued job's earlier attempt may have left its container or failure line
     // here (pbs_mom runs no epilogue after an aborted start): start clean.
     if failure_file(config, &pelog.job).and_then(|f| f.parent().map(Path::exists)).unwrap_or(false) {
-        berth(config, "cannot remove what an earlier attempt of the job left", &["container", "destroy", "--job", &pelog.job])?;
+        berth(config, caller, "cannot remove what an earlier attempt of the job left", &["container", "destroy", "--job", &pelog.job])?;
     }
     let Some(request) = pelog.request()? else { return Ok(None) };
     if request.remap_root && !config.remap_user {
         return Err(berth_engine::container::remap::RemapError::NotAllowed.into());
     }
-    let (nodes, slots) = job_nodes(&role)?;
+    let (nodes, slots) = job_nodes(caller, &role)?;
     let mut create: Vec<String> = ["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &request.image, "--pull", request.pull.as_str()]
         .map(String::from)
         .to_vec();
-    if let Some(dir) = std::env::var("PBS_O_WORKDIR").ok().filter(|d| Path::new(d).is_dir()) {
+    if let Some(dir) = caller.var_string("PBS_O_WORKDIR").filter(|d| Path::new(d).is_dir()) {
         create.extend(["--submit-dir".into(), dir]);
     }
     for mount in &request.mounts {
@@ -231,13 +247,13 @@ pub fn prologue(config: &Config, pelog: &Pelog, role: Role, start: Instant) -> R
     }
     let create: Vec<&str> = create.iter().map(String::as_str).collect();
     let budget = Budget::from_mom_config(start);
-    let made = berth_within(config, "cannot start the container", &create, Some(budget))
+    let made = berth_within(config, caller, "cannot start the container", &create, Some(budget))
         .and_then(|_| record_image_env(config, &pelog.job, &request.env))
         .and_then(|_| record_remap_root(config, &pelog.job, request.remap_root))
-        .and_then(|_| berth(config, "cannot wire MPI between the job's containers", &wire));
+        .and_then(|_| berth(config, caller, "cannot wire MPI between the job's containers", &wire));
     if let Err(e) = made {
         // create removes what it made when it fails; what failed after it: undo both.
-        let _ = berth(config, "cannot remove the container", &["container", "destroy", "--job", &pelog.job]);
+        let _ = berth(config, caller, "cannot remove the container", &["container", "destroy", "--job", &pelog.job]);
         return Err(e);
     }
     Ok(Some(request))
@@ -290,8 +306,8 @@ pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result
 }
 
 /// epilogue / epilogue.parallel: nothing of the job left on this node.
-pub fn epilogue(config: &Config, pelog: &Pelog) -> Result<(), HookError> {
-    berth(config, "cannot remove the job's containers", &["container", "destroy", "--job", &pelog.job]).map(|_| ())
+pub fn epilogue(config: &Config, caller: &Caller, pelog: &Pelog) -> Result<(), HookError> {
+    berth(config, caller, "cannot remove the job's containers", &["container", "destroy", "--job", &pelog.job]).map(|_| ())
 }
 
 #[cfg(test)]

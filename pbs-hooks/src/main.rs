@@ -3,12 +3,17 @@
 //! job_starter are links to it) or on its first argument (`berth-pbs prologue ARGS`).
 //! Every failure is one line on stderr, which pbs_mom puts in the job's error file:
 //! what failed, why, what to do.
+//!
+//! As root it first keeps its starter's environment apart (`entry`) and sets its own
+//! limits (`privileged::Limits`); what it needs of that environment it reads as data.
 
+mod entry;
 mod hooks;
 mod request;
 mod starter;
 
-use berth_engine::config::Config;
+use berth_engine::config::{Config, ConfigError, CONFIG_VAR};
+use berth_engine::privileged::{self, Limits};
 use hooks::Role;
 use request::Pelog;
 use std::process::ExitCode;
@@ -18,6 +23,14 @@ const HOOKS: &[&str] = &["prologue", "prologue.parallel", "epilogue", "epilogue.
 fn main() -> ExitCode {
     // pbs_mom's alarm runs from the prologue's start.
     let start = std::time::Instant::now();
+    let mut caller = match entry::start() {
+        Ok(caller) => caller,
+        Err(e) => {
+            eprintln!("berth-pbs: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let limits = privileged::is_root().then(Limits::for_root);
     let mut args: Vec<String> = std::env::args().collect();
     let called = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
     let hook = if HOOKS.contains(&called.as_str()) {
@@ -38,12 +51,21 @@ fn main() -> ExitCode {
     // (src/resmom/start_exec.c, determine_umask), 077 for many users; what berth
     // stages for the job user (its OpenSSH, the hostfile) must stay readable to them.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let config = match Config::load() {
+    let loaded = match (Config::load_from(caller.var(CONFIG_VAR)), hook.as_str()) {
+        // The job's environment is no place for root's config: the starter ignores one
+        // that is not root's alone (the job keeps it) and reads the default.
+        (Err(ConfigError::UntrustedVar { .. }), "job_starter") => {
+            caller.config_var = None;
+            Config::load_from(None)
+        }
+        (loaded, _) => loaded,
+    };
+    let config = match loaded {
         Ok(config) => config,
         Err(e) => return fail(e.to_string()),
     };
     match hook.as_str() {
-        "job_starter" => match starter::start(&config, &args) {
+        "job_starter" => match starter::start(&config, &args, &caller, limits.as_ref()) {
             // The prologue's own line, already complete.
             starter::StarterError::PrologueFailed(line) => {
                 eprintln!("{line}");
@@ -58,7 +80,7 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return fail(e.to_string()),
             };
-            match hooks::prologue(&config, &pelog, role, start) {
+            match hooks::prologue(&config, &caller, &pelog, role, start) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     // pbs_mom already gives this stderr to the job's error file; the
@@ -81,7 +103,7 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(e) => return fail(e.to_string()),
             };
-            match hooks::epilogue(&config, &pelog) {
+            match hooks::epilogue(&config, &caller, &pelog) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(format!("job {}: {e}", pelog.job)),
             }

@@ -1,6 +1,10 @@
 //! The admin's settings for berth on a node: one TOML file (default
 //! `/etc/berth/berth.toml`, or `$BERTH_CONFIG`) read by the `berth` command, the
-//! Torque hooks and, as `key=value` arguments in `plugstack.conf`, the Slurm plugin.
+//! Torque hooks and, as `key=value` arguments in `plugstack.conf`, the Slurm plugin
+//! (which hands them to `berth` on a pipe, `--config-stdin`).
+//! As root, settings come only from a root-owned file nobody else can write (the file
+//! and every directory above it, see `privileged`): `$BERTH_CONFIG` and `$BERTH_STORE`
+//! name such a place or are refused, since a job user may have set them.
 //! Owns parsing and defaults; never touches the file system beyond reading the file.
 
 use serde::Deserialize;
@@ -9,6 +13,12 @@ use std::path::{Path, PathBuf};
 
 /// Where the admin config is read from when `$BERTH_CONFIG` is not set.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
+
+/// The variable naming another config file.
+pub const CONFIG_VAR: &str = "BERTH_CONFIG";
+
+/// The variable naming another image store.
+pub const STORE_VAR: &str = "BERTH_STORE";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,6 +30,12 @@ pub enum ConfigError {
     UnknownKey { key: String, known: String },
     #[error("berth setting '{key}' has a bad value '{value}': {why}")]
     BadValue { key: String, value: String, why: String },
+    #[error("{var}={} is refused as root: {why}; as root berth takes settings only from root-owned places nobody else can write: unset {var} or name such a place", path.display())]
+    UntrustedVar { var: &'static str, path: PathBuf, why: crate::privileged::Refused },
+    #[error("berth config {} is refused as root: {why}; make it and every directory above it root's and writable by root alone", path.display())]
+    UntrustedFile { path: PathBuf, why: crate::privileged::Refused },
+    #[error("cannot read the berth config from stdin: {0}")]
+    Stdin(std::io::Error),
 }
 
 /// How a site directory is bound into every container.
@@ -122,17 +138,52 @@ const KNOWN_KEYS: &[&str] = &[
 impl Config {
     /// Reads `$BERTH_CONFIG`, else the default path; a missing default file means defaults.
     pub fn load() -> Result<Config, ConfigError> {
-        match std::env::var_os("BERTH_CONFIG") {
-            Some(path) => Config::from_file(Path::new(&path)),
-            None => {
-                let path = Path::new(DEFAULT_CONFIG_PATH);
-                if path.exists() {
-                    Config::from_file(path)
-                } else {
-                    Ok(Config::default())
-                }
-            }
+        Config::load_from(std::env::var_os(CONFIG_VAR).as_deref())
+    }
+
+    /// [`Config::load`] with `named` as the value of `$BERTH_CONFIG` (a caller that
+    /// keeps its starter's environment apart passes it). As root, the file must be
+    /// root's alone.
+    pub fn load_from(named: Option<&std::ffi::OsStr>) -> Result<Config, ConfigError> {
+        let path = named.map_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH), PathBuf::from);
+        if named.is_none() && !path.exists() {
+            return Ok(Config::default());
         }
+        if !crate::privileged::is_root() {
+            return Config::from_file(&path);
+        }
+        let file = crate::privileged::open_root_owned(&path).map_err(|why| match named {
+            Some(_) => ConfigError::UntrustedVar { var: CONFIG_VAR, path: path.clone(), why },
+            None => ConfigError::UntrustedFile { path: path.clone(), why },
+        })?;
+        Config::from_reader(file, &path)
+    }
+
+    /// The config on stdin (`berth --config-stdin`: the Slurm plugin's settings, on a
+    /// pipe from root, never through a variable).
+    pub fn from_stdin() -> Result<Config, ConfigError> {
+        use std::io::Read;
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).map_err(ConfigError::Stdin)?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse { path: PathBuf::from("<stdin>"), message })
+    }
+
+    fn from_reader(mut file: std::fs::File, path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })
+    }
+
+    /// The store `$BERTH_STORE` names (`value`), if any. As root it must be a root-owned
+    /// directory nobody else can write, or one only root can make.
+    pub fn store_from_var(value: Option<&std::ffi::OsStr>) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        let path = PathBuf::from(value);
+        if crate::privileged::is_root() {
+            crate::privileged::check_root_owned_dir(&path).map_err(|why| ConfigError::UntrustedVar { var: STORE_VAR, path: path.clone(), why })?;
+        }
+        Ok(Some(path))
     }
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -344,6 +395,25 @@ mod tests {
         assert!(config.site_mounts[0].read_only);
         let err = Config::from_toml("stor_dir = \"/x\"").unwrap_err();
         assert!(err.contains("stor_dir"), "{err}");
+    }
+
+    #[test]
+    fn as_root_a_config_or_store_a_user_could_write_is_refused_with_one_line() {
+        if !crate::privileged::is_root() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("berth-config-owned-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("berth.toml");
+        std::fs::write(&file, "store_dir = \"/scratch/berth\"\n").unwrap();
+        assert_eq!(Config::load_from(Some(file.as_os_str())).unwrap().store_dir, Path::new("/scratch/berth"));
+        std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+        let err = Config::load_from(Some(file.as_os_str())).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("BERTH_CONFIG={} is refused as root: ", file.display())) && err.contains("not root") && err.contains("unset BERTH_CONFIG"), "{err}");
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let err = Config::store_from_var(Some(dir.as_os_str())).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("BERTH_STORE={} is refused as root", dir.display())), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! berth's engine, shared by the Slurm plugin, the Torque/PBS hooks and the `berth`
 //! command. Modules follow an image's way to a running job:
 //! `reference` -> `registry` -> `store` -> `unpack` -> `rootfs` -> `container`
-//! -> `wiring` -> `teardown`. `config` is the admin's settings, read by all of them.
+//! -> `wiring` -> `teardown`. `config` is the admin's settings, read by all of them;
+//! `privileged` what root code may take from whoever started it.
 
 pub mod config;
 pub mod container;
 pub mod fsmode;
+pub mod privileged;
 pub mod rootfs;
 pub mod teardown;
 pub mod wiring;

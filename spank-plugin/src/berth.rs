@@ -5,9 +5,10 @@
 
 use crate::args::{Args, Mount, Pull};
 use berth_engine::config::Config;
+use berth_engine::privileged;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 /// Who a container is for and what goes into it.
 pub struct CreateRequest<'a> {
@@ -84,14 +85,17 @@ pub fn destroy(config: &Config, job: u32) -> Result<(), String> {
     run(config, &argv).map(drop).map_err(|why| format!("berth: cannot tear down the containers of job {job}: {why}"))
 }
 
-/// Runs berth with the plugin's config on its stdin (`BERTH_CONFIG=/dev/stdin`), so it
-/// acts on exactly the plugstack.conf settings. Returns berth's last stderr line on failure.
+/// Runs berth with the plugin's config on its stdin (`--config-stdin`), so it acts on
+/// exactly the plugstack.conf settings, with a cleared environment (slurmstepd's
+/// proxies only: see `privileged::command`). Returns berth's last stderr line on failure.
 fn run(config: &Config, argv: &[String]) -> Result<Vec<u8>, String> {
     let toml = crate::config::to_toml(config)?;
     let binary: &Path = &config.berth_binary;
-    let mut child = Command::new(binary)
+    // Last, so that the command line still starts `container create --job J` (slurmd.rs
+    // finds a lost create by it).
+    let mut child = privileged::command(binary, &privileged::daemon_variables(|name| std::env::var_os(name)))
         .args(argv)
-        .env("BERTH_CONFIG", "/dev/stdin")
+        .arg("--config-stdin")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -197,7 +201,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-spank-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let fake = dir.join("berth");
-        std::fs::write(&fake, "#!/bin/sh\ncat \"$BERTH_CONFIG\"; echo \"$@\"\n").unwrap();
+        std::fs::write(&fake, "#!/bin/sh\ncat; echo \"$@\"; env\n").unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let mut config = Config::default();
         config.berth_binary = fake;
@@ -205,6 +209,11 @@ mod tests {
         let out = String::from_utf8(run(&config, &["container".into(), "destroy".into()]).unwrap()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(out.contains("store_dir = \"/scratch/store\""), "{out}");
-        assert!(out.ends_with("container destroy\n"), "{out}");
+        assert!(out.contains("\ncontainer destroy --config-stdin\n"), "{out}");
+        // Nothing of slurmstepd's environment but the proxies (none here) and a fixed PATH.
+        let env: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("container destroy")).skip(1).filter(|l| !["PWD=", "SHLVL=", "_="].iter().any(|p| l.starts_with(p)))
+            .filter(|l| !privileged::DAEMON_VARIABLES.iter().any(|v| l.starts_with(&format!("{v}="))))
+            .collect();
+        assert_eq!(env, [format!("PATH={}", privileged::ROOT_PATH)], "{out}");
     }
 }

@@ -706,17 +706,17 @@ enum Privileges {
 }
 
 /// Becomes the container's user (no capabilities, no_new_privs), closes the host's
-/// descriptors on exec and execs `argv` with the merged environment. Call after
+/// descriptors on exec and execs `argv` with the job's environment (`job_env`, passed
+/// as data: a root caller never runs with it) merged with the container's. Call after
 /// [`join`]; returns only on failure.
-pub fn exec_joined(joined: &Joined, argv: &[String], overrides: &[String]) -> ContainerError {
-    exec_as(joined, argv, overrides, Privileges::FromRoot)
+pub fn exec_joined(joined: &Joined, argv: &[String], job_env: &[env::Var], overrides: &[String]) -> ContainerError {
+    exec_as(joined, argv, job_env, overrides, Privileges::FromRoot)
 }
 
-fn exec_as(joined: &Joined, argv: &[String], overrides: &[String], drop: Privileges) -> ContainerError {
+fn exec_as(joined: &Joined, argv: &[String], job_env: &[env::Var], overrides: &[String], drop: Privileges) -> ContainerError {
     let run = || -> Result<std::convert::Infallible> {
         let overrides = env::parse_list(overrides).map_err(|e| ContainerError::BadEnv { entry: e.to_string_lossy().into() })?;
-        let job_env: Vec<env::Var> = std::env::vars_os().collect();
-        let vars = env::merge(&job_env, &joined.env, &overrides);
+        let vars = env::merge(job_env, &joined.env, &overrides);
         let program = argv.first().ok_or(ContainerError::NoCommand)?;
         match (drop, joined.inside) {
             (Privileges::FromRoot, None) => joined.state.user.become_user()?,
@@ -814,7 +814,8 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String], 
         let state = State::of(spec, workdir, vec!["mnt".into()], 0);
         let mut joined = Joined { state, env: container_env, inside: None };
         joined.choose_inside(config, want_root)?;
-        Err(if rootless { exec_as(&joined, argv, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, overrides) })
+        let job_env: Vec<env::Var> = std::env::vars_os().collect();
+        Err(if rootless { exec_as(&joined, argv, &job_env, overrides, Privileges::InUserNamespace) } else { exec_joined(&joined, argv, &job_env, overrides) })
     };
     match attempt() {
         Ok(never) => match never {},
