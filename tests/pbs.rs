@@ -51,20 +51,32 @@ impl Job {
         Job::submit_as("alice", test, resources, "", "", script)
     }
 
+    /// Writes `script` and submits it as alice with qsub's arguments `args` (shell words) only.
+    fn submit_with(test: &str, args: &str, script: &str) -> Job {
+        Job::submit_as("alice", test, "", "", args, script)
+    }
+
     /// Writes `script` and submits it as `user` with `resources`, after running `setup`
     /// (in the job's fresh dir) and with `qsub_args` besides.
     fn submit_as(user: &str, test: &str, resources: &str, setup: &str, qsub_args: &str, script: &str) -> Job {
+        let (cluster, dir, out) = Job::qsub(user, test, resources, setup, qsub_args, script);
+        let id = stdout_ok(&out).trim().to_string();
+        assert!(id.ends_with(".head"), "qsub printed {id}");
+        Job { cluster, dir, id, user: user.to_string() }
+    }
+
+    /// Runs qsub as `user` in the test's fresh directory; its output.
+    fn qsub(user: &str, test: &str, resources: &str, setup: &str, qsub_args: &str, script: &str) -> (Cluster, String, std::process::Output) {
         let cluster = torque();
         let dir = format!("pbs-e2e-{}-{test}", std::process::id());
         let setup = if setup.is_empty() { String::new() } else { format!("{setup} && ") };
+        let resources = if resources.is_empty() { String::new() } else { format!("-l {}", quote(resources)) };
         let line = format!(
-            "rm -rf {dir} && mkdir {dir} && cd {dir} && {setup}printf '%s' {} > job.sh && {QSUB} -l {} {qsub_args} -o $PWD/out -e $PWD/err job.sh",
+            "rm -rf {dir} && mkdir {dir} && cd {dir} && {setup}printf '%s' {} > job.sh && {QSUB} {resources} {qsub_args} -o $PWD/out -e $PWD/err job.sh",
             quote(script),
-            quote(resources)
         );
-        let id = stdout_ok(&cluster.run_as(user, &line)).trim().to_string();
-        assert!(id.ends_with(".head"), "qsub printed {id}");
-        Job { cluster, dir, id, user: user.to_string() }
+        let out = cluster.run_as(user, &line);
+        (cluster, dir, out)
     }
 
     fn state(&self) -> String {
@@ -513,4 +525,60 @@ fn forged_pbs_jobid_and_user_enter_no_other_job_and_run_as_no_one_else() {
     let (out, err) = root.finish();
     assert_eq!(out, "alice\non-host\n", "stderr: {err}");
     drop(bobs);
+}
+
+#[test]
+fn pbs_l_container_in_the_script_runs_every_rank_in_the_image_on_two_nodes() {
+    let _moms = shared_moms();
+    // The line users write; berth's submit filter on the submit host turns it into
+    // `-l other=container=IMAGE` (Torque has no `container` resource).
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l nodes=2:ppn=2\nmpirun -hostfile $PBS_NODEFILE /opt/berth-test/bin/hello-openmpi\n");
+    let job = Job::submit_with("filter-alone", "", &script);
+    let (out, err) = job.finish();
+    let nodes = rank_nodes(&out, 4);
+    assert_eq!(nodes.len(), 4, "stdout: {out} stderr: {err}");
+    assert_eq!(nodes.iter().map(|(_, n)| n.as_str()).collect::<std::collections::BTreeSet<_>>().len(), 2, "stdout: {out} stderr: {err}");
+    assert!(ranks(&out).iter().all(|r| r.ends_with("os=debian")), "stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn pbs_l_container_among_other_resources_and_berth_items_reaches_every_node() {
+    let _moms = shared_moms();
+    // One combined -l list, more berth items written the same way, and the user's own
+    // `other=` (the site's business) merged in.
+    let script = format!(
+        "#!/bin/bash\n#PBS -N filtered -l nodes=2:ppn=1,container={IMAGE},walltime=00:05:00\n\
+         #PBS -l container-workdir=/opt/berth-test,container-readonly\n#PBS -l other=site-note\n\
+         cat > $PBS_O_WORKDIR/check.sh <<'EOF'\n\
+         echo \"at $(hostname) in $(pwd) $(awk '$5==\"/\" {{f=substr($6,1,2)}} END {{print f}}' /proc/self/mountinfo) $(. /etc/os-release; echo os=$ID)\"\n\
+         EOF\n\
+         mpirun -hostfile $PBS_NODEFILE sh $PBS_O_WORKDIR/check.sh\n"
+    );
+    let job = Job::submit_with("filter-combined", "", &script);
+    let (out, err) = job.finish();
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("at ")).collect();
+    assert_eq!(lines.len(), 2, "stdout: {out} stderr: {err}");
+    assert_ne!(lines[0].split_whitespace().nth(1), lines[1].split_whitespace().nth(1), "both nodes: {lines:?}");
+    for line in &lines {
+        assert!(line.ends_with("in /opt/berth-test ro os=debian"), "{line} (stderr: {err})");
+    }
+    let list = stdout_ok(&job.cluster.run(&format!("{QSTAT} -f {} | tr -d '\\n\\t ' | grep -o 'Resource_List.other=[^R]*'", job.id)));
+    assert!(list.contains("site-note") && list.contains(&format!("container={IMAGE}")), "{list}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn qsub_l_container_on_the_command_line_is_refused_with_the_form_to_write() {
+    let _moms = shared_moms();
+    // qsub gives a submit filter no way to change its own arguments, and its server
+    // knows no `container` resource: the filter refuses with the forms that work.
+    let (cluster, dir, out) = Job::qsub("alice", "filter-cmdline", "", "", &format!("-l nodes=2:ppn=1,container={IMAGE}"), MPIRUN);
+    let _ = cluster.run(&format!("rm -rf {dir}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "qsub accepted it: {}", String::from_utf8_lossy(&out.stdout));
+    let line = err.lines().find(|l| l.starts_with("berth: ")).unwrap_or_default();
+    assert!(line.contains(&format!("`#PBS -l container={IMAGE}`")) && line.contains(&format!("-l other=container={IMAGE}")), "{err}");
 }

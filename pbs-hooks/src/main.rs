@@ -11,6 +11,7 @@ mod entry;
 mod hooks;
 mod request;
 mod starter;
+mod submit_filter;
 
 use berth_engine::config::{Config, ConfigError, CONFIG_VAR};
 use berth_engine::privileged::{self, Limits};
@@ -19,6 +20,10 @@ use request::Pelog;
 use std::process::ExitCode;
 
 const HOOKS: &[&str] = &["prologue", "prologue.parallel", "epilogue", "epilogue.parallel", "job_starter"];
+
+/// The submit filter's name: qsub runs `SUBMITFILTER` from torque.cfg, a path with no
+/// arguments, so it is a link named so (or `berth-pbs qsub_filter ARGS...`).
+const SUBMIT_FILTER: &str = "qsub_filter";
 
 fn main() -> ExitCode {
     // pbs_mom's alarm runs from the prologue's start.
@@ -33,13 +38,17 @@ fn main() -> ExitCode {
     let limits = privileged::is_root().then(Limits::for_root);
     let mut args: Vec<String> = std::env::args().collect();
     let called = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
+    if called == SUBMIT_FILTER || args.get(1).is_some_and(|a| a == SUBMIT_FILTER) {
+        let skip = if called == SUBMIT_FILTER { 1 } else { 2 };
+        return submit_filter(&args[skip..]);
+    }
     let hook = if HOOKS.contains(&called.as_str()) {
         args.remove(0);
         called
     } else if args.len() > 1 && HOOKS.contains(&args[1].as_str()) {
         args.drain(..2).nth(1).unwrap_or_default()
     } else {
-        eprintln!("berth-pbs: run as {} (a link in mom_priv named so) or `berth-pbs HOOK ARGS...`", HOOKS.join(", "));
+        eprintln!("berth-pbs: run as {} (a link in mom_priv named so), as {SUBMIT_FILTER} (torque.cfg's SUBMITFILTER) or `berth-pbs HOOK ARGS...`", HOOKS.join(", "));
         return ExitCode::from(2);
     };
     // Torque gives a prologue's output to the job's files; tag the line with the hook.
@@ -108,5 +117,27 @@ fn main() -> ExitCode {
                 Err(e) => fail(format!("job {}: {e}", pelog.job)),
             }
         }
+    }
+}
+
+/// qsub's submit filter: the job script from stdin to stdout, rewritten; one line on
+/// stderr and exit 1 (qsub refuses the job) when it cannot be.
+fn submit_filter(args: &[String]) -> ExitCode {
+    use std::io::{Read, Write};
+    let fail = |why: String| {
+        eprintln!("berth: {why}");
+        ExitCode::from(1)
+    };
+    let mut script = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut script) {
+        return fail(format!("cannot read the job script qsub gives on stdin: {e}"));
+    }
+    let prefix = std::env::var("PBS_DPREFIX").ok();
+    match submit_filter::filter(&script, args, prefix.as_deref()) {
+        Ok(out) => match std::io::stdout().write_all(out.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("cannot hand the job script back to qsub: {e}")),
+        },
+        Err(e) => fail(e.to_string()),
     }
 }

@@ -48,7 +48,7 @@ const PER_RANK: &str = "container-per-rank";
 const PULL: &str = "container-pull";
 const READONLY: &str = "container-readonly";
 const REMAP_ROOT: &str = "container-remap-root";
-const KNOWN: &[&str] = &[IMAGE, IMAGE_LONG, MOUNTS, WORKDIR, ENV, NO_HOME, PER_RANK, PULL, READONLY, REMAP_ROOT];
+pub(crate) const KNOWN: &[&str] = &[IMAGE, IMAGE_LONG, MOUNTS, WORKDIR, ENV, NO_HOME, PER_RANK, PULL, READONLY, REMAP_ROOT];
 
 /// A prologue's or epilogue's arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +129,8 @@ impl Request {
                 (Some(option), _, _) => (option, value),
                 // A word of the list before it: `container-mounts=/a:/b,/c:/d`.
                 (None, None, Some(option)) => (option, Some(word)),
+                // `other` is the site's too: its own items pass by; a misspelt berth item does not.
+                _ if !looks_like_berths(name) => continue,
                 _ => return Err(RequestError::Unknown { name: name.to_string() }),
             };
             list = None;
@@ -188,6 +190,11 @@ impl Request {
         })?;
         Ok(request)
     }
+}
+
+/// A name in berth's namespace: `container...` or `no-container...`.
+fn looks_like_berths(name: &str) -> bool {
+    name.starts_with("container") || name.starts_with("no-container")
 }
 
 /// Whether an `other` value is berth's: any of its items names a berth option.
@@ -307,5 +314,7 @@ mod tests {
         assert!(err("other=container=a;container-workdir").contains("needs a value"));
         assert_eq!(parse("other=container=a;container-per-rank").unwrap_err(), RequestError::PerRank);
         assert!(err("other=container-mounts=/x").contains("add container=IMAGE"));
+        // The site's own items in `other` are the site's business.
+        assert_eq!(image("other=site=1;container=a;qos-thing").as_deref(), Some("a"));
     }
 }

@@ -120,6 +120,10 @@ pub fn enter(inside: InsideIds) -> Result<(), RemapError> {
             source: Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EIO as i32)),
         })?;
     }
+    // Not dumpable again until exec: until then the process still holds what its root
+    // parent left it (slurmstepd's memory, descriptors marked close-on-exec), which
+    // another process of the job user must not ptrace or read through /proc.
+    nix::sys::prctl::set_dumpable(false).map_err(fail("making the task undumpable again"))?;
     Ok(())
 }
 
