@@ -158,10 +158,17 @@ pub fn kill(dir: &Path, timeout: Duration) -> Result<usize> {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    match std::fs::remove_dir(&path) {
-        Ok(()) => Ok(killed.len()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(killed.len()),
-        Err(e) => Err(io("remove", &path)(e)),
+    // An empty cgroup.procs can still hold tasks that are exiting (a killed mpirun's
+    // threads): rmdir says EBUSY until the kernel has let them go.
+    loop {
+        match std::fs::remove_dir(&path) {
+            Ok(()) => return Ok(killed.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(killed.len()),
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) && start.elapsed() <= timeout => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(io("remove", &path)(e)),
+        }
     }
 }
 
