@@ -150,3 +150,14 @@ pub fn assert_nodes_clean(cluster: &Cluster, job: &str) {
         }
     }
 }
+
+/// The cluster's state dir, as `slurm-test-env/lib.sh` names it.
+pub fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("BERTH_TEST_STATE") {
+        return dir.into();
+    }
+    match std::env::var("BERTH_TEST_CLUSTER").ok().filter(|k| k != "0") {
+        Some(k) => format!("/var/lib/berth-test-env-{k}").into(),
+        None => "/var/lib/berth-test-env".into(),
+    }
+}

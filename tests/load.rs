@@ -9,19 +9,8 @@
 mod oci_image;
 
 use berth_e2e::{assert_nodes_clean, berth_binary, cluster, repo_root, stdout_ok, Cluster};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// The cluster's state dir, as `slurm-test-env/lib.sh` names it.
-fn state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("BERTH_TEST_STATE") {
-        return dir.into();
-    }
-    match std::env::var("BERTH_TEST_CLUSTER").ok().filter(|k| k != "0") {
-        Some(k) => format!("/var/lib/berth-test-env-{k}").into(),
-        None => "/var/lib/berth-test-env".into(),
-    }
-}
 
 /// Pushes an image no node has seen (a busybox layer and 24 MiB of noise, both
 /// unique to this run) as `REPO:1`; returns its reference and its blobs' digests.
@@ -50,13 +39,13 @@ fn push_unique_image(cluster: &Cluster, repo: &str) -> (String, Vec<String>) {
 
 /// The registry's access log lines for GETs of `path_prefix...` made since `from` (a byte offset).
 fn gets_since(from: u64, path: &str) -> usize {
-    let log = std::fs::read(state_dir().join("log/head/registry.log")).unwrap();
+    let log = std::fs::read(berth_e2e::state_dir().join("log/head/registry.log")).unwrap();
     let text = String::from_utf8_lossy(&log[from as usize..]);
     text.lines().filter(|l| l.contains(&format!("\"GET {path} "))).count()
 }
 
 fn log_size() -> u64 {
-    std::fs::metadata(state_dir().join("log/head/registry.log")).unwrap().len()
+    std::fs::metadata(berth_e2e::state_dir().join("log/head/registry.log")).unwrap().len()
 }
 
 #[test]

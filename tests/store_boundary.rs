@@ -6,7 +6,6 @@
 
 use berth_e2e::{cluster, job_of, repo_root, stdout_ok, Cluster};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,16 +13,6 @@ use std::time::{Duration, Instant};
 const STORE: &str = "/var/lib/berth";
 const RUNTIME: &str = "/run/berth";
 
-/// The cluster's state dir, as `slurm-test-env/lib.sh` names it.
-fn state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("BERTH_TEST_STATE") {
-        return dir.into();
-    }
-    match std::env::var("BERTH_TEST_CLUSTER").ok().filter(|k| k != "0") {
-        Some(k) => format!("/var/lib/berth-test-env-{k}").into(),
-        None => "/var/lib/berth-test-env".into(),
-    }
-}
 
 fn sh(line: &str) {
     let out = Command::new("sh").args(["-c", line]).output().unwrap();
@@ -225,12 +214,12 @@ fn a_user_holding_the_lock_files_blocks_no_other_users_job() {
 
 /// `GET path...` lines of a registry's access log written since byte `from`.
 fn gets_since(log: &str, from: u64, path: &str) -> usize {
-    let bytes = std::fs::read(state_dir().join("log/head").join(log)).unwrap();
+    let bytes = std::fs::read(berth_e2e::state_dir().join("log/head").join(log)).unwrap();
     String::from_utf8_lossy(&bytes[from as usize..]).lines().filter(|l| l.contains(&format!("\"GET {path}"))).count()
 }
 
 fn log_size(log: &str) -> u64 {
-    std::fs::metadata(state_dir().join("log/head").join(log)).unwrap().len()
+    std::fs::metadata(berth_e2e::state_dir().join("log/head").join(log)).unwrap().len()
 }
 
 #[test]
