@@ -41,6 +41,14 @@ impl Caller {
         Caller { env, config_var, fd }
     }
 
+    /// The same caller with `extra` variables set (the OpenPBS hook's job fields, which
+    /// arrive as arguments where Torque's arrive in the environment).
+    pub fn with(&self, extra: Vec<Var>) -> Caller {
+        let mut env: Vec<Var> = self.env.iter().filter(|(name, _)| !extra.iter().any(|(n, _)| n == name)).cloned().collect();
+        env.extend(extra);
+        Caller { env, config_var: self.config_var.clone(), fd: None }
+    }
+
     pub fn var(&self, name: &str) -> Option<&OsStr> {
         env::get(&self.env, name)
     }

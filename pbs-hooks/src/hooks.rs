@@ -307,7 +307,12 @@ pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result
 
 /// epilogue / epilogue.parallel: nothing of the job left on this node.
 pub fn epilogue(config: &Config, caller: &Caller, pelog: &Pelog) -> Result<(), HookError> {
-    berth(config, caller, "cannot remove the job's containers", &["container", "destroy", "--job", &pelog.job]).map(|_| ())
+    destroy(config, caller, &pelog.job)
+}
+
+/// `berth container destroy`: the job's containers on this node, gone.
+pub fn destroy(config: &Config, caller: &Caller, job: &str) -> Result<(), HookError> {
+    berth(config, caller, "cannot remove the job's containers", &["container", "destroy", "--job", job]).map(|_| ())
 }
 
 #[cfg(test)]

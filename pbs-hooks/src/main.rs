@@ -9,6 +9,7 @@
 
 mod entry;
 mod hooks;
+mod openpbs;
 mod request;
 mod starter;
 mod submit_filter;
@@ -42,13 +43,16 @@ fn main() -> ExitCode {
         let skip = if called == SUBMIT_FILTER { 1 } else { 2 };
         return submit_filter(&args[skip..]);
     }
+    if args.get(1).is_some_and(|a| a == OPENPBS) {
+        return openpbs(&caller, &args[2..], start);
+    }
     let hook = if HOOKS.contains(&called.as_str()) {
         args.remove(0);
         called
     } else if args.len() > 1 && HOOKS.contains(&args[1].as_str()) {
         args.drain(..2).nth(1).unwrap_or_default()
     } else {
-        eprintln!("berth-pbs: run as {} (a link in mom_priv named so), as {SUBMIT_FILTER} (torque.cfg's SUBMITFILTER) or `berth-pbs HOOK ARGS...`", HOOKS.join(", "));
+        eprintln!("berth-pbs: run as {} (a link in mom_priv named so), as {SUBMIT_FILTER} (torque.cfg's SUBMITFILTER), `berth-pbs HOOK ARGS...` or `berth-pbs {OPENPBS} EVENT ARGS...` (OpenPBS's hook)", HOOKS.join(", "));
         return ExitCode::from(2);
     };
     // Torque gives a prologue's output to the job's files; tag the line with the hook.
@@ -116,6 +120,30 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(format!("job {}: {e}", pelog.job)),
             }
+        }
+    }
+}
+
+/// OpenPBS's site hook runs `berth-pbs openpbs EVENT ARGS...` (see `openpbs`).
+const OPENPBS: &str = "openpbs";
+
+/// One OpenPBS hook action; its line on stderr, which the hook hands on (qsub's
+/// stderr for `check`, the hook's log otherwise).
+fn openpbs(caller: &entry::Caller, args: &[String], start: std::time::Instant) -> ExitCode {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let result = match args.first().map(String::as_str) {
+        // The server's check needs no config (the server host may have none).
+        Some("check") => openpbs::run(&Config::default(), caller, args, start),
+        _ => match Config::load_from(caller.var(CONFIG_VAR)) {
+            Ok(config) => openpbs::run(&config, caller, args, start),
+            Err(e) => Err(openpbs::OpenPbsError::Hook(e.to_string())),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -51,6 +51,10 @@ pub enum ContainerError {
     NotRoot,
     #[error("no container '{name}' for job {job} on this node: `berth container create` has not run, or destroy already did")]
     NotFound { job: String, name: String },
+    #[error("container '{name}' of job {job} on this node is not yours (uid {uid}): you may enter only your own job's container")]
+    NotYours { job: String, name: String, uid: u32 },
+    #[error("{path} may not lead root into a container: {why}")]
+    Untrusted { path: PathBuf, why: String },
     #[error("container '{name}' of job {job} already exists for {what}; destroy it first or pick another --name")]
     Mismatch { job: String, name: String, what: &'static str },
     #[error("cannot {action} {path}: {source}")]
@@ -643,10 +647,51 @@ impl Joined {
 /// single-threaded caller (setns into a mount namespace requires it).
 pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
     let dir = container_dir(config, job, name)?;
+    join_dir(&dir, job, name, None)
+}
+
+/// [`join`] for a privileged entry point any local user can start (the OpenPBS
+/// launcher, setuid root): joins only when the container's user is `uid`, the caller's
+/// real uid. The container's directory is opened once, checked to be root's alone, and
+/// everything after (state, pins, env, cgroup) is read through that descriptor, so a
+/// container destroyed and made again for someone else between the check and the use
+/// is never the one entered: the state checked and the pin opened come from one
+/// directory, and the pin's namespace must be the one that state names.
+pub fn join_own(config: &Config, job: &str, name: &str, uid: u32) -> Result<Joined> {
+    let path = container_dir(config, job, name)?;
+    let untrusted = |why: String| ContainerError::Untrusted { path: path.clone(), why };
+    crate::privileged::check_root_owned_dir(&config.runtime_dir).map_err(|e| untrusted(e.to_string()))?;
+    let dir = match open_fd(&path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW) {
+        Ok(dir) => dir,
+        Err(ContainerError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ContainerError::NotFound { job: job.into(), name: name.into() })
+        }
+        Err(e) => return Err(e),
+    };
+    let stat = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(sys_err("inspect the container's directory"))?;
+    if stat.st_uid != 0 || stat.st_mode & 0o022 != 0 {
+        return Err(untrusted(format!("owned by uid {} with mode {:o}, not root's alone", stat.st_uid, stat.st_mode & 0o7777)));
+    }
+    // The magic link names this directory instance whatever happens to the path.
+    let held = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let joined = join_dir(&held, job, name, Some(uid));
+    drop(dir);
+    joined
+}
+
+fn join_dir(dir: &Path, job: &str, name: &str, owner: Option<u32>) -> Result<Joined> {
     if !teardown::is_pinned(&dir.join("mnt")) {
         return Err(ContainerError::NotFound { job: job.into(), name: name.into() });
     }
-    let state = read_state(&dir)?;
+    let state = read_state(dir)?;
+    if let Some(uid) = owner {
+        if state.job != job || state.name != name {
+            return Err(ContainerError::NotFound { job: job.into(), name: name.into() });
+        }
+        if state.user.uid != uid {
+            return Err(ContainerError::NotYours { job: job.into(), name: name.into(), uid });
+        }
+    }
     let env_path = dir.join("env");
     let env = env::decode(&std::fs::read(&env_path).map_err(io("read", &env_path))?);
     let fds: Vec<(OwnedFd, CloneFlags)> = state
@@ -661,7 +706,7 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
         }
     }
     // The cgroup is a host path: entered before the namespaces, kept by all the task forks.
-    teardown::cgroup::enter(&dir, std::process::id()).map_err(teardown::TeardownError::from)?;
+    teardown::cgroup::enter(dir, std::process::id()).map_err(teardown::TeardownError::from)?;
     for (fd, flag) in &fds {
         nix::sched::setns(fd.as_fd(), *flag).map_err(sys_err("join the container's namespaces"))?;
     }

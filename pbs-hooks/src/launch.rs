@@ -1,0 +1,300 @@
+//! `berth-pbs-enter`: the program OpenPBS's execjob_launch hook puts in place of a
+//! container job's shell and of its TM tasks. pbs_mom execs it as the JOB USER (not
+//! root), so it is installed setuid root, and therefore any local user can run it at any
+//! time with any arguments, environment, descriptors, limits and working directory.
+//! Its whole power is: let the caller run a program AS THEMSELVES inside THEIR OWN
+//! job's container on this node, which they could reach anyway (the job's shell runs
+//! there). Everything it trusts is root's: the admin config (a root-owned file) and
+//! the container record `berth container create` left in the root-only runtime dir,
+//! whose user must be the caller's REAL uid ([`berth_engine::container::join_own`]).
+//! The job id, the program and the environment are the caller's and steer nothing but
+//! which of the caller's containers is entered and what runs there as the caller.
+//!
+//! Order, as root: the environment is taken as data and removed; cwd `/`, umask 022,
+//! root's own limits, every inherited descriptor above 2 closed on exec; the config;
+//! a failure the begin hook recorded for this caller's job is printed (the job's error
+//! file) and the launch fails; else the job script is opened with the caller's file
+//! system identity (top shell only), the container joined, and `exec_joined` drops to
+//! the container's user (the caller) for good before exec'ing.
+//!
+//! Owns the launch and the begin hook's failure record; never creates, destroys or pulls.
+
+use berth_engine::config::Config;
+use berth_engine::container::{self, env, ContainerError, Credentials};
+use berth_engine::privileged::Limits;
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The record a failed begin hook leaves in the job's runtime dir: the job user's uid on
+/// the first line, the line for the job's error file on the second.
+pub const FAILURE_FILE: &str = "launch-error";
+
+/// The top shell's script arrives as a path on stdin; the shell sources it from fd 9
+/// (the path is the node's, absent in the container). As the Torque job starter does.
+const SOURCE: &str = "exec 9<&0 </dev/null; . /proc/self/fd/9";
+const SOURCE_WITH_ARGS: &str = "exec 9<&0 </dev/null; . /proc/self/fd/9 \"$@\"";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("usage: berth-pbs-enter [--config FILE] --job JOBID -- PROGRAM [ARGS...] (run by the OpenPBS execjob_launch hook)")]
+    Usage,
+    #[error("is not setuid root: install it owned by root, mode 4755, on a file system without nosuid (docs/admin.md)")]
+    NotSetuid,
+    #[error("starts no job as root")]
+    RootCaller,
+    #[error(transparent)]
+    Config(#[from] berth_engine::config::ConfigError),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error("{0}")]
+    Recorded(String),
+    #[error("cannot read the job script's name that pbs_mom sends on stdin: {0}")]
+    ScriptName(String),
+    #[error("cannot open the job script {path} as you: {why}")]
+    Script { path: String, why: String },
+    #[error("cannot set up the launch ({step}): {source}")]
+    Setup { step: &'static str, source: std::io::Error },
+}
+
+impl LaunchError {
+    /// The exit status: the program's conventions (125 when berth failed before it).
+    pub fn status(&self) -> u8 {
+        match self {
+            LaunchError::Container(ContainerError::NoProgram { .. }) => 127,
+            LaunchError::Container(ContainerError::Exec { .. }) => 126,
+            LaunchError::Recorded(_) => 1,
+            _ => 125,
+        }
+    }
+}
+
+/// What the caller asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub config: Option<OsString>,
+    pub job: String,
+    pub program: Vec<OsString>,
+    /// pbs_mom starts the job's top shell with argv[0] `-NAME` (a login shell).
+    pub top_shell: bool,
+}
+
+/// Parses `argv` (argv[0] included).
+pub fn parse(argv: &[OsString]) -> Result<Request, LaunchError> {
+    let (first, rest) = argv.split_first().ok_or(LaunchError::Usage)?;
+    let top_shell = first.as_encoded_bytes().first() == Some(&b'-');
+    let (mut config, mut job) = (None, None);
+    let mut words = rest.iter();
+    loop {
+        match words.next().and_then(|w| w.to_str()) {
+            Some("--config") => config = Some(words.next().ok_or(LaunchError::Usage)?.clone()),
+            Some("--job") => job = Some(words.next().and_then(|w| w.to_str()).ok_or(LaunchError::Usage)?.to_string()),
+            Some("--") => break,
+            _ => return Err(LaunchError::Usage),
+        }
+    }
+    let program: Vec<OsString> = words.cloned().collect();
+    let job = job.ok_or(LaunchError::Usage)?;
+    container::check_name("job id", &job)?;
+    if program.is_empty() {
+        return Err(LaunchError::Usage);
+    }
+    Ok(Request { config, job, program, top_shell })
+}
+
+/// Enters and execs; returns only the error. `argv` and `vars` are the process's own.
+pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
+    let euid = nix::unistd::geteuid();
+    let caller = nix::unistd::getuid();
+    if !euid.is_root() {
+        return LaunchError::NotSetuid;
+    }
+    if caller.is_root() {
+        return LaunchError::RootCaller;
+    }
+    // The caller's environment is data for the job's program; nothing of root's reads it.
+    for (name, _) in &vars {
+        std::env::remove_var(name);
+    }
+    let setup = |step| move |e: nix::errno::Errno| LaunchError::Setup { step, source: e.into() };
+    if let Err(e) = nix::unistd::chdir("/").map_err(setup("chdir /")) {
+        return e;
+    }
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let limits = Limits::for_root();
+    if let Err(e) = container::sys::cloexec_from(3).map_err(setup("close inherited descriptors")) {
+        return e;
+    }
+    let request = match parse(&argv) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let config = match Config::load_from(request.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    if let Some(line) = recorded_failure(&config, &request.job, caller.as_raw()) {
+        return LaunchError::Recorded(line);
+    }
+    let script = match request.top_shell && stdin_is_pipe() {
+        true => match open_script() {
+            Ok(s) => Some(s),
+            Err(e) => return e,
+        },
+        false => None,
+    };
+    let mut joined = match container::join_own(&config, &request.job, container::PER_NODE, caller.as_raw()) {
+        Ok(j) => j,
+        Err(e) => return e.into(),
+    };
+    let job_dir = config.runtime_dir.join(&request.job);
+    if let Err(e) = joined.choose_inside(&config, job_dir.join("remap-root").exists()) {
+        return e.into();
+    }
+    let mut overrides: Vec<String> = image_values(&job_dir, &joined.env);
+    if job_dir.join(container::PER_NODE).join("wiring.json").exists() {
+        overrides.push(format!("PBS_NODEFILE={}", berth_engine::wiring::files::path("hostfile")));
+    }
+    let mut program: Vec<String> = request.program.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    if let Some((file, args)) = script {
+        if let Err(e) = nix::unistd::dup2(file.as_raw_fd(), 0).map_err(setup("give the shell the script")) {
+            return e;
+        }
+        let shell = program[0].clone();
+        let source = if args.is_empty() { SOURCE } else { SOURCE_WITH_ARGS };
+        program = [shell.clone(), "-c".into(), source.into(), shell].into_iter().chain(args).collect();
+    }
+    if let Err(source) = limits.give_back() {
+        return LaunchError::Setup { step: "give the job its limits back", source };
+    }
+    nix::sys::stat::umask(umask);
+    container::exec_joined(&joined, &program, &vars, &overrides).into()
+}
+
+fn stdin_is_pipe() -> bool {
+    use nix::sys::stat::{fstat, SFlag};
+    fstat(0).is_ok_and(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO)
+}
+
+/// Reads pbs_mom's `PATH [ARGS]` line from stdin and opens PATH with the caller's file
+/// system identity (never root's: the caller wrote the line when run by hand).
+fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut stdin = std::io::stdin().lock();
+    while line.len() < 64 * 1024 {
+        match stdin.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) => return Err(LaunchError::ScriptName(e.to_string())),
+        }
+    }
+    drop(stdin);
+    let text = String::from_utf8_lossy(&line).into_owned();
+    let mut words = text.split_whitespace();
+    let path = match words.next() {
+        Some("exec") => words.next(),
+        other => other,
+    }
+    .ok_or_else(|| LaunchError::ScriptName("nothing arrived".into()))?
+    .to_string();
+    let opened = Credentials::current()
+        .with_fs_identity(|| std::fs::File::open(&path))
+        .map_err(|e| LaunchError::Script { path: path.clone(), why: e.to_string() })?
+        .map_err(|e| LaunchError::Script { path: path.clone(), why: e.to_string() })?;
+    let is_file = opened.metadata().is_ok_and(|m| m.is_file());
+    if !is_file {
+        return Err(LaunchError::Script { path, why: "not a regular file".into() });
+    }
+    Ok((opened, words.map(String::from).collect()))
+}
+
+/// The image's values of the names the job listed with `container-env` (recorded by
+/// the begin hook), which beat the job's own.
+fn image_values(job_dir: &Path, image: &[env::Var]) -> Vec<String> {
+    let Ok(names) = std::fs::read_to_string(job_dir.join("container-env")) else { return Vec::new() };
+    let names: Vec<&str> = names.lines().collect();
+    image
+        .iter()
+        .filter(|(name, _)| names.iter().any(|n| name == n))
+        .map(|(name, value)| {
+            let mut entry = name.clone();
+            entry.push("=");
+            entry.push(value);
+            entry.to_string_lossy().into_owned()
+        })
+        .collect()
+}
+
+/// `<runtime_dir>/<job>/launch-error`.
+pub fn failure_file(config: &Config, job: &str) -> Option<PathBuf> {
+    container::check_name("job", job).ok()?;
+    Some(config.runtime_dir.join(job).join(FAILURE_FILE))
+}
+
+/// Records the begin hook's failure line for the launch (root's dir, 0700 as create's).
+pub fn record_failure(config: &Config, job: &str, uid: u32, line: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = failure_file(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    std::fs::write(path, format!("{uid}\n{}\n", line.trim_end()))
+}
+
+/// The recorded failure line of `job`, only when root alone wrote it and it is `uid`'s.
+pub fn recorded_failure(config: &Config, job: &str, uid: u32) -> Option<String> {
+    use std::io::Read;
+    let path = failure_file(config, job)?;
+    let mut file = berth_engine::privileged::open_root_owned(&path).ok()?;
+    let mut text = Vec::new();
+    file.by_ref().take(64 * 1024).read_to_end(&mut text).ok()?;
+    let text = String::from_utf8(text).ok()?;
+    let (owner, line) = text.split_once('\n')?;
+    (owner.trim().parse::<u32>().ok()? == uid).then(|| line.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(words: &[&str]) -> Vec<OsString> {
+        words.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn the_top_shell_is_told_by_its_login_argv0() {
+        let top = parse(&os(&["-berth-pbs-enter", "--job", "7.head", "--", "/bin/bash"])).unwrap();
+        assert!(top.top_shell);
+        assert_eq!((top.job.as_str(), top.program.len()), ("7.head", 1));
+        let task = parse(&os(&["/x/berth-pbs-enter", "--config", "/etc/b.toml", "--job", "7.head", "--", "/bin/echo", "a b"])).unwrap();
+        assert!(!task.top_shell);
+        assert_eq!(task.config, Some(OsString::from("/etc/b.toml")));
+        assert_eq!(task.program, os(&["/bin/echo", "a b"]));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(matches!(parse(&os(&["e", "--job", "7.head"])), Err(LaunchError::Usage)));
+        assert!(matches!(parse(&os(&["e", "--job", "7.head", "--"])), Err(LaunchError::Usage)));
+        assert!(matches!(parse(&os(&["e", "--", "/bin/sh"])), Err(LaunchError::Usage)));
+        assert!(matches!(parse(&os(&["e", "--job", "../7", "--", "/bin/sh"])), Err(LaunchError::Container(ContainerError::BadName { .. }))));
+        assert!(matches!(parse(&os(&["e", "--jobs", "7", "--", "/bin/sh"])), Err(LaunchError::Usage)));
+    }
+
+    #[test]
+    fn a_recorded_failure_reaches_only_its_own_user() {
+        if !berth_engine::privileged::is_root() {
+            return;
+        }
+        let root = PathBuf::from(format!("/run/berth-launch-test-{}", std::process::id()));
+        let config = Config { runtime_dir: root.clone(), ..Config::default() };
+        record_failure(&config, "9.head", 1000, "berth-pbs begin: job 9.head: bad image\n").unwrap();
+        assert_eq!(recorded_failure(&config, "9.head", 1000).as_deref(), Some("berth-pbs begin: job 9.head: bad image"));
+        assert_eq!(recorded_failure(&config, "9.head", 1001), None, "another user's job");
+        assert_eq!(recorded_failure(&config, "8.head", 1000), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

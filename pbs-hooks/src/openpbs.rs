@@ -1,0 +1,146 @@
+//! The OpenPBS hook actions (`berth-pbs openpbs EVENT ...`), each run as root by the
+//! site hook `berth.py` (docs/admin.md) with the job's fields as arguments:
+//!
+//! - `check --resource VALUE` (queuejob, on the server): the `container` resource
+//!   parses (the same options as Torque's `-l other=`) and names an image reference;
+//!   else one line for qsub's stderr.
+//! - `begin --job J --user U --uid N --resource VALUE [--nodefile F] [--exec-host H]
+//!   [--submit-dir D]` (execjob_begin, on every node of the job): Torque's prologue
+//!   (`hooks::prologue`): create, then wire with the nodes of the job's nodefile
+//!   (OpenPBS writes it on sisters too), else those of exec_host. A failure is
+//!   recorded for the launch (`launch::record_failure`) and the hook accepts: a
+//!   rejecting begin hook gets the job requeued 21 times, silently, and then held, so
+//!   the launch prints the line into the job's error file and fails the job instead.
+//! - `end --job J` (execjob_epilogue, execjob_end, execjob_abort): destroy,
+//!   idempotent.
+//!
+//! Owns the translation of OpenPBS's hook fields; never holds container logic.
+
+use crate::entry::Caller;
+use crate::hooks::{self, Role};
+use crate::request::{Pelog, Request};
+use berth_engine::config::Config;
+use std::ffi::OsString;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenPbsError {
+    #[error("usage: berth-pbs openpbs check --resource VALUE | begin --job J --user U --uid N --resource VALUE [--nodefile F] [--exec-host H] [--submit-dir D] | end --job J")]
+    Usage,
+    #[error("container={value}: {why}")]
+    Bad { value: String, why: String },
+    #[error("{0}")]
+    Hook(String),
+}
+
+/// `--name value` pairs after the event.
+fn options(args: &[String]) -> Result<Vec<(&str, &str)>, OpenPbsError> {
+    args.chunks(2)
+        .map(|pair| match pair {
+            [name, value] if name.starts_with("--") => Ok((&name[2..], value.as_str())),
+            _ => Err(OpenPbsError::Usage),
+        })
+        .collect()
+}
+
+fn option<'a>(options: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
+    options.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+}
+
+/// The request in the `container` resource's value.
+pub fn request(value: &str) -> Result<Request, OpenPbsError> {
+    let bad = |why: String| OpenPbsError::Bad { value: value.to_string(), why };
+    let request = Request::from_resource_list(&format!("container={value}")).map_err(|e| bad(e.to_string()))?.ok_or_else(|| bad("no image".into()))?;
+    berth_engine::reference::Reference::parse(&request.image).map_err(|e| bad(e.to_string()))?;
+    Ok(request)
+}
+
+/// Nodes in exec_host order (`node1/0*2+node2/0`), each once.
+pub fn exec_hosts(exec_host: &str) -> Vec<String> {
+    let mut hosts: Vec<String> = Vec::new();
+    for part in exec_host.split('+') {
+        let host = part.split('/').next().unwrap_or("").trim();
+        if !host.is_empty() && !hosts.iter().any(|h| h == host) {
+            hosts.push(host.to_string());
+        }
+    }
+    hosts
+}
+
+/// Runs one event; `Ok(())` also when a begin failure was recorded for the launch.
+pub fn run(config: &Config, caller: &Caller, args: &[String], start: std::time::Instant) -> Result<(), OpenPbsError> {
+    let (event, rest) = args.split_first().ok_or(OpenPbsError::Usage)?;
+    let options = options(rest)?;
+    let need = |name| option(&options, name).ok_or(OpenPbsError::Usage);
+    match event.as_str() {
+        "check" => request(need("resource")?).map(|_| ()),
+        "begin" => {
+            let job = need("job")?;
+            let uid: u32 = need("uid")?.parse().map_err(|_| OpenPbsError::Usage)?;
+            let pelog = Pelog { job: job.to_string(), user: need("user")?.to_string(), resources: format!("container={}", need("resource")?), script: Default::default() };
+            let mut vars: Vec<(OsString, OsString)> = Vec::new();
+            let nodefile = option(&options, "nodefile").filter(|f| std::path::Path::new(f).is_file());
+            let role = match nodefile {
+                Some(file) => {
+                    vars.push(("PBS_NODEFILE".into(), file.into()));
+                    Role::MotherSuperior
+                }
+                None => {
+                    // Without the nodefile: the first node of exec_host and this one,
+                    // the others reached by name (`wire --unlisted-nodes`).
+                    if let Some(first) = option(&options, "exec-host").map(exec_hosts).and_then(|h| h.into_iter().next()) {
+                        vars.push(("PBS_MSHOST".into(), first.into()));
+                    }
+                    Role::Sister
+                }
+            };
+            if let Some(dir) = option(&options, "submit-dir") {
+                vars.push(("PBS_O_WORKDIR".into(), dir.into()));
+            }
+            let caller = caller.with(vars);
+            let checked = request(need("resource")?);
+            let made = match checked {
+                Ok(_) => hooks::prologue(config, &caller, &pelog, role, start).map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = made {
+                let line = format!("berth-pbs begin: job {job} on {}: {why}", hooks::this_host());
+                // The hook's log has it too.
+                eprintln!("{line}");
+                berth_pbs::launch::record_failure(config, job, uid, &line)
+                    .map_err(|e| OpenPbsError::Hook(format!("{line}; and cannot record it for the launch: {e}")))?;
+            }
+            Ok(())
+        }
+        "end" => hooks::destroy(config, caller, need("job")?).map_err(|e| OpenPbsError::Hook(e.to_string())),
+        _ => Err(OpenPbsError::Usage),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_host_gives_each_node_once_in_order() {
+        assert_eq!(exec_hosts("node1/0*2+node2/0"), ["node1", "node2"]);
+        assert_eq!(exec_hosts("node2/0+node2/1+node1/0"), ["node2", "node1"]);
+        assert!(exec_hosts("").is_empty());
+    }
+
+    #[test]
+    fn the_resource_names_one_image_reference() {
+        assert_eq!(request("registry:5000/mpi:latest").unwrap().image, "registry:5000/mpi:latest");
+        let with = request("registry:5000/mpi:latest;container-mounts=/scratch:/data:ro").unwrap();
+        assert_eq!(with.mounts, ["/scratch:/data:ro"]);
+        let bad = request("Bad Image!").unwrap_err().to_string();
+        assert!(bad.starts_with("container=Bad Image!: "), "{bad}");
+        assert!(request("").is_err());
+        assert!(request("a;container-pull=sometimes").unwrap_err().to_string().contains("expected missing, always or never"));
+    }
+
+    #[test]
+    fn options_come_in_pairs() {
+        assert!(matches!(options(&["--job".into()]), Err(OpenPbsError::Usage)));
+        assert_eq!(options(&["--job".into(), "7.head".into()]).unwrap(), [("job", "7.head")]);
+    }
+}
