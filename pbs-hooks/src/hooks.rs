@@ -60,6 +60,9 @@ pub enum HookError {
 pub enum Role {
     MotherSuperior,
     Sister,
+    /// Every node of the job and its slots, in order, known from elsewhere (OpenPBS's
+    /// exec_host and schedselect).
+    Known(Vec<String>, Vec<u32>),
 }
 
 /// Runs `berth ARGS`; its last stderr line (without the `berth: ` prefix) on failure.
@@ -185,6 +188,7 @@ fn job_nodes(caller: &Caller, role: &Role) -> Result<(Vec<String>, Vec<u32>), Ho
             }
             None => Ok((vec![me], vec![1])),
         },
+        Role::Known(nodes, slots) => Ok((nodes.clone(), slots.clone())),
         Role::Sister => {
             let mut nodes: Vec<String> = caller.var_string("PBS_MSHOST").into_iter().filter(|h| !h.is_empty()).collect();
             if !nodes.contains(&me) {

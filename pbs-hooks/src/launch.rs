@@ -24,7 +24,7 @@ use berth_engine::container::{self, env, ContainerError, Credentials};
 use berth_engine::privileged::Limits;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The record a failed begin hook leaves in the job's runtime dir: the job user's uid on
 /// the first line, the line for the job's error file on the second.
@@ -143,16 +143,21 @@ pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
         },
         false => None,
     };
+    // What the begin hook recorded beside the container, read on the host (join leaves
+    // it); it only shapes the caller's own program's environment.
+    let job_dir = config.runtime_dir.join(&request.job);
+    let remap_root = job_dir.join("remap-root").exists();
+    let listed = std::fs::read_to_string(job_dir.join("container-env")).unwrap_or_default();
+    let wired = job_dir.join(container::PER_NODE).join("wiring.json").exists();
     let mut joined = match container::join_own(&config, &request.job, container::PER_NODE, caller.as_raw()) {
         Ok(j) => j,
         Err(e) => return e.into(),
     };
-    let job_dir = config.runtime_dir.join(&request.job);
-    if let Err(e) = joined.choose_inside(&config, job_dir.join("remap-root").exists()) {
+    if let Err(e) = joined.choose_inside(&config, remap_root) {
         return e.into();
     }
-    let mut overrides: Vec<String> = image_values(&job_dir, &joined.env);
-    if job_dir.join(container::PER_NODE).join("wiring.json").exists() {
+    let mut overrides: Vec<String> = image_values(&listed, &joined.env);
+    if wired {
         overrides.push(format!("PBS_NODEFILE={}", berth_engine::wiring::files::path("hostfile")));
     }
     let mut program: Vec<String> = request.program.iter().map(|a| a.to_string_lossy().into_owned()).collect();
@@ -213,9 +218,8 @@ fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
 
 /// The image's values of the names the job listed with `container-env` (recorded by
 /// the begin hook), which beat the job's own.
-fn image_values(job_dir: &Path, image: &[env::Var]) -> Vec<String> {
-    let Ok(names) = std::fs::read_to_string(job_dir.join("container-env")) else { return Vec::new() };
-    let names: Vec<&str> = names.lines().collect();
+fn image_values(listed: &str, image: &[env::Var]) -> Vec<String> {
+    let names: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
     image
         .iter()
         .filter(|(name, _)| names.iter().any(|n| name == n))

@@ -5,9 +5,10 @@
 //!   parses (the same options as Torque's `-l other=`) and names an image reference;
 //!   else one line for qsub's stderr.
 //! - `begin --job J --user U --uid N --resource VALUE [--nodefile F] [--exec-host H]
-//!   [--submit-dir D]` (execjob_begin, on every node of the job): Torque's prologue
+//!   [--select S] [--submit-dir D]` (execjob_begin, on every node of the job): Torque's prologue
 //!   (`hooks::prologue`): create, then wire with the nodes of the job's nodefile
-//!   (OpenPBS writes it on sisters too), else those of exec_host. A failure is
+//!   (a sister has it then), else those of exec_host and schedselect (the mother
+//!   superior writes its nodefile after the begin hook). A failure is
 //!   recorded for the launch (`launch::record_failure`) and the hook accepts: a
 //!   rejecting begin hook gets the job requeued 21 times, silently, and then held, so
 //!   the launch prints the line into the job's error file and fails the job instead.
@@ -24,7 +25,7 @@ use std::ffi::OsString;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenPbsError {
-    #[error("usage: berth-pbs openpbs check --resource VALUE | begin --job J --user U --uid N --resource VALUE [--nodefile F] [--exec-host H] [--submit-dir D] | end --job J")]
+    #[error("usage: berth-pbs openpbs check --resource VALUE | begin --job J --user U --uid N --resource VALUE [--nodefile F] [--exec-host H] [--select S] [--submit-dir D] | end --job J")]
     Usage,
     #[error("container={value}: {why}")]
     Bad { value: String, why: String },
@@ -54,16 +55,35 @@ pub fn request(value: &str) -> Result<Request, OpenPbsError> {
     Ok(request)
 }
 
-/// Nodes in exec_host order (`node1/0*2+node2/0`), each once.
-pub fn exec_hosts(exec_host: &str) -> Vec<String> {
-    let mut hosts: Vec<String> = Vec::new();
-    for part in exec_host.split('+') {
-        let host = part.split('/').next().unwrap_or("").trim();
-        if !host.is_empty() && !hosts.iter().any(|h| h == host) {
-            hosts.push(host.to_string());
+/// What OpenPBS writes to `PBS_NODEFILE` (`generate_pbs_nodefile`): for each chunk of
+/// the job, in exec_host order (`node1/0*2+node2/0`, or exec_host2's
+/// `node1:15002/0*2+...`, which MoM hooks see), its host once per `mpiprocs` of
+/// that chunk in schedselect (`1:ncpus=2:mpiprocs=2+2:ncpus=1`, a count before the
+/// first `:` repeats a chunk; mpiprocs defaults to 1).
+pub fn nodefile_text(exec_host: &str, select: &str) -> String {
+    let mut per_chunk: Vec<u32> = Vec::new();
+    for spec in select.split('+').filter(|s| !s.trim().is_empty()) {
+        let mut parts = spec.split(':');
+        let first = parts.next().unwrap_or("");
+        let (count, rest): (u32, Vec<&str>) = match first.parse() {
+            Ok(n) => (n, parts.collect()),
+            Err(_) => (1, std::iter::once(first).chain(parts).collect()),
+        };
+        let mpiprocs = rest.iter().find_map(|r| r.strip_prefix("mpiprocs=")).and_then(|v| v.parse().ok()).unwrap_or(1);
+        per_chunk.extend(std::iter::repeat(mpiprocs).take(count as usize));
+    }
+    let mut text = String::new();
+    for (i, chunk) in exec_host.split('+').enumerate() {
+        let host = chunk.split('/').next().unwrap_or("").split(':').next().unwrap_or("").trim();
+        if host.is_empty() {
+            continue;
+        }
+        for _ in 0..per_chunk.get(i).copied().unwrap_or(1) {
+            text.push_str(host);
+            text.push('\n');
         }
     }
-    hosts
+    text
 }
 
 /// Runs one event; `Ok(())` also when a begin failure was recorded for the launch.
@@ -79,19 +99,18 @@ pub fn run(config: &Config, caller: &Caller, args: &[String], start: std::time::
             let pelog = Pelog { job: job.to_string(), user: need("user")?.to_string(), resources: format!("container={}", need("resource")?), script: Default::default() };
             let mut vars: Vec<(OsString, OsString)> = Vec::new();
             let nodefile = option(&options, "nodefile").filter(|f| std::path::Path::new(f).is_file());
-            let role = match nodefile {
-                Some(file) => {
+            let role = match (nodefile, option(&options, "exec-host")) {
+                // A sister has the nodefile before its begin hook runs.
+                (Some(file), _) => {
                     vars.push(("PBS_NODEFILE".into(), file.into()));
                     Role::MotherSuperior
                 }
-                None => {
-                    // Without the nodefile: the first node of exec_host and this one,
-                    // the others reached by name (`wire --unlisted-nodes`).
-                    if let Some(first) = option(&options, "exec-host").map(exec_hosts).and_then(|h| h.into_iter().next()) {
-                        vars.push(("PBS_MSHOST".into(), first.into()));
-                    }
-                    Role::Sister
+                // The mother superior writes it only after: the same from the job's fields.
+                (None, Some(exec_host)) => {
+                    let (nodes, slots) = hooks::nodes_and_slots(&nodefile_text(exec_host, option(&options, "select").unwrap_or("")));
+                    Role::Known(nodes, slots)
                 }
+                (None, None) => Role::Sister,
             };
             if let Some(dir) = option(&options, "submit-dir") {
                 vars.push(("PBS_O_WORKDIR".into(), dir.into()));
@@ -121,10 +140,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exec_host_gives_each_node_once_in_order() {
-        assert_eq!(exec_hosts("node1/0*2+node2/0"), ["node1", "node2"]);
-        assert_eq!(exec_hosts("node2/0+node2/1+node1/0"), ["node2", "node1"]);
-        assert!(exec_hosts("").is_empty());
+    fn the_nodefile_follows_exec_host_and_mpiprocs() {
+        assert_eq!(nodefile_text("node1/0*2+node2/0*2", "2:ncpus=2"), "node1\nnode2\n");
+        assert_eq!(nodefile_text("node1/0*2", "1:ncpus=2:mpiprocs=2"), "node1\nnode1\n");
+        assert_eq!(nodefile_text("node2/0+node1/0*3", "ncpus=1+1:ncpus=3:mpiprocs=3"), "node2\nnode1\nnode1\nnode1\n");
+        assert_eq!(nodefile_text("node1/0+node1/1", ""), "node1\nnode1\n");
+        assert_eq!(nodefile_text("node1:15002/0*2+node2:15002/0*2", "2:ncpus=2:mpiprocs=2"), "node1\nnode1\nnode2\nnode2\n");
+        assert_eq!(nodefile_text("", "1:ncpus=1"), "");
     }
 
     #[test]
