@@ -19,6 +19,11 @@ BERTH_CONFIG = ""
 # must be above that (pbs-up and docs/admin.md set 300).
 TIMEOUT = 290
 
+# glibc's unsecure variables (unsecvars.h), by prefix where it has families of them.
+DROPPED_BY_SETUID = ("LD_", "MALLOC_", "GLIBC_", "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES",
+                     "LOCALDOMAIN", "LOCPATH", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF",
+                     "RES_OPTIONS", "TMPDIR", "TZDIR")
+
 e = pbs.event()
 job = e.job
 
@@ -91,6 +96,11 @@ elif e.type == pbs.EXECJOB_LAUNCH:
     if BERTH_CONFIG:
         new += ["--config", BERTH_CONFIG]
     new += ["--job", str(job.id), "--", program] + argv[1:]
+    # The C library of a setuid program drops these before it runs; the launcher gives
+    # them back to the job's program from BERTH_PBS_ENV_<NAME>.
+    for name in list(e.env.keys()):
+        if str(name).startswith(DROPPED_BY_SETUID):
+            e.env["BERTH_PBS_ENV_" + str(name)] = e.env[name]
     e.progname = BERTH_PBS_ENTER
     e.argv = new
 elif e.type in (pbs.EXECJOB_EPILOGUE, pbs.EXECJOB_END, pbs.EXECJOB_ABORT):

@@ -30,6 +30,28 @@ use std::path::PathBuf;
 /// the first line, the line for the job's error file on the second.
 pub const FAILURE_FILE: &str = "launch-error";
 
+/// A setuid program's C library drops the variables it deems unsafe (`LD_PRELOAD`,
+/// `LD_LIBRARY_PATH`, `TMPDIR`, `MALLOC_*`, ...) before `main`; the job's program must
+/// still get them. So the launch hook also passes each such `NAME` as
+/// `BERTH_PBS_ENV_NAME`, and the launcher hands it on as `NAME` to the job's program
+/// only (it is the caller's own data either way).
+pub const KEPT_PREFIX: &str = "BERTH_PBS_ENV_";
+
+/// The job's environment with the kept names restored.
+pub fn restore_kept(vars: Vec<env::Var>) -> Vec<env::Var> {
+    let mut kept: Vec<env::Var> = Vec::new();
+    let mut plain: Vec<env::Var> = Vec::new();
+    for (name, value) in vars {
+        match name.to_str().and_then(|n| n.strip_prefix(KEPT_PREFIX)).filter(|n| !n.is_empty()) {
+            Some(original) => kept.push((original.into(), value)),
+            None => plain.push((name, value)),
+        }
+    }
+    plain.retain(|(name, _)| !kept.iter().any(|(k, _)| k == name));
+    plain.extend(kept);
+    plain
+}
+
 /// The top shell's script arrives as a path on stdin; the shell sources it from fd 9
 /// (the path is the node's, absent in the container). As the Torque job starter does.
 const SOURCE: &str = "exec 9<&0 </dev/null; . /proc/self/fd/9";
@@ -125,6 +147,7 @@ pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
     if let Err(e) = container::sys::cloexec_from(3).map_err(setup("close inherited descriptors")) {
         return e;
     }
+    let vars = restore_kept(vars);
     let request = match parse(&argv) {
         Ok(r) => r,
         Err(e) => return e,
@@ -277,6 +300,25 @@ mod tests {
         assert!(!task.top_shell);
         assert_eq!(task.config, Some(OsString::from("/etc/b.toml")));
         assert_eq!(task.program, os(&["/bin/echo", "a b"]));
+    }
+
+    #[test]
+    fn kept_names_come_back_for_the_jobs_program() {
+        let vars: Vec<env::Var> = vec![
+            ("PATH".into(), "/bin".into()),
+            ("BERTH_PBS_ENV_LD_LIBRARY_PATH".into(), "/opt/lib".into()),
+            ("TMPDIR".into(), "/stale".into()),
+            ("BERTH_PBS_ENV_TMPDIR".into(), "/var/tmp/pbs.7.head".into()),
+            ("BERTH_PBS_ENV_".into(), "x".into()),
+        ];
+        let got = restore_kept(vars);
+        let want: Vec<env::Var> = vec![
+            ("PATH".into(), "/bin".into()),
+            ("BERTH_PBS_ENV_".into(), "x".into()),
+            ("LD_LIBRARY_PATH".into(), "/opt/lib".into()),
+            ("TMPDIR".into(), "/var/tmp/pbs.7.head".into()),
+        ];
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -1,0 +1,345 @@
+//! End-to-end tests of berth on a real OpenPBS (`slurm-test-env/pbs-up`): jobs that
+//! alice submits with `#PBS -l container=IMAGE`, run through berth's site hook
+//! (queuejob, execjob_begin, execjob_launch, execjob_epilogue/end/abort) and the setuid
+//! launcher `berth-pbs-enter`; and that launcher attacked directly by regular users on
+//! a node, as any local user could. Each job test checks nothing of its job is left on
+//! any node afterwards.
+
+use berth_e2e::{cluster, state_dir, stdout_ok, Cluster};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "registry:5000/mpi:latest";
+const ENV: &str = "PBS_CONF_FILE=/var/spool/pbs/pbs.conf";
+const BIN: &str = "/opt/pbs/bin";
+const MPIRUN: &str = "mpirun -hostfile $PBS_NODEFILE /opt/berth-test/bin/hello-openmpi\n";
+
+fn openpbs() -> Cluster {
+    let cluster = cluster();
+    let out = cluster.run(&format!("env {ENV} {BIN}/qstat -B"));
+    assert!(
+        out.status.success(),
+        "OpenPBS is not up on the test cluster ({}): run `slurm-test-env/up 2`, then `slurm-test-env/pbs-up --profile release`",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    cluster
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A job's files in a directory of the user's home unique to this run and test.
+struct Job {
+    cluster: Cluster,
+    dir: String,
+    id: String,
+    user: String,
+}
+
+impl Job {
+    /// Runs qsub as `user` with `args` (shell words) in the test's fresh dir.
+    fn qsub(user: &str, test: &str, args: &str, script: &str) -> (Cluster, String, std::process::Output) {
+        let cluster = openpbs();
+        let dir = format!("openpbs-e2e-{}-{test}", std::process::id());
+        let line = format!(
+            "rm -rf {dir} && mkdir {dir} && cd {dir} && printf '%s' {} > job.sh && env {ENV} {BIN}/qsub {args} -o $PWD/out -e $PWD/err job.sh",
+            quote(script)
+        );
+        let out = cluster.run_as(user, &line);
+        (cluster, dir, out)
+    }
+
+    fn submit(test: &str, args: &str, script: &str) -> Job {
+        let (cluster, dir, out) = Job::qsub("alice", test, args, script);
+        let id = stdout_ok(&out).trim().to_string();
+        assert!(id.ends_with(".head"), "qsub printed {id}");
+        Job { cluster, dir, id, user: "alice".into() }
+    }
+
+    fn attr(&self, name: &str) -> String {
+        let out = self.cluster.run_as(&self.user, &format!("env {ENV} {BIN}/qstat -xf {} 2>/dev/null | sed -n 's/^ *{name} = //p'", self.id));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn wait_for(&self, state: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let now = self.attr("job_state");
+            if now == state {
+                return;
+            }
+            assert!(start.elapsed() < limit, "job {} still in state '{now}' after {limit:?}", self.id);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until the job is finished and its files are delivered; (stdout, stderr).
+    fn finish(&self) -> (String, String) {
+        self.wait_for("F", Duration::from_secs(300));
+        let start = Instant::now();
+        loop {
+            let out = self.cluster.run_as(&self.user, &format!("cd {} && test -e out && test -e err && cat out && echo '#--err--' && cat err", self.dir));
+            if out.status.success() {
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let (o, e) = text.split_once("#--err--\n").unwrap_or((&text, ""));
+                return (o.to_string(), e.to_string());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "job {}'s output files never arrived", self.id);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn exit_status(&self) -> Option<i64> {
+        self.attr("Exit_status").parse().ok()
+    }
+
+    /// Nothing of the job on any node: no runtime dir, no mount, no process marked
+    /// `berth-e2e-JOB`, no sshd of its container.
+    fn assert_gone(&self) {
+        for node in self.cluster.nodes() {
+            let check = format!(
+                "test ! -e /run/berth/{j} || echo dir left; grep -q '/run/berth/{j}/' /proc/self/mountinfo && echo mount left; \
+                 pgrep -f '[b]erth-e2e-{j}' && echo process left; true",
+                j = self.id
+            );
+            let start = Instant::now();
+            loop {
+                let left = stdout_ok(&self.cluster.on_node(&node, &check)).trim().to_string();
+                if left.is_empty() {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(30), "job {} left on {node}: {left}", self.id);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.cluster.run_as(&self.user, &format!("env {ENV} {BIN}/qdel -W force {} 2>/dev/null; rm -rf {}", self.id, self.dir));
+    }
+}
+
+fn ranks(stdout: &str) -> Vec<String> {
+    let mut lines: Vec<String> = stdout.lines().filter(|l| l.starts_with("rank ")).map(String::from).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn one_node_job_runs_mpirun_in_the_image() {
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=1:ncpus=2:mpiprocs=2\n{MPIRUN}echo \"in $(pwd) from $PBS_O_WORKDIR\"\n");
+    let job = Job::submit("one", "", &script);
+    let (out, err) = job.finish();
+    let ranks = ranks(&out);
+    assert_eq!(ranks.len(), 2, "stdout: {out} stderr: {err}");
+    let node = ranks[0].split_whitespace().nth(5).unwrap_or_default().to_string();
+    assert_eq!(ranks, [format!("rank 0 of 2 on {node} os=debian"), format!("rank 1 of 2 on {node} os=debian")], "{err}");
+    let dir = out.lines().find_map(|l| l.strip_prefix("in ")).unwrap_or_default();
+    let (cwd, submit) = dir.split_once(" from ").unwrap_or_default();
+    assert!(!submit.is_empty() && cwd == submit, "the script should start in the submit dir: {dir}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn two_node_job_runs_ranks_in_the_image_on_both_hosts() {
+    let script = format!(
+        "#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=2:ncpus=2:mpiprocs=2\n#PBS -l place=scatter\n\
+         {MPIRUN}sed 's/^/nodefile /' $PBS_NODEFILE\n"
+    );
+    let job = Job::submit("two", "", &script);
+    let (out, err) = job.finish();
+    let nodefile: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("nodefile ")).collect();
+    assert_eq!(nodefile.len(), 4, "stdout: {out} stderr: {err}");
+    assert_ne!(nodefile[0], nodefile[2], "{nodefile:?}");
+    let expect: Vec<String> = (0..4).map(|r| format!("rank {r} of 4 on {} os=debian", nodefile[r])).collect();
+    assert_eq!(ranks(&out), expect, "stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn the_job_keeps_the_variables_a_setuid_launchers_libc_drops() {
+    // TMPDIR (pbs_mom's, per job) and LD_LIBRARY_PATH (the user's) cross the setuid
+    // berth-pbs-enter as BERTH_PBS_ENV_* and reach the job under their own names.
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=1:ncpus=1\necho \"tmpdir=$TMPDIR lib=$LD_LIBRARY_PATH\"\nenv | grep -c ^BERTH_PBS_ENV_; true\n");
+    let job = Job::submit("kept", "-v LD_LIBRARY_PATH=/opt/berth-e2e/lib", &script);
+    let (out, err) = job.finish();
+    assert_eq!(out, format!("tmpdir=/var/tmp/pbs.{} lib=/opt/berth-e2e/lib\n0\n", job.id), "stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
+fn a_bad_reference_is_refused_by_qsub_with_one_line() {
+    let (_cluster, _dir, out) = Job::qsub("alice", "badref", "-l select=1:ncpus=1 -l container=Registry:5000/UPPER", "#!/bin/bash\necho ran\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "qsub took it: {}", String::from_utf8_lossy(&out.stdout));
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("qsub: berth: container=Registry:5000/UPPER: "), "{err}");
+    assert!(lines[0].contains("is not an image reference"), "{err}");
+}
+
+#[test]
+fn a_missing_image_fails_the_job_with_one_line_and_never_runs_it() {
+    let job = Job::submit("missing", "-l select=2:ncpus=1 -l place=scatter -l container=registry:5000/no-such-image:1", "#!/bin/bash\necho ran\n");
+    let (out, err) = job.finish();
+    assert!(!out.contains("ran"), "the script ran: {out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with(&format!("berth-pbs begin: job {} on ", job.id)), "{err}");
+    assert!(lines[0].contains("registry:5000/no-such-image:1") && lines[0].contains("not found"), "{err}");
+    assert_eq!(job.exit_status(), Some(1));
+    job.assert_gone();
+}
+
+#[test]
+fn qdel_mid_run_leaves_nothing_on_any_node() {
+    // The top shell sleeps on the first node; an ssh'd sleep runs in the sister's
+    // container under its sshd, outside anything pbs_mom tracks.
+    let script = format!(
+        "#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=2:ncpus=1\n#PBS -l place=scatter\n\
+         sister=$(sort -u $PBS_NODEFILE | grep -vx $(hostname))\n\
+         ssh $sister \"exec -a berth-e2e-$PBS_JOBID sleep 600\" &\nexec -a berth-e2e-$PBS_JOBID sleep 600\n"
+    );
+    let job = Job::submit("qdel", "", &script);
+    job.wait_for("R", Duration::from_secs(300));
+    let start = Instant::now();
+    loop {
+        let running = stdout_ok(&job.cluster.on_node("node1", &format!("pgrep -f '[b]erth-e2e-{}' | wc -l", job.id))).trim().parse::<u32>().unwrap_or(0);
+        if running >= 2 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "job {} never started both sleeps", job.id);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stdout_ok(&job.cluster.run(&format!("env {ENV} {BIN}/qdel {}", job.id)));
+    job.wait_for("F", Duration::from_secs(120));
+    job.assert_gone();
+}
+
+#[test]
+fn a_job_without_a_container_is_untouched() {
+    let script = "#!/bin/bash\n#PBS -l select=1:ncpus=1\nid -un\ntest -d /opt/berth-test && echo in-image || echo on-host\n\
+                  echo \"shell $(tr '\\0' ' ' </proc/$$/cmdline)\"\ntest -e /run/berth/$PBS_JOBID && echo container-made; true\n";
+    let job = Job::submit("native", "", script);
+    let (out, err) = job.finish();
+    assert_eq!(out, "alice\non-host\nshell /bin/bash /var/spool/pbs/mom_priv/jobs/".to_string() + &job.id + ".SC \n", "stderr: {err}");
+    assert_eq!(err, "");
+    assert_eq!(job.exit_status(), Some(0));
+    job.assert_gone();
+}
+
+// The launcher, attacked directly. pbs_mom starts it as the job user; any local user can
+// start it just the same, with anything in argv, the environment and descriptors.
+
+/// Runs `shell` on `node` as `user`, from a clean login-like environment plus `env`.
+fn as_user_on(cluster: &Cluster, node: &str, user: &str, env: &str, shell: &str) -> std::process::Output {
+    cluster.on_node(node, &format!("cd / && runuser -u {user} -- env -i PATH=/usr/bin:/bin HOME=/home/{user} {env} sh -c {}", quote(shell)))
+}
+
+fn launcher() -> (String, String) {
+    let state = state_dir();
+    (format!("{}/bin/berth-pbs-enter", state.display()), format!("{}/etc/berth/berth.toml", state.display()))
+}
+
+/// A running container job of alice's, sleeping on node1 until dropped.
+fn running_job(test: &str) -> Job {
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\nexec -a berth-e2e-$PBS_JOBID sleep 600\n");
+    let job = Job::submit(test, "-l select=1:host=node1:ncpus=1", &script);
+    job.wait_for("R", Duration::from_secs(300));
+    let start = Instant::now();
+    while !job.cluster.on_node("node1", &format!("test -e /run/berth/{}/node/mnt", job.id)).status.success() {
+        assert!(start.elapsed() < Duration::from_secs(60), "job {}'s container never appeared on node1", job.id);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    job
+}
+
+#[test]
+fn the_launcher_enters_only_the_callers_own_running_job() {
+    let job = running_job("own");
+    let (enter, config) = launcher();
+    let probe = "id -un; test -d /opt/berth-test && echo in-image; grep -E '^(CapEff|CapPrm|NoNewPrivs)' /proc/self/status | tr -s '\\t ' ' '";
+    let inside = format!("{enter} --config {config} --job {} -- /bin/sh -c {}", job.id, quote(probe));
+    // Alice, by hand, into her own job: as herself, in the image, without privileges.
+    let own = as_user_on(&job.cluster, "node1", "alice", "", &inside);
+    let text = String::from_utf8_lossy(&own.stdout);
+    assert!(own.status.success(), "alice into her own job: {text} {}", String::from_utf8_lossy(&own.stderr));
+    assert_eq!(text, "alice\nin-image\nCapPrm: 0000000000000000\nCapEff: 0000000000000000\nNoNewPrivs: 1\n");
+    // Bob, into alice's job: refused before anything runs.
+    let other = as_user_on(&job.cluster, "node1", "bob", "", &inside);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(125), "bob got in: {} {err}", String::from_utf8_lossy(&other.stdout));
+    assert!(other.stdout.is_empty());
+    assert!(err.trim_end().ends_with(&format!("container 'node' of job {} on this node is not yours (uid {}): you may enter only your own job's container", job.id, uid("bob", &job.cluster))), "{err}");
+    // Alice on a node where the job has no container.
+    let elsewhere = as_user_on(&job.cluster, "node2", "alice", "", &inside);
+    assert_eq!(elsewhere.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&elsewhere.stderr).contains(&format!("no container 'node' for job {} on this node", job.id)));
+    drop(job);
+}
+
+fn uid(user: &str, cluster: &Cluster) -> String {
+    stdout_ok(&cluster.on_node("node1", &format!("id -u {user}"))).trim().to_string()
+}
+
+#[test]
+fn the_launcher_refuses_a_finished_job_and_a_users_config() {
+    let job = running_job("finished");
+    let id = job.id.clone();
+    let cluster = openpbs();
+    stdout_ok(&cluster.run(&format!("env {ENV} {BIN}/qdel {id}")));
+    job.wait_for("F", Duration::from_secs(120));
+    job.assert_gone();
+    let (enter, config) = launcher();
+    let finished = as_user_on(&cluster, "node1", "alice", "", &format!("{enter} --config {config} --job {id} -- /bin/id"));
+    assert_eq!(finished.status.code(), Some(125), "{}", String::from_utf8_lossy(&finished.stdout));
+    assert!(finished.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&finished.stderr).contains(&format!("no container 'node' for job {id} on this node")));
+    // A config of her own would name a runtime dir she made: refused, not read.
+    let own = as_user_on(
+        &cluster,
+        "node1",
+        "alice",
+        "",
+        &format!("mkdir -p ~/openpbs-e2e-rt && printf 'runtime_dir = \"%s\"\\n' ~/openpbs-e2e-rt > ~/openpbs-e2e.toml && {enter} --config ~/openpbs-e2e.toml --job {id} -- /bin/id; echo rc=$?; rm -rf ~/openpbs-e2e-rt ~/openpbs-e2e.toml"),
+    );
+    let (out, err) = (String::from_utf8_lossy(&own.stdout), String::from_utf8_lossy(&own.stderr));
+    assert_eq!(out, "rc=125\n", "{err}");
+    assert!(err.contains("is refused as root") || err.contains("not root"), "{err}");
+}
+
+#[test]
+fn the_launcher_ignores_a_hostile_environment() {
+    let job = running_job("hostile");
+    let (enter, config) = launcher();
+    let cluster = openpbs();
+    // A preload library that records the euid of every process that loads it.
+    let home = "/home/alice";
+    let lib = format!("{home}/openpbs-e2e-preload.so");
+    let log = format!("{home}/openpbs-e2e-preload.log");
+    let source = format!(
+        "#include <stdio.h>\n#include <unistd.h>\n__attribute__((constructor)) static void f(void) {{ FILE *l = fopen(\"{log}\", \"a\"); if (l) {{ fprintf(l, \"euid=%d\\n\", (int)geteuid()); fclose(l); }} }}\n"
+    );
+    stdout_ok(&cluster.on_node(
+        "node1",
+        &format!("printf '%s' {} > /tmp/openpbs-e2e-preload.c && cc -shared -fPIC -o {lib} /tmp/openpbs-e2e-preload.c && chown alice: {lib} && rm -f {log} /tmp/openpbs-e2e-preload.c", quote(&source)),
+    ));
+    // As the launch hook passes them (BERTH_PBS_ENV_*, see docs/design.md) and plain.
+    let hostile = format!(
+        "LD_PRELOAD={lib} BERTH_PBS_ENV_LD_PRELOAD={lib} LD_LIBRARY_PATH={home} GLIBC_TUNABLES=glibc.malloc.check=3 \
+         BERTH_PBS_ENV_GLIBC_TUNABLES=glibc.malloc.check=3 BERTH_CONFIG={home}/nope.toml BERTH_STORE={home} LOCALDOMAIN=x"
+    );
+    let out = as_user_on(&cluster, "node1", "alice", &hostile, &format!("{enter} --config {config} --job {} -- /bin/sh -c 'echo preload=$LD_PRELOAD; id -un'", job.id));
+    let logged = stdout_ok(&cluster.on_node("node1", &format!("cat {log} 2>/dev/null; rm -f {lib} {log}")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    // The job's own program gets its environment as data, and runs as alice.
+    assert_eq!(text, format!("preload={lib}\nalice\n"));
+    assert!(!logged.contains("euid=0"), "a root process loaded the user's library: {logged}");
+    drop(job);
+}
