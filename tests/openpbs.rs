@@ -161,6 +161,23 @@ fn two_node_job_runs_ranks_in_the_image_on_both_hosts() {
 }
 
 #[test]
+fn tm_tasks_land_in_the_jobs_containers_on_every_node() {
+    // pbsdsh is the node's, bound in with its config; each task it starts through
+    // pbs_mom's TM passes execjob_launch and the launcher on its own node.
+    let resource = format!("container={IMAGE};container-mounts=/opt/pbs:/opt/pbs:ro;container-mounts=/var/spool/pbs/pbs.conf:/var/spool/pbs/pbs.conf:ro");
+    let script = "#!/bin/bash\n/opt/pbs/bin/pbsdsh -- /bin/sh -c 'echo \"tm $(cat /proc/sys/kernel/hostname) $(test -d /opt/berth-test && echo in-image || echo on-host) $(id -un)\"'\n";
+    let job = Job::submit("tm", &format!("-l select=2:ncpus=1 -l place=scatter -l {}", quote(&resource)), script);
+    let (out, err) = job.finish();
+    let mut tasks: Vec<&str> = out.lines().filter(|l| l.starts_with("tm ")).collect();
+    tasks.sort();
+    let nodes = job.cluster.nodes();
+    let want: Vec<String> = nodes.iter().take(2).map(|n| format!("tm {n} in-image alice")).collect();
+    assert_eq!(tasks, want, "stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
 fn the_job_keeps_the_variables_a_setuid_launchers_libc_drops() {
     // TMPDIR (pbs_mom's, per job) and LD_LIBRARY_PATH (the user's) cross the setuid
     // berth-pbs-enter as BERTH_PBS_ENV_* and reach the job under their own names.
