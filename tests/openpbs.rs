@@ -358,5 +358,18 @@ fn the_launcher_ignores_a_hostile_environment() {
     // The job's own program gets its environment as data, and runs as alice.
     assert_eq!(text, format!("preload={lib}\nalice\n"));
     assert!(!logged.contains("euid=0"), "a root process loaded the user's library: {logged}");
+    // Posing as the job's shell (argv[0] `-...`, a path on a pipe), the script named is
+    // opened as alice, not as root.
+    let shadow = as_user_on(
+        &cluster,
+        "node1",
+        "alice",
+        "",
+        &format!("echo /etc/shadow | bash -c 'exec -a -berth-pbs-enter {enter} --config {config} --job {} -- /bin/bash'", job.id),
+    );
+    let err = String::from_utf8_lossy(&shadow.stderr);
+    assert_eq!(shadow.status.code(), Some(125), "{}", String::from_utf8_lossy(&shadow.stdout));
+    assert!(shadow.stdout.is_empty());
+    assert_eq!(err.trim_end(), "berth-pbs-enter: cannot open the job script /etc/shadow as you: Permission denied (os error 13)");
     drop(job);
 }

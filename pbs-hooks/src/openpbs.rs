@@ -118,7 +118,13 @@ pub fn run(config: &Config, caller: &Caller, args: &[String], start: std::time::
             let caller = caller.with(vars);
             let checked = request(need("resource")?);
             let made = match checked {
-                Ok(_) => hooks::prologue(config, &caller, &pelog, role, start).map(|_| ()).map_err(|e| e.to_string()),
+                Ok(_) => hooks::prologue(config, &caller, &pelog, role, start).map(|_| ()).map_err(|e| match e {
+                    // The budget is Torque's default $prologalarm share; here no such file is set.
+                    hooks::HookError::Timeout { action, .. } => format!(
+                        "{action}: not done in the time berth gives it within the begin hook's alarm (a first pull of a large image takes longest): ask the admin, or try again once the image is on the nodes"
+                    ),
+                    e => e.to_string(),
+                }),
                 Err(e) => Err(e.to_string()),
             };
             if let Err(why) = made {
