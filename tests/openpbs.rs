@@ -178,6 +178,23 @@ fn tm_tasks_land_in_the_jobs_containers_on_every_node() {
 }
 
 #[test]
+fn qsub_of_a_program_runs_it_in_the_image_with_its_arguments() {
+    // `qsub -- PROGRAM ARGS`: no shell, argv exactly as given, through the launch.
+    let cluster = openpbs();
+    let dir = format!("openpbs-e2e-{}-program", std::process::id());
+    let line = format!(
+        "rm -rf {dir} && mkdir {dir} && cd {dir} && env {ENV} {BIN}/qsub -l select=1:ncpus=1 -l container={IMAGE} -o $PWD/out -e $PWD/err \
+         -- /bin/sh -c 'test -d /opt/berth-test && echo \"in-image [$0] [$1]\"' 'a b' c"
+    );
+    let id = stdout_ok(&cluster.run(&line)).trim().to_string();
+    let job = Job { cluster, dir, id, user: "alice".into() };
+    let (out, err) = job.finish();
+    assert_eq!(out, "in-image [a b] [c]\n", "stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    job.assert_gone();
+}
+
+#[test]
 fn the_job_keeps_the_variables_a_setuid_launchers_libc_drops() {
     // TMPDIR (pbs_mom's, per job) and LD_LIBRARY_PATH (the user's) cross the setuid
     // berth-pbs-enter as BERTH_PBS_ENV_* and reach the job under their own names.
