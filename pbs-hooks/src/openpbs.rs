@@ -70,7 +70,7 @@ pub fn nodefile_text(exec_host: &str, select: &str) -> String {
             Err(_) => (1, std::iter::once(first).chain(parts).collect()),
         };
         let mpiprocs = rest.iter().find_map(|r| r.strip_prefix("mpiprocs=")).and_then(|v| v.parse().ok()).unwrap_or(1);
-        per_chunk.extend(std::iter::repeat(mpiprocs).take(count as usize));
+        per_chunk.extend(std::iter::repeat_n(mpiprocs, count as usize));
     }
     let mut text = String::new();
     for (i, chunk) in exec_host.split('+').enumerate() {
