@@ -584,34 +584,27 @@ fn qsub_l_container_on_the_command_line_is_refused_with_the_form_to_write() {
     assert!(line.contains(&format!("`#PBS -l container={IMAGE}`")) && line.contains(&format!("-l other=container={IMAGE}")), "{err}");
 }
 
-/// `qsub -D DIR` (and `-v PBS_O_ROOTDIR=DIR`) makes pbs_mom chroot into DIR before it
-/// execs the job starter, which runs as root: the user's DIR must never put a program
-/// of theirs at the starter's path as root. The prologue refuses such a job (with a
-/// container or without) with one line, and nothing of the user's runs as root.
+/// `qsub -D DIR` (or `PBS_O_ROOTDIR=DIR` among the job's variables) makes pbs_mom
+/// chroot into DIR before it execs the job starter, which runs as root: a program of
+/// the user's at the starter's path inside DIR would run as root. berth's submit
+/// filter refuses such a job at qsub with one line. (A job that reaches pbs_server
+/// past the filter is not stopped yet: docs/security.md, open issues.)
 #[test]
-fn qsub_root_dir_never_runs_the_users_program_as_the_root_job_starter() {
+fn qsub_with_a_job_root_dir_is_refused_at_submission_with_one_line() {
     let _moms = shared_moms();
-    // A static program at the job starter's path inside the user's root dir (which
-    // holds the home dir pbs_mom changes to after the chroot): it creates the root
-    // dir's `ran-as`, owned by whoever it ran as.
-    let fake_root = "mkdir -p root/var/spool/torque/mom_priv root/tmp root$HOME && chmod 777 root \
-        && printf '%s' '#include <stdio.h>\n#include <unistd.h>\nint main(void) { FILE *o = fopen(\"/ran-as\", \"a\"); if (o) { fprintf(o, \"%d\\n\", (int)geteuid()); fclose(o); } return 0; }\n' > fake.c \
-        && gcc -static -o root/var/spool/torque/mom_priv/job_starter fake.c";
     let script = "#!/bin/bash\necho ran\n";
-    let cases = [
-        ("rootdir-d", "nodes=1:ppn=1".to_string(), "-D $PWD/root"),
-        ("rootdir-v", "nodes=1:ppn=1".to_string(), "-v PBS_O_ROOTDIR=$PWD/root"),
-        ("rootdir-image", format!("nodes=1:ppn=1,other=container={IMAGE}"), "-D $PWD/root"),
-    ];
-    let jobs: Vec<Job> = cases.iter().map(|(test, resources, args)| Job::submit_as("alice", test, resources, fake_root, args, script)).collect();
-    for job in &jobs {
-        let (out, err) = job.finish();
-        let ran = stdout_ok(&job.cluster.run_as("alice", &format!("stat -c %u {}/root/ran-as 2>/dev/null; true", job.dir)));
-        assert!(ran.trim().is_empty(), "job {}: the user's program ran at the job starter's path as uid {}; stdout: {out} stderr: {err}", job.id, ran.trim());
-        assert!(!out.contains("ran"), "job {}: the script ran: {out}", job.id);
-        let lines: Vec<&str> = err.lines().collect();
-        assert_eq!(lines.len(), 1, "job {}: {err}", job.id);
-        assert!(lines[0].starts_with(&format!("berth-pbs prologue: job {} on ", job.id)) && lines[0].contains("root directory"), "job {}: {err}", job.id);
-        job.assert_gone();
+    for (test, args, script) in [
+        ("rootdir-d", "-D $PWD/root", script.to_string()),
+        ("rootdir-v", "-v PBS_O_ROOTDIR=$PWD/root", script.to_string()),
+        ("rootdir-pbs-d", "", script.replacen("\n", "\n#PBS -D /home/alice\n", 1)),
+    ] {
+        let (cluster, dir, out) = Job::qsub("alice", test, "nodes=1:ppn=1", "true", args, &script);
+        let _ = cluster.run_as("alice", &format!("rm -rf {dir}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{test}: qsub took the job: {}", String::from_utf8_lossy(&out.stdout));
+        // berth's one line, then qsub's own `submit filter returned an error code`.
+        let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("berth: ")).collect();
+        assert!(ours.len() == 1 && ours[0].contains("root directory is refused"), "{test}: {err}");
     }
 }
+

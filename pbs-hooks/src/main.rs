@@ -133,7 +133,8 @@ fn submit_filter(args: &[String]) -> ExitCode {
         return fail(format!("cannot read the job script qsub gives on stdin: {e}"));
     }
     let prefix = std::env::var("PBS_DPREFIX").ok();
-    match submit_filter::filter(&script, args, prefix.as_deref()) {
+    let root_dir_env = std::env::var_os("PBS_O_ROOTDIR").is_some();
+    match submit_filter::filter(&script, args, prefix.as_deref(), root_dir_env) {
         Ok(out) => match std::io::stdout().write_all(out.as_bytes()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("cannot hand the job script back to qsub: {e}")),
