@@ -4,7 +4,10 @@
 //! epilogue.parallel (all `berth-pbs`). Each test checks that nothing of its job is
 //! left on any node afterwards.
 
-use berth_e2e::{cluster, stdout_ok, Cluster};
+#[path = "oci_image.rs"]
+mod oci_image;
+
+use berth_e2e::{cluster, repo_root, stdout_ok, Cluster};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -608,3 +611,38 @@ fn qsub_with_a_job_root_dir_is_refused_at_submission_with_one_line() {
     }
 }
 
+/// Every file of a pulled image is root's in root-only dirs of the store, so "a
+/// root-owned file nobody else writes" is no test of an admin's config: an image of
+/// the user's holding a `berth.toml`, named with `qsub -v BERTH_CONFIG=` once the
+/// prologue has pulled it, must not become the root job starter's config.
+#[test]
+fn a_berth_config_inside_a_pulled_image_never_configures_the_root_job_starter() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let test = "image-config";
+    let dir = format!("/home/alice/pbs-e2e-{}-{test}", std::process::id());
+    let toml = format!("berth_binary = \"{dir}/evil.sh\"\n");
+    let layer = oci_image::tar(&[oci_image::Entry::File("berth.toml", toml.as_bytes(), 0o644)]);
+    let diff_id = berth_engine::registry::sha256_digest(&layer);
+    let image = oci_image::image(&[oci_image::busybox_layer(test), layer], &["/bin/sh"]);
+    let layout = std::env::temp_dir().join(format!("berth-pbs-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&layout);
+    image.write_layout(&layout, "1");
+    let repo = format!("pbs-{test}-{}", std::process::id());
+    stdout_ok(&std::process::Command::new(repo_root().join("slurm-test-env/push")).arg(format!("{}:1", layout.display())).arg(format!("{repo}:1")).output().unwrap());
+    let _ = std::fs::remove_dir_all(&layout);
+    let store = "/var/lib/berth";
+    let config = format!("{store}/layers/sha256/{}/berth.toml", diff_id.trim_start_matches("sha256:"));
+    let job = Job::submit_as(
+        "alice",
+        test,
+        &format!("nodes=1:ppn=1,other=container={}/{repo}:1", cluster.registry()),
+        HOSTILE_ENV,
+        &format!("-v BERTH_CONFIG={config}"),
+        "#!/bin/sh\necho ran\n",
+    );
+    let (out, err) = job.finish();
+    let (_, evil) = job.hostile_records();
+    assert!(evil.is_empty(), "job {}: the berth_binary of the image's berth.toml ran, as uid {evil}; stdout: {out} stderr: {err}", job.id);
+    job.assert_gone();
+}
