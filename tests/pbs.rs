@@ -5,6 +5,7 @@
 //! left on any node afterwards.
 
 #[path = "oci_image.rs"]
+#[allow(dead_code)]
 mod oci_image;
 
 use berth_e2e::{cluster, repo_root, stdout_ok, Cluster};
