@@ -936,3 +936,43 @@ fn on_a_node_wiring_adds_to_the_images_own_files_only() {
     }
     assert!(failed.is_empty(), "{failed:#?}");
 }
+
+/// Another user holding a job's wiring port (here the site's one-port `wiring_ports`,
+/// as a user could hold a whole range) fails that job's wiring alone, with one line
+/// naming the port; the holder's process is not berth's to touch, and nothing of the
+/// job stays on the node.
+#[test]
+fn on_a_node_a_wiring_port_another_user_holds_fails_that_job_alone_with_one_line() {
+    let c = cluster();
+    let lab = Lab::new("squat");
+    let node = c.nodes()[0].clone();
+    let (alice, bob) = (c.users()[0].clone(), c.users()[1].clone());
+    let port = 30000 + std::process::id() % 5000;
+    lab.write_config(&format!("wiring_ports = \"{port}-{port}\"\n"));
+    let b = format!("env BERTH_CONFIG={} {}", lab.dir.join("berth.toml").display(), berth_binary().display());
+    let job = lab.job.clone();
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = cluster().on_node(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(node.clone(), format!("{b} container destroy --job {job}; pkill -u {bob} -f 'squat-{port}'"));
+    let holder = on(
+        &node,
+        &format!(
+            "runuser -u {bob} -- python3 -c 'import socket, time; s = socket.socket(); s.bind((\"0.0.0.0\", {port})); s.listen(); time.sleep(120)' squat-{port} >/dev/null 2>&1 & echo $!"
+        ),
+    );
+    let holder = holder.trim().to_string();
+    on(&node, &format!("for i in $(seq 100); do ss -ltn | grep -q ':{port} ' && exit 0; sleep 0.1; done; echo never listened; exit 1"));
+    let image = lab.push("squat", &[busybox_layer()], serde_json::json!({}));
+    on(&node, &format!("{b} container create --job {job} --user {alice} --image {image} --no-home >/dev/null"));
+    let out = c.on_node(&node, &format!("timeout 30 {b} container wire --job {job} --nodes {node}"));
+    let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    assert!(!out.status.success(), "wired on a port {bob} holds");
+    assert!(err.lines().count() == 1 && err.contains(&format!("port {port}")) && err.contains("taken"), "not one line naming the port: {err:?}");
+    on(&node, &format!("{b} container destroy --job {job} >/dev/null"));
+    let left = on(&node, &format!("kill -0 {holder} || echo {bob}\\'s process is gone; test -e {}/{job} && echo job dir left; grep -q '{job}' /proc/self/mountinfo && echo mount left; true", lab.dir.join("rt").display()));
+    assert!(left.trim().is_empty(), "{}", left.trim());
+}

@@ -4,7 +4,11 @@
 //! epilogue.parallel (all `berth-pbs`). Each test checks that nothing of its job is
 //! left on any node afterwards.
 
-use berth_e2e::{cluster, stdout_ok, Cluster};
+#[path = "oci_image.rs"]
+#[allow(dead_code)]
+mod oci_image;
+
+use berth_e2e::{cluster, repo_root, stdout_ok, Cluster};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -582,4 +586,64 @@ fn qsub_l_container_on_the_command_line_is_refused_with_the_form_to_write() {
     assert!(!out.status.success(), "qsub accepted it: {}", String::from_utf8_lossy(&out.stdout));
     let line = err.lines().find(|l| l.starts_with("berth: ")).unwrap_or_default();
     assert!(line.contains(&format!("`#PBS -l container={IMAGE}`")) && line.contains(&format!("-l other=container={IMAGE}")), "{err}");
+}
+
+/// `qsub -D DIR` (or `PBS_O_ROOTDIR=DIR` among the job's variables) makes pbs_mom
+/// chroot into DIR before it execs the job starter, which runs as root: a program of
+/// the user's at the starter's path inside DIR would run as root. berth's submit
+/// filter refuses such a job at qsub with one line. (A job that reaches pbs_server
+/// past the filter is not stopped yet: docs/security.md, open issues.)
+#[test]
+fn qsub_with_a_job_root_dir_is_refused_at_submission_with_one_line() {
+    let _moms = shared_moms();
+    let script = "#!/bin/bash\necho ran\n";
+    for (test, args, script) in [
+        ("rootdir-d", "-D $PWD/root", script.to_string()),
+        ("rootdir-v", "-v PBS_O_ROOTDIR=$PWD/root", script.to_string()),
+        ("rootdir-pbs-d", "", script.replacen("\n", "\n#PBS -D /home/alice\n", 1)),
+    ] {
+        let (cluster, dir, out) = Job::qsub("alice", test, "nodes=1:ppn=1", "true", args, &script);
+        let _ = cluster.run_as("alice", &format!("rm -rf {dir}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{test}: qsub took the job: {}", String::from_utf8_lossy(&out.stdout));
+        // berth's one line, then qsub's own `submit filter returned an error code`.
+        let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("berth: ")).collect();
+        assert!(ours.len() == 1 && ours[0].contains("root directory is refused"), "{test}: {err}");
+    }
+}
+
+/// Every file of a pulled image is root's in root-only dirs of the store, so "a
+/// root-owned file nobody else writes" is no test of an admin's config: an image of
+/// the user's holding a `berth.toml`, named with `qsub -v BERTH_CONFIG=` once the
+/// prologue has pulled it, must not become the root job starter's config.
+#[test]
+fn a_berth_config_inside_a_pulled_image_never_configures_the_root_job_starter() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let test = "image-config";
+    let dir = format!("/home/alice/pbs-e2e-{}-{test}", std::process::id());
+    let toml = format!("berth_binary = \"{dir}/evil.sh\"\n");
+    let layer = oci_image::tar(&[oci_image::Entry::File("berth.toml", toml.as_bytes(), 0o644)]);
+    let diff_id = berth_engine::registry::sha256_digest(&layer);
+    let image = oci_image::image(&[oci_image::busybox_layer(test), layer], &["/bin/sh"]);
+    let layout = std::env::temp_dir().join(format!("berth-pbs-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&layout);
+    image.write_layout(&layout, "1");
+    let repo = format!("pbs-{test}-{}", std::process::id());
+    stdout_ok(&std::process::Command::new(repo_root().join("slurm-test-env/push")).arg(format!("{}:1", layout.display())).arg(format!("{repo}:1")).output().unwrap());
+    let _ = std::fs::remove_dir_all(&layout);
+    let store = "/var/lib/berth";
+    let config = format!("{store}/layers/sha256/{}/berth.toml", diff_id.trim_start_matches("sha256:"));
+    let job = Job::submit_as(
+        "alice",
+        test,
+        &format!("nodes=1:ppn=1,other=container={}/{repo}:1", cluster.registry()),
+        HOSTILE_ENV,
+        &format!("-v BERTH_CONFIG={config}"),
+        "#!/bin/sh\necho ran\n",
+    );
+    let (out, err) = job.finish();
+    let (_, evil) = job.hostile_records();
+    assert!(evil.is_empty(), "job {}: the berth_binary of the image's berth.toml ran, as uid {evil}; stdout: {out} stderr: {err}", job.id);
+    job.assert_gone();
 }

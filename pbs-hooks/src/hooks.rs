@@ -277,7 +277,7 @@ fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<Stri
         return Ok(String::new());
     }
     let text: String = names.iter().map(|n| format!("{n}\n")).collect();
-    std::fs::write(&path, text).map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
+    write_record(&path, text.as_bytes()).map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
     Ok(String::new())
 }
 
@@ -289,7 +289,7 @@ pub fn remap_root_file(config: &Config, job: &str) -> Option<std::path::PathBuf>
 
 fn record_remap_root(config: &Config, job: &str, remap_root: bool) -> Result<String, HookError> {
     let Some(path) = remap_root_file(config, job).filter(|_| remap_root) else { return Ok(String::new()) };
-    std::fs::write(&path, b"").map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
+    write_record(&path, b"").map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
     Ok(String::new())
 }
 
@@ -301,12 +301,20 @@ pub fn failure_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
 
 /// Records a prologue's failure line for the job starter (root-only dir, as create's).
 pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     let path = failure_file(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        berth_engine::fsmode::ensure_dir(&config.runtime_dir, 0o755)?;
+        berth_engine::fsmode::create_dir(dir, 0o700)?;
     }
-    std::fs::write(path, format!("{line}\n"))
+    write_record(&path, format!("{line}\n").as_bytes())
+}
+
+/// A hook's note in the job's root-only runtime dir: root's, 0600, whole or absent,
+/// never written through a link, whatever umask pbs_mom gave.
+fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    berth_engine::fsmode::replace(&tmp, path, bytes, 0o600)
 }
 
 /// epilogue / epilogue.parallel: nothing of the job left on this node.

@@ -14,7 +14,7 @@ mod request;
 mod starter;
 mod submit_filter;
 
-use berth_engine::config::{Config, ConfigError, CONFIG_VAR};
+use berth_engine::config::{Config, CONFIG_VAR};
 use berth_engine::privileged::{self, Limits};
 use hooks::Role;
 use request::Pelog;
@@ -64,14 +64,15 @@ fn main() -> ExitCode {
     // (src/resmom/start_exec.c, determine_umask), 077 for many users; what berth
     // stages for the job user (its OpenSSH, the hostfile) must stay readable to them.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let loaded = match (Config::load_from(caller.var(CONFIG_VAR)), hook.as_str()) {
-        // The job's environment is no place for root's config: the starter ignores one
-        // that is not root's alone (the job keeps it) and reads the default.
-        (Err(ConfigError::UntrustedVar { .. }), "job_starter") => {
-            caller.config_var = None;
-            Config::load_from(None)
-        }
-        (loaded, _) => loaded,
+    // The job starter's environment is the job's: no `BERTH_CONFIG` in it is root's to
+    // read, not even a root-owned file (every file of a pulled image is one), so the
+    // starter reads the default config and passes none on; the job keeps its variable.
+    // The prologues and epilogues get pbs_mom's environment, the admin's.
+    let loaded = if hook == "job_starter" {
+        caller.config_var = None;
+        Config::load_from(None)
+    } else {
+        Config::load_from(caller.var(CONFIG_VAR))
     };
     let config = match loaded {
         Ok(config) => config,
@@ -161,7 +162,8 @@ fn submit_filter(args: &[String]) -> ExitCode {
         return fail(format!("cannot read the job script qsub gives on stdin: {e}"));
     }
     let prefix = std::env::var("PBS_DPREFIX").ok();
-    match submit_filter::filter(&script, args, prefix.as_deref()) {
+    let root_dir_env = std::env::var_os("PBS_O_ROOTDIR").is_some();
+    match submit_filter::filter(&script, args, prefix.as_deref(), root_dir_env) {
         Ok(out) => match std::io::stdout().write_all(out.as_bytes()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("cannot hand the job script back to qsub: {e}")),

@@ -24,11 +24,59 @@ pub enum FilterError {
     CommandLineOther { other: String },
     #[error("line {line} of the job script: {why}")]
     Directive { line: usize, why: String },
+    #[error("{how}: a job root directory is refused on this cluster (pbs_mom would run berth's job starter, as root, inside it); submit without it")]
+    RootDir { how: String },
+}
+
+/// qsub's options (`GETOPT_ARGS`, src/cmds/qsub_functions.c): a letter followed by
+/// `:` takes a value.
+const QSUB_OPTIONS: &str = "a:A:b:c:C:d:D:e:EfF:hi:Ij:J:k:K:l:L:m:M:nN:o:p:P:q:r:S:t:T:u:v:Vw:W:Xxz-:";
+
+/// The options among `words` as getopt reads them: (letter, value).
+fn options(words: &[String]) -> Vec<(char, Option<String>)> {
+    let mut out = Vec::new();
+    let mut words = words.iter();
+    while let Some(word) = words.next() {
+        let Some(flags) = word.strip_prefix('-').filter(|f| !f.is_empty()) else { continue };
+        let mut chars = flags.char_indices();
+        while let Some((at, letter)) = chars.next() {
+            let takes_value = QSUB_OPTIONS.find(letter).is_some_and(|i| QSUB_OPTIONS[i + letter.len_utf8()..].starts_with(':'));
+            if !takes_value {
+                out.push((letter, None));
+                continue;
+            }
+            let rest = &flags[at + letter.len_utf8()..];
+            let value = if rest.is_empty() { words.next().cloned() } else { Some(rest.to_string()) };
+            out.push((letter, value));
+            break;
+        }
+    }
+    out
+}
+
+/// A job root directory (`-D DIR`, `PBS_O_ROOTDIR` passed with `-v`, or with `-V` from
+/// the submitter's environment) in qsub's arguments or a directive. pbs_mom chroots
+/// into it before it execs the job starter, which berth needs run as root, so the
+/// program at the starter's path would be the user's. The filter runs as the user and
+/// can be bypassed (libtorque's `pbs_submit`): it keeps honest jobs from a silent
+/// failure, not attackers out (docs/security.md, open issues).
+fn refuse_root_dir(words: &[String], where_: &str, root_dir_env: bool) -> Result<(), FilterError> {
+    for (letter, value) in options(words) {
+        let how = match (letter, value.as_deref()) {
+            ('D', _) => format!("{where_}: -D"),
+            ('v', Some(list)) if list.contains("PBS_O_ROOTDIR") => format!("{where_}: -v PBS_O_ROOTDIR"),
+            ('V', _) if root_dir_env => format!("{where_}: -V with PBS_O_ROOTDIR set"),
+            _ => continue,
+        };
+        return Err(FilterError::RootDir { how });
+    }
+    Ok(())
 }
 
 /// The script qsub should submit, for a script and qsub's arguments.
-pub fn filter(script: &str, args: &[String], prefix_env: Option<&str>) -> Result<String, FilterError> {
+pub fn filter(script: &str, args: &[String], prefix_env: Option<&str>, root_dir_env: bool) -> Result<String, FilterError> {
     check_command_line(args)?;
+    refuse_root_dir(args, "qsub", root_dir_env)?;
     let prefix = directive_prefix(args, prefix_env);
     let mut out = String::with_capacity(script.len() + 64);
     let mut items: Vec<String> = Vec::new();
@@ -53,6 +101,7 @@ pub fn filter(script: &str, args: &[String], prefix_env: Option<&str>) -> Result
             raw.push_str(next);
         }
         let words = split_words(whole.trim_end_matches(['\n', '\r'])).map_err(|why| FilterError::Directive { line: index + 1, why })?;
+        refuse_root_dir(&words, &format!("line {} of the job script", index + 1), root_dir_env)?;
         match rewrite_directive(&words, &mut items) {
             Some(kept) => {
                 other_at.get_or_insert(out.len());
@@ -246,7 +295,7 @@ mod tests {
     use super::*;
 
     fn run(script: &str) -> Result<String, FilterError> {
-        filter(script, &[], None)
+        filter(script, &[], None, false)
     }
 
     #[test]
@@ -286,18 +335,34 @@ mod tests {
     #[test]
     fn the_command_line_cannot_be_rewritten_so_its_berth_items_fail_with_the_form_to_use() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let err = filter("run\n", &args(&["-l", "nodes=2,container=mpi:latest", "job.sh"]), None).unwrap_err().to_string();
+        let err = filter("run\n", &args(&["-l", "nodes=2,container=mpi:latest", "job.sh"]), None, false).unwrap_err().to_string();
         assert!(err.contains("`#PBS -l container=mpi:latest`") && err.contains("-l other=container=mpi:latest"), "{err}");
-        assert!(filter("run\n", &args(&["-lnodes=2", "-l", "other=container=x"]), None).is_ok(), "the other= form is fine");
+        assert!(filter("run\n", &args(&["-lnodes=2", "-l", "other=container=x"]), None, false).is_ok(), "the other= form is fine");
         let script = "#PBS -l container=x\nrun\n";
-        let err = filter(script, &args(&["-l", "other=site"]), None).unwrap_err();
+        let err = filter(script, &args(&["-l", "other=site"]), None, false).unwrap_err();
         assert_eq!(err, FilterError::CommandLineOther { other: "site".into() });
     }
 
     #[test]
     fn the_directive_prefix_follows_qsub() {
         let args = vec!["-C".to_string(), "\\#MY".to_string()];
-        assert_eq!(filter("#MY -l container=x\nrun\n", &args, None).unwrap(), "#MY -l other=container=x\nrun\n");
-        assert_eq!(filter("#PBS -l container=x\n", &[], Some("")).unwrap(), "#PBS -l container=x\n");
+        assert_eq!(filter("#MY -l container=x\nrun\n", &args, None, false).unwrap(), "#MY -l other=container=x\nrun\n");
+        assert_eq!(filter("#PBS -l container=x\n", &[], Some(""), false).unwrap(), "#PBS -l container=x\n");
+    }
+
+    #[test]
+    fn a_job_root_directory_is_refused_wherever_it_is_written() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let refused = |script: &str, argv: &[&str], env: bool| matches!(filter(script, &args(argv), None, env), Err(FilterError::RootDir { .. }));
+        assert!(refused("run\n", &["-D", "/home/a/root", "job.sh"], false));
+        assert!(refused("run\n", &["-D/home/a/root"], false));
+        assert!(refused("run\n", &["-hD", "/x"], false), "a value-less flag and -D in one word");
+        assert!(refused("run\n", &["-v", "A=1,PBS_O_ROOTDIR=/x"], false));
+        assert!(refused("run\n", &["-V"], true));
+        assert!(refused("#PBS -D /x\nrun\n", &[], false));
+        assert!(refused("#PBS -l nodes=1 -v PBS_O_ROOTDIR=/x\nrun\n", &[], false));
+        assert!(!refused("run\n", &["-N", "-D", "-V", "job.sh"], false), "-N's value, and -V without the variable");
+        assert!(!refused("run\n# -D /x\n#PBS -D /x\n", &[], false), "after the first command, no directive");
+        assert!(!refused("#PBS -N myDjob\nrun\n", &[], true));
     }
 }

@@ -181,7 +181,7 @@ impl Config {
         let Some(value) = value else { return Ok(None) };
         let path = PathBuf::from(value);
         if crate::privileged::is_root() {
-            crate::privileged::check_root_owned_dir(&path).map_err(|why| ConfigError::UntrustedVar { var: STORE_VAR, path: path.clone(), why })?;
+            return crate::privileged::check_root_owned_dir(&path).map(Some).map_err(|why| ConfigError::UntrustedVar { var: STORE_VAR, path: path.clone(), why });
         }
         Ok(Some(path))
     }

@@ -71,7 +71,9 @@ pub fn open_root_owned(path: &Path) -> Result<std::fs::File, Refused> {
 
 /// Checks that `path` is a root-owned directory nobody else can write, or does not
 /// exist yet below one that nobody else can write (so nobody else can make it first).
-pub fn check_root_owned_dir(path: &Path) -> Result<(), Refused> {
+/// Returns the path as checked, with no symlink in it: the caller uses that, not
+/// `path`, whose links a user may repoint after the check.
+pub fn check_root_owned_dir(path: &Path) -> Result<PathBuf, Refused> {
     if !path.is_absolute() {
         return Err(Refused::Relative { path: path.to_path_buf() });
     }
@@ -86,7 +88,8 @@ pub fn check_root_owned_dir(path: &Path) -> Result<(), Refused> {
     }
     let (dir, _) = walk_dirs(&real, real.components().count())?;
     // Others could make entries in a sticky dir before root does.
-    owned_by_root_alone(&fstat(&dir, &real)?, &real, false)
+    owned_by_root_alone(&fstat(&dir, &real)?, &real, false)?;
+    Ok(real.join(tail))
 }
 
 /// Opens the first `count` components of absolute, symlink-free `real` one by one
@@ -257,6 +260,12 @@ mod tests {
         assert!(check_root_owned_dir(&dir).is_ok());
         // Missing below a dir nobody else writes: fine; below a sticky /tmp: someone could make it first.
         assert!(check_root_owned_dir(&dir.join("store/sub")).is_ok());
+        // Through a link: the answer is the linked-to path, which the caller uses, so
+        // repointing the link after the check changes nothing.
+        std::fs::create_dir(dir.join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.join("real"), dir.join("link")).unwrap();
+        let real = std::fs::canonicalize(dir.join("real")).unwrap();
+        assert_eq!(check_root_owned_dir(&dir.join("link/store")).unwrap(), real.join("store"));
         assert!(matches!(check_root_owned_dir(&std::env::temp_dir().join("berth-no-such-store")), Err(Refused::Writable { .. })));
         std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
         assert!(matches!(check_root_owned_dir(&dir), Err(Refused::NotRoot { .. })));

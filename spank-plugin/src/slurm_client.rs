@@ -14,7 +14,7 @@
 //! `<runtime_dir>/.slurm-client/`.
 
 use crate::args::Mount;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Where the host's root is bound inside a container.
@@ -108,10 +108,11 @@ impl HostClient {
     }
 
     /// Writes the wrappers into `dir` (atomically, root-owned, world-readable) unless
-    /// they are already there with the same content.
+    /// they are already there with the same content. Modes are set, not left to
+    /// slurmd's umask; the temporary file is made new (never followed), and an old one
+    /// of a killed run is replaced.
     pub fn install(&self, dir: &Path) -> io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+        berth_engine::fsmode::ensure_dir(dir, 0o755)?;
         for (name, binary) in &self.commands {
             let text = self.wrapper(binary);
             let path = dir.join(name);
@@ -119,9 +120,8 @@ impl HostClient {
                 continue;
             }
             let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-            let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o755).open(&tmp)?;
-            file.write_all(text.as_bytes())?;
-            std::fs::rename(&tmp, &path)?;
+            let _ = std::fs::remove_file(&tmp);
+            berth_engine::fsmode::replace(&tmp, &path, text.as_bytes(), 0o755)?;
         }
         Ok(())
     }

@@ -156,6 +156,33 @@ pub fn cloexec_from(first: u32) -> nix::Result<()> {
     Ok(())
 }
 
+/// Closes every descriptor from 3 up but `keep`: a forked child about to become a
+/// user must not hold root's open files (the store's locks above all), which the user
+/// could then pin by stopping it.
+pub fn close_from_3_except(keep: i32) -> nix::Result<()> {
+    let keep = u32::try_from(keep).map_err(|_| Errno::EBADF)?;
+    let ranges = [(3, keep.checked_sub(1)), (keep + 1, Some(u32::MAX))];
+    for (first, last) in ranges {
+        let Some(last) = last.filter(|last| *last >= first) else { continue };
+        // SAFETY: close_range only closes descriptors. The caller is a freshly forked
+        // single-threaded child that uses no descriptor in the range again before it
+        // exits (its Rust owners are never dropped: the child leaves with `exit_now`).
+        let rc = unsafe { libc::close_range(first, last, 0) };
+        if rc != 0 {
+            // Kernels before 5.9: close the open ones one by one.
+            let fds: Vec<u32> = std::fs::read_dir("/proc/self/fd")
+                .map_err(|_| Errno::last())?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|fd| (first..=last).contains(fd))
+                .collect();
+            for fd in fds {
+                let _ = nix::unistd::close(fd as i32);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Sends one status word and, when given, one descriptor over a Unix socket.
 pub fn send_fd(sock: BorrowedFd<'_>, status: i32, fd: Option<BorrowedFd<'_>>) -> nix::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};

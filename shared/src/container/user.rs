@@ -10,7 +10,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +138,9 @@ impl Credentials {
         let pid = match sys::fork().map_err(|e| check(&paths[0], e))? {
             Forked::Child => {
                 drop(parent);
+                if sys::close_from_3_except(child.as_raw_fd()).is_err() {
+                    sys::exit_now(1)
+                }
                 let code = match self.set_ids() {
                     Err((_, errno)) => {
                         let _ = sys::send_fd(child.as_fd(), -(errno as i32), None);
@@ -162,6 +165,8 @@ impl Credentials {
             Forked::Parent(pid) => pid,
         };
         drop(child);
+        // A child that became the user is the user's to stop: never wait on it for long.
+        let _ = nix::sys::socket::setsockopt(&parent, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(USER_CHILD_TIMEOUT.as_secs() as i64, 0));
         let mut fds = Vec::with_capacity(paths.len());
         let mut result = Ok(());
         for path in paths {
@@ -182,7 +187,7 @@ impl Credentials {
             }
         }
         drop(parent);
-        let _ = nix::sys::wait::waitpid(pid, None);
+        reap(pid, result.is_err());
         result.map(|()| fds)
     }
 }
@@ -199,6 +204,9 @@ impl Credentials {
         let pid = match sys::fork().map_err(|e| failed("fork", e))? {
             Forked::Child => {
                 drop(parent);
+                if sys::close_from_3_except(child.as_raw_fd()).is_err() {
+                    sys::exit_now(1)
+                }
                 let answer: Result<T, String> = self.become_user().map(|()| f()).map_err(|e| e.to_string());
                 let code = match serde_json::to_vec(&answer).map(|bytes| child.write_all(&bytes)) {
                     Ok(Ok(())) => 0,
@@ -211,8 +219,8 @@ impl Credentials {
         };
         drop(child);
         let mut bytes = Vec::new();
-        let read = parent.read_to_end(&mut bytes);
-        let _ = nix::sys::wait::waitpid(pid, None);
+        let read = parent.set_read_timeout(Some(USER_CHILD_TIMEOUT)).and_then(|()| parent.read_to_end(&mut bytes));
+        reap(pid, read.is_err());
         read.map_err(|e| failed("reading the child's answer", io_errno(&e)))?;
         match serde_json::from_slice::<Result<T, String>>(&bytes) {
             Ok(Ok(value)) => Ok(value),
@@ -220,6 +228,19 @@ impl Credentials {
             Err(_) => Err(UserError::AsUser { uid: self.uid, why: "the child running as the user died without an answer".into() }),
         }
     }
+}
+
+/// How long root waits for a child that became the user (it runs the user's credential
+/// helpers, themselves killed after 30 s, and opens the user's paths, which a FUSE
+/// mount of theirs can hold).
+const USER_CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for a child that became the user, killed first when it did not answer in time.
+fn reap(pid: nix::unistd::Pid, kill: bool) {
+    if kill {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = nix::sys::wait::waitpid(pid, None);
 }
 
 fn io_errno(e: &std::io::Error) -> Errno {
@@ -241,6 +262,26 @@ mod tests {
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_child_that_becomes_the_user_holds_none_of_roots_files() {
+        if !is_root() {
+            eprintln!("skipped: needs root to switch users");
+            return;
+        }
+        let path = std::env::temp_dir().join(format!("berth-user-held-{}", std::process::id()));
+        let held = std::fs::File::create(&path).unwrap();
+        let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
+        let open: Vec<String> = nobody
+            .run_as_user(|| {
+                let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).collect::<Vec<_>>());
+                fds.unwrap_or_default().iter().map(|p| p.display().to_string()).collect()
+            })
+            .unwrap();
+        drop(held);
+        std::fs::remove_file(&path).unwrap();
+        assert!(!open.iter().any(|p| p == &path.display().to_string()), "the child held root's file: {open:?}");
     }
 
     #[test]

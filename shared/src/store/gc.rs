@@ -1,6 +1,8 @@
 //! Garbage collection: with the store locked exclusively (no pull, reader or container
 //! create running), removes layer dirs and blobs no reference uses, everything in
-//! `tmp/` (leftovers of interrupted pulls) and the per-layer lock files. Owns deletion;
+//! `tmp/` (leftovers of interrupted pulls), the per-layer lock files and the `access/`
+//! entries of what is gone (each removed before its content: a crash leaves content
+//! without an entry, which only costs a download). Owns deletion;
 //! never removes anything a ref record names, nor a layer a live container on this
 //! node uses (its `state.json` in the runtime dir names it, even after `berth rm`).
 
@@ -63,6 +65,7 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
                 continue;
             }
             let path = root.join(dir).join(&name);
+            remove_access(store, &rel)?;
             // Renamed into tmp first, so a layer dir disappears all at once.
             let doomed = super::unique_tmp(root, "gc");
             std::fs::rename(&path, &doomed).map_err(|e| store.io(&path, e))?;
@@ -73,8 +76,16 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
     for name in list(store, &root.join("blobs/sha256"))? {
         if !keep_blobs.contains(&name) {
             let path = root.join("blobs/sha256").join(&name);
+            remove_access(store, &format!("blobs/sha256/{name}"))?;
             std::fs::remove_file(&path).map_err(|e| store.io(&path, e))?;
             report.blobs += 1;
+        }
+    }
+    // Entries whose content is gone (or that name nothing berth stores).
+    for name in list(store, &root.join("access"))? {
+        if !super::content_of_access(&name).is_some_and(|rel| root.join(rel).symlink_metadata().is_ok()) {
+            let path = root.join("access").join(&name);
+            std::fs::remove_file(&path).map_err(|e| store.io(&path, e))?;
         }
     }
     for name in list(store, &root.join("tmp"))? {
@@ -90,6 +101,14 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
         std::fs::remove_file(&path).map_err(|e| store.io(&path, e))?;
     }
     Ok(report)
+}
+
+fn remove_access(store: &Store, rel: &str) -> Result<(), StoreError> {
+    let path = store.access_path(rel);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(store.io(&path, e)),
+        _ => Ok(()),
+    }
 }
 
 pub(super) fn list(store: &Store, dir: &Path) -> Result<Vec<String>, StoreError> {

@@ -8,6 +8,8 @@
 //! <store>/layers/sha256/<hex>/     an unpacked layer, by diff_id (uncompressed digest)
 //! <store>/layers/chain/<hex>/      a layer with hard links into lower layers, by chain id
 //! <store>/refs/<hex>.json          ref index: one record per normalized reference
+//!                                  (a private image's record is root's alone, 0600)
+//! <store>/access/<kind>-<hex>      who may reuse a layer dir or config blob (`Access`)
 //! <store>/locks/<hex>.lock         one lock per layer being fetched
 //! <store>/tmp/                     work in progress; gc empties it
 //! ```
@@ -26,6 +28,15 @@
 //! of that config's diff_ids; a record failing any of this is treated as absent, so the
 //! image is pulled again. An image that needed a login is reused without the registry
 //! only by the users who showed it theirs (see [`Access`]).
+//!
+//! A digest is not a capability: any image's config can name any diff_id, and any
+//! manifest any config digest. So a layer dir or config blob that came with a login is
+//! reused by another image's pull only for the users who proved they have its bytes
+//! (`access/`): a user not yet entitled downloads the blob from their own registry,
+//! and only when its bytes hash to the manifest's digest and, uncompressed, to the
+//! config's diff_id is the uid added. Content published without a login is public.
+//! Content is published before its access entry, so a crash leaves at worst content
+//! without one, which counts as not public: the next user proves possession again.
 
 mod gc;
 pub mod lock;
@@ -174,17 +185,39 @@ struct Record {
     access: Access,
 }
 
-/// Who may reuse a stored image without asking its registry.
+/// Who may reuse a stored image without asking its registry (a record's `access`), or
+/// a layer dir or config blob without downloading it again (its `access/` entry).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Access {
-    /// Pulled before berth recorded this: every job user asks the registry once.
+    /// Pulled before berth recorded this (or, for content, a crash before its entry was
+    /// written): every job user asks the registry once, or proves possession.
     #[default]
     Unknown,
     /// The registry serves it without a login.
     Public,
-    /// It needed a login: these uids showed the registry theirs (the puller first).
+    /// It needed a login: these uids showed the registry theirs (the puller first); for
+    /// content, these uids downloaded its bytes and they matched its digests.
     Users(Vec<u32>),
+}
+
+impl Access {
+    /// What one user's verified download adds to what is known: public stays public.
+    fn with(self, added: &Access) -> Access {
+        match (self, added) {
+            (Access::Public, _) | (_, Access::Public) => Access::Public,
+            (Access::Users(mut uids), Access::Users(more)) => {
+                for uid in more {
+                    if !uids.contains(uid) {
+                        uids.push(*uid);
+                    }
+                }
+                Access::Users(uids)
+            }
+            (Access::Users(uids), Access::Unknown) => Access::Users(uids),
+            (Access::Unknown, added) => added.clone(),
+        }
+    }
 }
 
 /// The store lock, held shared: while it lives, `gc` waits.
@@ -227,8 +260,9 @@ pub fn default_store_dir(config: &Config) -> PathBuf {
 /// layer every container of that image shares; blobs may come from private
 /// repositories; a lock others could open they could hold. Overlay reads lower layers
 /// with the mounter's (root's) credentials, so containers do not need more. The ref
-/// index stays readable (`berth images` for everyone).
-const SUBDIRS: [(&str, u32); 8] = [
+/// index stays readable (`berth images` for everyone), but only public images' records
+/// are (`PRIVATE_FILE_MODE`): a private one names its layers' diff_ids and its Env.
+const SUBDIRS: [(&str, u32); 9] = [
     ("blobs", 0o700),
     ("blobs/sha256", 0o700),
     ("layers", 0o700),
@@ -237,10 +271,14 @@ const SUBDIRS: [(&str, u32); 8] = [
     ("refs", 0o755),
     ("locks", 0o700),
     ("tmp", 0o700),
+    ("access", 0o700),
 ];
 
 /// Files of the index and blobs: readable (within their dirs' modes), the owner's to write.
 const FILE_MODE: u32 = 0o644;
+
+/// Records of images that are not public, and `access/` entries: the owner's alone.
+const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Reads a file of the store only if the caller may believe it ([`crate::fsmode::trusted`]:
 /// root's or the caller's, writable by nobody else), never through a symlink.
@@ -569,7 +607,49 @@ impl Store {
     fn write_record(&self, record: &Record) -> Result<(), StoreError> {
         let path = self.ref_path(&record.reference);
         let text = serde_json::to_vec_pretty(record).map_err(|e| self.io(&path, e.into()))?;
-        write_atomic(&self.root, &path, &text).map_err(|e| self.io(&path, e))
+        let mode = if record.access == Access::Public { FILE_MODE } else { PRIVATE_FILE_MODE };
+        write_atomic_mode(&self.root, &path, &text, mode).map_err(|e| self.io(&path, e))
+    }
+
+    /// The `access/` entry of a layer dir or blob, named by its store path
+    /// (`layers/sha256/<hex>` -> `access/layers-sha256-<hex>`).
+    fn access_path(&self, rel: &str) -> PathBuf {
+        debug_assert!(content_of_access(&rel.replace('/', "-")).as_deref() == Some(rel));
+        self.root.join("access").join(rel.replace('/', "-"))
+    }
+
+    /// Who may reuse a layer dir or blob; `Unknown` when its entry is missing or not
+    /// the store owner's alone.
+    fn content_access(&self, rel: &str) -> Access {
+        read_trusted(&self.access_path(rel)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Whether this pull may use a layer dir or blob already in the store without
+    /// downloading it. Callers without a job user (root itself, a user's own store)
+    /// may, as with records.
+    fn may_reuse(&self, rel: &str) -> bool {
+        let Some(user) = &self.job_user else { return true };
+        match self.content_access(rel) {
+            Access::Public => true,
+            Access::Users(uids) => uids.contains(&user.ids.uid),
+            Access::Unknown => false,
+        }
+    }
+
+    /// Records that the content at `rel` was downloaded and verified by a pull whose
+    /// access is `added`. Called only after the content is published and its digests
+    /// checked; serialized per entry so concurrent pulls lose no uid.
+    fn grant(&self, rel: &str, added: &Access) -> Result<(), StoreError> {
+        let path = self.access_path(rel);
+        let lock_path = self.root.join("locks").join(format!("access-{}.lock", rel.replace('/', "-")));
+        let _lock = lock::acquire(&lock_path, true, lock::PULL_WAIT, "the access entry of a layer another pull is updating")?;
+        let before = self.content_access(rel);
+        let after = before.clone().with(added);
+        if after == before {
+            return Ok(());
+        }
+        let text = serde_json::to_vec(&after).map_err(|e| self.io(&path, e.into()))?;
+        write_atomic_mode(&self.root, &path, &text, PRIVATE_FILE_MODE).map_err(|e| self.io(&path, e))
     }
 
     /// A fresh directory under `tmp/` for work in progress (a layer's root: 0755 unless
@@ -579,6 +659,16 @@ impl Store {
         crate::fsmode::create_dir(&path, 0o755).map_err(|e| self.io(&path, e))?;
         Ok(path)
     }
+}
+
+/// The store path (`layers/sha256/<hex>`, `layers/chain/<hex>`, `blobs/sha256/<hex>`)
+/// an `access/` entry's name stands for, if it names one.
+fn content_of_access(name: &str) -> Option<String> {
+    ["layers-sha256-", "layers-chain-", "blobs-sha256-"].iter().find_map(|prefix| {
+        let hex = name.strip_prefix(prefix)?;
+        let hex_ok = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        hex_ok.then(|| format!("{}/{hex}", prefix.trim_end_matches('-').replacen('-', "/", 1)))
+    })
 }
 
 fn read_record(path: &Path) -> std::io::Result<Record> {
@@ -595,7 +685,12 @@ fn unique_tmp(root: &Path, what: &str) -> PathBuf {
 
 /// Writes a file under `tmp/` and renames it into place, so readers see all or nothing.
 fn write_atomic(root: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::fsmode::replace(&unique_tmp(root, "file"), path, bytes, FILE_MODE)
+    write_atomic_mode(root, path, bytes, FILE_MODE)
+}
+
+/// [`write_atomic`] with an explicit mode.
+fn write_atomic_mode(root: &Path, path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    crate::fsmode::replace(&unique_tmp(root, "file"), path, bytes, mode)
 }
 
 #[cfg(test)]
@@ -728,6 +823,64 @@ mod tests {
         assert_eq!((mode("lock"), mode("overlay-xattrs")), (0o600, 0o644));
         let rel = store.ref_path(&record.reference).strip_prefix(&dir).unwrap().to_path_buf();
         assert_eq!(mode(rel.to_str().unwrap()), 0o644);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_private_record_is_the_owners_alone_and_access_entries_name_only_store_content() {
+        use std::os::unix::fs::MetadataExt;
+        let (store, dir) = store_in("private");
+        let mut record = stored_image(&store, &dir, "SECRET=1");
+        record.access = Access::Users(vec![1001]);
+        store.write_record(&record).unwrap();
+        let mode = || std::fs::metadata(store.ref_path(&record.reference)).unwrap().mode() & 0o7777;
+        assert_eq!(mode(), 0o600);
+        record.access = Access::Public;
+        store.write_record(&record).unwrap();
+        assert_eq!(mode(), 0o644);
+
+        let hex = "a".repeat(64);
+        for rel in [format!("layers/sha256/{hex}"), format!("layers/chain/{hex}"), format!("blobs/sha256/{hex}")] {
+            let name = store.access_path(&rel).file_name().unwrap().to_string_lossy().into_owned();
+            assert_eq!(content_of_access(&name), Some(rel));
+        }
+        for name in ["layers-sha256-../../x", "refs-sha256-aa", &format!("layers-sha256-{}", "A".repeat(64))] {
+            assert_eq!(content_of_access(name), None, "{name}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn access_grows_by_verified_downloads_and_public_stays_public() {
+        let users = |u: &[u32]| Access::Users(u.to_vec());
+        assert_eq!(Access::Unknown.with(&users(&[1])), users(&[1]));
+        assert_eq!(users(&[1]).with(&users(&[2])), users(&[1, 2]));
+        assert_eq!(users(&[1]).with(&users(&[1])), users(&[1]));
+        assert_eq!(users(&[1]).with(&Access::Public), Access::Public);
+        assert_eq!(Access::Public.with(&users(&[2])), Access::Public);
+        assert_eq!(users(&[1]).with(&Access::Unknown), users(&[1]));
+    }
+
+    #[test]
+    fn granted_content_is_recorded_with_a_private_mode_and_gc_drops_entries_of_what_is_gone() {
+        use std::os::unix::fs::MetadataExt;
+        let (store, dir) = store_in("grant");
+        let rel = format!("layers/sha256/{}", "b".repeat(64));
+        std::fs::create_dir_all(dir.join(&rel)).unwrap();
+        assert_eq!(store.content_access(&rel), Access::Unknown, "no entry: not public");
+        store.grant(&rel, &Access::Users(vec![1001])).unwrap();
+        store.grant(&rel, &Access::Users(vec![1002])).unwrap();
+        assert_eq!(store.content_access(&rel), Access::Users(vec![1001, 1002]));
+        assert_eq!(std::fs::metadata(store.access_path(&rel)).unwrap().mode() & 0o7777, 0o600);
+        assert!(store.verify().unwrap().problems.is_empty());
+        // A crash between publishing content and its entry leaves a store verify accepts.
+        std::fs::remove_file(store.access_path(&rel)).unwrap();
+        assert!(store.verify().unwrap().problems.is_empty());
+        assert_eq!(store.content_access(&rel), Access::Unknown);
+        store.grant(&rel, &Access::Users(vec![1001])).unwrap();
+        // Unreferenced, the layer goes at gc, and its entry with it.
+        store.gc().unwrap();
+        assert!(!dir.join(&rel).exists() && !store.access_path(&rel).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -2,7 +2,8 @@
 //! every missing layer on its own thread, downloaded, hashed and decompressed while
 //! streaming into a fresh `tmp/` dir, verified (blob digest, size and the config's
 //! diff_id), and only then renamed into `layers/`. Owns the pull pipeline; never
-//! publishes anything unverified.
+//! publishes anything unverified, and never reuses a layer or config another user
+//! pulled with a login unless this user downloaded its bytes too (`Store::may_reuse`).
 
 use super::progress::{LayerBar, Reporter};
 use super::{lock, Access, Progress, Record, Store, StoreError, StoredImage};
@@ -41,7 +42,11 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         return Err(bad(format!("the image config of {} bytes is larger than berth's cap of 8 MiB", manifest.config().size())));
     }
     let config_path = store.blob_path(&config_digest);
-    let stored = || std::fs::read(&config_path).ok().filter(|b| crate::registry::sha256_digest(b) == config_digest);
+    let config_rel = format!("blobs/sha256/{}", config_digest.trim_start_matches("sha256:"));
+    // Another image's config (its Env, its diff_ids) only for users who may reuse it.
+    let stored = || {
+        std::fs::read(&config_path).ok().filter(|b| crate::registry::sha256_digest(b) == config_digest).filter(|_| store.may_reuse(&config_rel))
+    };
     let config_bytes = match stored() {
         Some(b) => b,
         None => {
@@ -51,8 +56,10 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
             match stored() {
                 Some(b) => b,
                 None => {
+                    // small_blob checks the bytes against the digest: they prove possession.
                     let b = client.small_blob(&config_digest).map_err(|e| mismatch_or(e, &key, "image config"))?;
                     super::write_atomic(&store.root, &config_path, &b).map_err(|e| io_err(store, &key, &config_path, e))?;
+                    store.grant(&config_rel, &access)?;
                     b
                 }
             }
@@ -75,7 +82,10 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
     let chain_ids = chain_ids(&diff_ids);
 
     let reporter = Reporter::new(progress, &key);
-    let present: Vec<Option<String>> = diff_ids.iter().zip(&chain_ids).map(|(d, c)| published(store, d, c)).collect();
+    // Layers this user may take as they are; any other is downloaded (and, when already
+    // published, only checked against its digests: possession, not a second copy).
+    let present: Vec<Option<String>> =
+        diff_ids.iter().zip(&chain_ids).map(|(d, c)| published(store, d, c).filter(|rel| store.may_reuse(rel))).collect();
     // Sizes are the manifest's word: added without overflow.
     let missing_bytes = layers.iter().zip(&present).filter(|(_, p)| p.is_none()).fold(0u64, |sum, (l, _)| sum.saturating_add(l.size()));
     reporter.start(present.iter().filter(|p| p.is_none()).count(), layers.len(), missing_bytes);
@@ -88,10 +98,10 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
             .zip(diff_ids.iter().zip(&chain_ids))
             .zip(&present)
             .map(|((layer, (diff_id, chain_id)), present)| {
-                let (client, reporter, key, budget) = (&client, &reporter, &key, &budget);
+                let (client, reporter, key, budget, access) = (&client, &reporter, &key, &budget, &access);
                 scope.spawn(move || match present {
                     Some(rel) => Ok(Outcome::Published(rel.clone())),
-                    None => fetch_layer(store, client, reporter, key, budget, layer, diff_id, chain_id),
+                    None => fetch_layer(store, client, reporter, key, budget, access, layer, diff_id, chain_id),
                 })
             })
             .collect();
@@ -130,6 +140,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         let dest = store.root.join(&rel);
         let _l = lock::acquire(&store.root.join("locks").join(format!("chain-{hex}.lock")), true, lock::PULL_WAIT, "a layer another pull is linking")?;
         if dest.is_dir() {
+            // Published meanwhile by another pull; ours was downloaded and verified too.
             let _ = super::gc::remove_tree(&tmp);
         } else {
             let lowers: Vec<PathBuf> = rels[..i].iter().map(|r| store.root.join(r)).collect();
@@ -140,6 +151,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
             }
             std::fs::rename(&tmp, &dest).map_err(|e| io_err(store, &key, &dest, e))?;
         }
+        store.grant(&rel, &access)?;
         rels[i] = rel;
     }
 
@@ -287,6 +299,7 @@ fn fetch_layer(
     reporter: &Reporter,
     key: &str,
     budget: &unpack::Budget,
+    access: &Access,
     layer: &Descriptor,
     diff_id: &str,
     chain_id: &str,
@@ -294,7 +307,8 @@ fn fetch_layer(
     let hex = diff_id.trim_start_matches("sha256:");
     let lock_path = store.root.join("locks").join(format!("{hex}.lock"));
     let _lock = lock::acquire(&lock_path, true, lock::PULL_WAIT, "a layer another pull is fetching")?;
-    if let Some(rel) = published(store, diff_id, chain_id) {
+    let already = published(store, diff_id, chain_id);
+    if let Some(rel) = already.clone().filter(|rel| store.may_reuse(rel)) {
         return Ok(Outcome::Published(rel));
     }
     let digest = layer.digest().to_string();
@@ -302,21 +316,34 @@ fn fetch_layer(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let tmp = store.tmp_dir("layer")?;
-        match download_and_unpack(store, client, key, budget, layer, diff_id, &tmp, &bar) {
+        // Published but not yet this user's: the bytes are checked, not unpacked again.
+        let into = match &already {
+            Some(_) => LayerTarget::Nowhere,
+            None => LayerTarget::Dir(store.tmp_dir("layer")?),
+        };
+        match download_and_unpack(store, client, key, budget, layer, diff_id, &into, &bar) {
+            Ok(_) if already.is_some() => {
+                let rel = already.clone().unwrap_or_default();
+                store.grant(&rel, access)?;
+                bar.done("done");
+                return Ok(Outcome::Published(rel));
+            }
             Ok(links) if links.is_empty() => {
                 let rel = format!("layers/sha256/{hex}");
                 let dest = store.root.join(&rel);
-                std::fs::rename(&tmp, &dest).map_err(|e| io_err(store, key, &dest, e))?;
+                std::fs::rename(into.tmp(), &dest).map_err(|e| io_err(store, key, &dest, e))?;
+                store.grant(&rel, access)?;
                 bar.done("done");
                 return Ok(Outcome::Published(rel));
             }
             Ok(links) => {
                 bar.done("done");
-                return Ok(Outcome::NeedsLowers { tmp, links });
+                return Ok(Outcome::NeedsLowers { tmp: into.tmp().to_path_buf(), links });
             }
             Err(e) => {
-                let _ = super::gc::remove_tree(&tmp);
+                if let LayerTarget::Dir(tmp) = &into {
+                    let _ = super::gc::remove_tree(tmp);
+                }
                 let retry = matches!(e, StoreError::Truncated { .. }) && attempt < LAYER_ATTEMPTS;
                 if !retry {
                     bar.done("failed");
@@ -382,8 +409,25 @@ impl<R: Read> Read for Hashing<'_, R> {
     }
 }
 
-/// Streams one blob through hash, decompression, diff hash and the unpacker.
-/// Returns the hard links that point into lower layers.
+/// Where a downloaded layer goes.
+enum LayerTarget {
+    /// Unpacked into this fresh `tmp/` dir.
+    Dir(PathBuf),
+    /// Only hashed: the layer is published already, the download proves possession.
+    Nowhere,
+}
+
+impl LayerTarget {
+    fn tmp(&self) -> &Path {
+        match self {
+            LayerTarget::Dir(p) => p,
+            LayerTarget::Nowhere => Path::new(""),
+        }
+    }
+}
+
+/// Streams one blob through hash, decompression, diff hash and the unpacker (or, for
+/// `LayerTarget::Nowhere`, only the hashes). Returns the hard links that point into lower layers.
 #[allow(clippy::too_many_arguments)]
 fn download_and_unpack(
     store: &Store,
@@ -392,7 +436,7 @@ fn download_and_unpack(
     budget: &unpack::Budget,
     layer: &Descriptor,
     diff_id: &str,
-    tmp: &Path,
+    into: &LayerTarget,
     bar: &LayerBar,
 ) -> Result<Vec<(String, String)>, StoreError> {
     let digest = layer.digest().to_string();
@@ -415,8 +459,16 @@ fn download_and_unpack(
                 zstd::stream::read::Decoder::new(&mut blob).map_err(|e| StoreError::BadImage { reference: key.into(), why: e.to_string() })?,
             ),
         };
-        let mut diff = Hashing::new(decoded, u64::MAX, None);
-        let unpacked = unpack::unpack_within(&mut diff, tmp, &store.opts, budget);
+        // Only hashed, the stream is still capped: a small blob may decompress without end.
+        let cap = match into {
+            LayerTarget::Dir(_) => u64::MAX,
+            LayerTarget::Nowhere => store.config.max_image_bytes(),
+        };
+        let mut diff = Hashing::new(decoded, cap, None);
+        let unpacked = match into {
+            LayerTarget::Dir(tmp) => unpack::unpack_within(&mut diff, tmp, &store.opts, budget).map(|u| u.external_links),
+            LayerTarget::Nowhere => Ok(Vec::new()),
+        };
         // The tar end marker may leave padding unread; the diff_id covers it too.
         let drained = unpacked.is_ok() && std::io::copy(&mut diff, &mut std::io::sink()).is_ok();
         (unpacked, drained, diff.digest())
@@ -440,7 +492,7 @@ fn download_and_unpack(
         }
     }
     let links = match unpacked {
-        Ok(u) => u.external_links,
+        Ok(links) => links,
         Err(e) if blob_digest != digest && !e.is_no_space() && !e.is_refused() => {
             return Err(StoreError::DigestMismatch { reference: key.into(), what: format!("layer {short}"), expected: digest, actual: blob_digest })
         }

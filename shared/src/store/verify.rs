@@ -30,7 +30,7 @@ pub struct VerifyReport {
 }
 
 /// Entries a store root may hold.
-const KNOWN_TOP: [&str; 6] = ["lock", "overlay-xattrs", "blobs", "layers", "refs", "locks"];
+const KNOWN_TOP: [&str; 7] = ["lock", "overlay-xattrs", "blobs", "layers", "refs", "locks", "access"];
 
 pub(super) fn check(store: &Store) -> Result<VerifyReport, StoreError> {
     let root = &store.root;
@@ -89,6 +89,18 @@ pub(super) fn check(store: &Store) -> Result<VerifyReport, StoreError> {
         }
     }
     report.layers = layers.len();
+
+    // Access entries: each names a store path and says who may reuse what is there. One
+    // whose content is gone is not a problem (content at that path can only be the same
+    // bytes again, and gc drops it); a damaged one is, since it would deny or grant.
+    for name in super::gc::list(store, &root.join("access"))? {
+        let path = root.join("access").join(&name);
+        if super::content_of_access(&name).is_none() {
+            problems.push(format!("{}: not an access entry (remove it by hand)", path.display()));
+        } else if super::read_trusted(&path).ok().and_then(|b| serde_json::from_slice::<super::Access>(&b).ok()).is_none() {
+            problems.push(format!("{}: not a valid access entry, or not the store owner's alone (remove it by hand: pulls then download that content once more)", path.display()));
+        }
+    }
 
     // Refs: reachable under their own name, consistent with manifest, config and layers.
     let refs = root.join("refs");

@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Bumped if the derivation ever changes, so old and new nodes never half-agree.
-const DOMAIN: &[u8] = b"berth-wiring-v1";
+const DOMAIN: &[u8] = b"berth-wiring-v2";
 /// Shorter secrets than this are not secrets.
 const MIN_SECRET: usize = 16;
 
@@ -60,20 +60,44 @@ fn mac(secret: &[u8], label: &str, job: &str, uid: u32) -> [u8; 32] {
 }
 
 /// The job's port in `lo..=hi`. A plain numeric job id (Slurm's, PBS's `123.server`)
-/// maps to `lo + id mod span`, so jobs whose ids are less than a span apart never
-/// share a port on a node; any other id takes its port from the HMAC.
+/// maps through a permutation of the range keyed by the secret, so jobs whose ids are
+/// less than a span apart never share a port on a node, and no one without the
+/// secret can tell which port a job (another user's, whose id `squeue`/`qstat` show)
+/// will take and hold it first. Any other id takes its port from the HMAC.
 pub fn port(secret: &[u8], job: &str, uid: u32, (lo, hi): (u16, u16)) -> u16 {
-    let span = u64::from(hi - lo) + 1;
+    let span = u32::from(hi - lo) + 1;
     let number = job.split_once('.').map_or(job, |(head, _)| head);
-    let n = match number.parse::<u64>() {
-        Ok(n) if number.bytes().all(|b| b.is_ascii_digit()) => n,
+    let offset = match number.parse::<u64>() {
+        Ok(n) if number.bytes().all(|b| b.is_ascii_digit()) => permute(secret, (n % u64::from(span)) as u32, span),
         _ => {
             let m = mac(secret, "port", job, uid);
-            u64::from_be_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]])
+            (u64::from_be_bytes([m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7]]) % u64::from(span)) as u32
         }
     };
-    // The result is below `hi + 1`, so it fits in u16.
-    lo + (n % span) as u16
+    // `offset` is below `span`, so `lo + offset <= hi` fits in u16.
+    lo + offset as u16
+}
+
+/// A keyed permutation of `0..span` (span <= 65536): a balanced Feistel network over
+/// the smallest even number of bits that holds `span`, walked until it lands inside
+/// (a permutation's cycle through `x < span` comes back below `span`).
+fn permute(secret: &[u8], x: u32, span: u32) -> u32 {
+    let bits = (32 - (span - 1).max(1).leading_zeros()).max(2).div_ceil(2) * 2;
+    let half = bits / 2;
+    let mask = (1u32 << half) - 1;
+    let mut x = x;
+    loop {
+        let (mut left, mut right) = (x >> half, x & mask);
+        for round in 0..6 {
+            let m = mac(secret, "port-permutation", &format!("{round}:{right}"), 0);
+            let f = u32::from_be_bytes([m[0], m[1], m[2], m[3]]) & mask;
+            (left, right) = (right, left ^ f);
+        }
+        x = (left << half) | right;
+        if x < span {
+            return x;
+        }
+    }
 }
 
 fn keypair(secret: &[u8], label: &str, job: &str, uid: u32) -> Result<(String, String), WiringError> {
@@ -122,7 +146,19 @@ mod tests {
     fn numeric_job_ids_close_together_never_share_a_port() {
         let ports: std::collections::HashSet<u16> = (1000..1100).map(|j| port(SECRET, &j.to_string(), 1000, (20000, 20099))).collect();
         assert_eq!(ports.len(), 100);
-        assert_eq!(port(SECRET, "123.server", 1, (20000, 29999)), 20123);
+        assert_eq!(port(SECRET, "123.server", 1, (20000, 29999)), port(SECRET, "123", 7, (20000, 29999)), "the same for every node and user");
+        // Not the id's own place in the range: without the secret, another user's
+        // job id (public) must not tell its port.
+        let in_place = (1000..1100).filter(|j| port(SECRET, &j.to_string(), 1, (20000, 20099)) == 20000 + (j % 100) as u16).count();
+        assert!(in_place < 10, "{in_place} of 100 ports follow the id");
+        let other_secret = (1000..1100).filter(|j| port(SECRET, &j.to_string(), 1, (20000, 29999)) == port(b"another site's secret, 32 bytes.", &j.to_string(), 1, (20000, 29999))).count();
+        assert!(other_secret < 5, "{other_secret} of 100 ports the same under another secret");
+        for span in [1u16, 2, 3, 100, 10000] {
+            let all: std::collections::HashSet<u16> = (0..u32::from(span)).map(|j| port(SECRET, &j.to_string(), 1, (20000, 20000 + span - 1))).collect();
+            assert_eq!(all.len(), usize::from(span), "span {span}: a permutation");
+        }
+        let full: std::collections::HashSet<u16> = (0..65536u32).map(|j| port(SECRET, &j.to_string(), 1, (0, 65535))).collect();
+        assert_eq!(full.len(), 65536);
         let array = port(SECRET, "123[4].server", 1, (20000, 29999));
         assert!((20000..=29999).contains(&array));
         assert_eq!(port(SECRET, "x", 1, (30000, 30000)), 30000);
