@@ -169,8 +169,15 @@ impl Credentials {
         let _ = nix::sys::socket::setsockopt(&parent, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(USER_CHILD_TIMEOUT.as_secs() as i64, 0));
         let mut fds = Vec::with_capacity(paths.len());
         let mut result = Ok(());
-        for path in paths {
+        // A socket with a receive timeout is not restarted after a signal (signal(7)).
+        let receive = || loop {
             match sys::recv_fd(parent.as_fd()) {
+                Err(Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        for path in paths {
+            match receive() {
                 Ok((0, Some(fd))) => fds.push(fd),
                 Ok((status, _)) if status < 0 => {
                     result = Err(check(path, Errno::from_raw(-status)));
