@@ -92,9 +92,8 @@ elif e.type == pbs.EXECJOB_LAUNCH:
     # tasks (argv[0] the program) run as the job user through the setuid launcher.
     program = str(e.progname)
     argv = [str(a) for a in e.argv]
+    # The launcher reads /etc/berth/berth.toml only (it takes no config from its caller).
     new = [BERTH_PBS_ENTER]
-    if BERTH_CONFIG:
-        new += ["--config", BERTH_CONFIG]
     new += ["--job", str(job.id), "--", program] + argv[1:]
     # The C library of a setuid program drops these before it runs; the launcher gives
     # them back to the job's program from BERTH_PBS_ENV_<NAME>.

@@ -37,6 +37,27 @@ pub const FAILURE_FILE: &str = "launch-error";
 /// only (it is the caller's own data either way).
 pub const KEPT_PREFIX: &str = "BERTH_PBS_ENV_";
 
+/// glibc's unsecure variables (`unsecvars.h`), by prefix where it has families: what a
+/// setuid program's C library drops before `main`.
+const DROPPED_BY_SETUID: &[&str] = &[
+    "LD_", "MALLOC_", "GLIBC_", "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH", "NLSPATH", "RESOLV_HOST_CONF",
+    "RES_OPTIONS", "TMPDIR", "TZDIR",
+];
+
+/// The job's environment as the launcher's caller passes it: each variable glibc drops
+/// for a setuid program also as `BERTH_PBS_ENV_NAME`, which [`restore_kept`] gives back.
+pub fn with_kept(vars: &[env::Var]) -> Vec<env::Var> {
+    let mut out = vars.to_vec();
+    for (name, value) in vars {
+        if name.to_str().is_some_and(|n| DROPPED_BY_SETUID.iter().any(|d| n.starts_with(d))) {
+            let mut kept = OsString::from(KEPT_PREFIX);
+            kept.push(name);
+            out.push((kept, value.clone()));
+        }
+    }
+    out
+}
+
 /// The job's environment with the kept names restored.
 pub fn restore_kept(vars: Vec<env::Var>) -> Vec<env::Var> {
     let mut kept: Vec<env::Var> = Vec::new();
@@ -59,7 +80,7 @@ const SOURCE_WITH_ARGS: &str = "exec 9<&0 </dev/null; . /proc/self/fd/9 \"$@\"";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("usage: berth-pbs-enter [--config FILE] --job JOBID -- PROGRAM [ARGS...] (run by the OpenPBS execjob_launch hook)")]
+    #[error("usage: berth-pbs-enter --job JOBID -- PROGRAM [ARGS...] (run by the OpenPBS execjob_launch hook and the Torque job starter)")]
     Usage,
     #[error("is not setuid root: install it owned by root, mode 4755, on a file system without nosuid (docs/admin.md)")]
     NotSetuid,
@@ -91,10 +112,12 @@ impl LaunchError {
     }
 }
 
-/// What the caller asked for.
+/// What the caller asked for. No config file: any user may start this program, and a
+/// root-owned file is no sign of the admin's (every file of a pulled image is one; a
+/// config naming such a dir as `runtime_dir` would make the image's files the
+/// container records): the launcher reads `/etc/berth/berth.toml` only.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {
-    pub config: Option<OsString>,
     pub job: String,
     pub program: Vec<OsString>,
     /// pbs_mom starts the job's top shell with argv[0] `-NAME` (a login shell).
@@ -105,11 +128,10 @@ pub struct Request {
 pub fn parse(argv: &[OsString]) -> Result<Request, LaunchError> {
     let (first, rest) = argv.split_first().ok_or(LaunchError::Usage)?;
     let top_shell = first.as_encoded_bytes().first() == Some(&b'-');
-    let (mut config, mut job) = (None, None);
+    let mut job = None;
     let mut words = rest.iter();
     loop {
         match words.next().and_then(|w| w.to_str()) {
-            Some("--config") => config = Some(words.next().ok_or(LaunchError::Usage)?.clone()),
             Some("--job") => job = Some(words.next().and_then(|w| w.to_str()).ok_or(LaunchError::Usage)?.to_string()),
             Some("--") => break,
             _ => return Err(LaunchError::Usage),
@@ -121,7 +143,7 @@ pub fn parse(argv: &[OsString]) -> Result<Request, LaunchError> {
     if program.is_empty() {
         return Err(LaunchError::Usage);
     }
-    Ok(Request { config, job, program, top_shell })
+    Ok(Request { job, program, top_shell })
 }
 
 /// Enters and execs; returns only the error. `argv` and `vars` are the process's own.
@@ -152,7 +174,7 @@ pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let config = match Config::load_from(request.config.as_deref()) {
+    let config = match Config::load_from(None) {
         Ok(c) => c,
         Err(e) => return e.into(),
     };
@@ -296,9 +318,9 @@ mod tests {
         let top = parse(&os(&["-berth-pbs-enter", "--job", "7.head", "--", "/bin/bash"])).unwrap();
         assert!(top.top_shell);
         assert_eq!((top.job.as_str(), top.program.len()), ("7.head", 1));
-        let task = parse(&os(&["/x/berth-pbs-enter", "--config", "/etc/b.toml", "--job", "7.head", "--", "/bin/echo", "a b"])).unwrap();
+        let task = parse(&os(&["/x/berth-pbs-enter", "--job", "7.head", "--", "/bin/echo", "a b"])).unwrap();
         assert!(!task.top_shell);
-        assert_eq!(task.config, Some(OsString::from("/etc/b.toml")));
+        assert!(matches!(parse(&os(&["e", "--config", "/etc/b.toml", "--job", "7.head", "--", "/bin/sh"])), Err(LaunchError::Usage)), "no config of the caller's");
         assert_eq!(task.program, os(&["/bin/echo", "a b"]));
     }
 
