@@ -306,7 +306,16 @@ pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result
         berth_engine::fsmode::ensure_dir(&config.runtime_dir, 0o755)?;
         berth_engine::fsmode::create_dir(dir, 0o700)?;
     }
-    write_record(&path, format!("{line}\n").as_bytes())
+    write_record(&path, format!("{line}\n").as_bytes())?;
+    // For an unprivileged job starter the setuid launcher prints it, to the job's user
+    // alone: the owner of pbs_mom's copy of the job script (prologues run in mom_priv).
+    if let Ok(script) = std::fs::symlink_metadata(format!("jobs/{job}.SC")) {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(launch_file) = berth_pbs::launch::failure_file(config, job) {
+            write_record(&launch_file, format!("{}\n{line}\n", script.uid()).as_bytes())?;
+        }
+    }
+    Ok(())
 }
 
 /// A hook's note in the job's root-only runtime dir: root's, 0600, whole or absent,

@@ -46,8 +46,6 @@ pub enum StarterError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Container(#[from] ContainerError),
-    #[error("job {job} has a container but the job starter is not root: add `$job_starter_run_privileged true` to mom_priv/config")]
-    NotRoot { job: String },
     #[error("{0}")]
     PrologueFailed(String),
     #[error("cannot read the job script's name that pbs_mom sends on stdin: {0}")]
@@ -86,6 +84,9 @@ pub fn start(config: &Config, args: &[String], caller: &Caller, limits: Option<&
         return StarterError::RootJob;
     }
     let Some(id) = job.id.clone() else { return native(config, shell, shell_args, &job, caller, limits) };
+    if !nix::unistd::geteuid().is_root() {
+        return through_launcher(config, shell, shell_args, &job, &id, caller);
+    }
     if let Some(line) = crate::hooks::failure_file(config, &id).and_then(|f| std::fs::read_to_string(f).ok()) {
         return StarterError::PrologueFailed(line.trim_end().to_string());
     }
@@ -98,9 +99,6 @@ pub fn start(config: &Config, args: &[String], caller: &Caller, limits: Option<&
         && container::list(config, Some(&id)).is_ok_and(|list| list.iter().any(|c| c.name == container::PER_NODE && c.uid == job.uid.as_raw()));
     if !ours {
         return native(config, shell, shell_args, &job, caller, limits);
-    }
-    if !nix::unistd::geteuid().is_root() {
-        return StarterError::NotRoot { job: id };
     }
     let mut command = privileged::command(&config.berth_binary, &crate::hooks::berth_env(caller, false));
     command.args(["container", "exec", "--job", &id]);
@@ -232,6 +230,40 @@ fn native(config: &Config, shell: &str, args: &[String], job: &Job, caller: &Cal
     let source = command.exec();
     StarterError::Exec { program: format!("{:?}", command.get_program()), source }
 }
+
+/// The starter unprivileged (without `$job_starter_run_privileged`, as docs/admin.md
+/// installs it): it runs as the job's user, who may not read the runtime dir, and
+/// pbs_mom's chroot into a job root dir (`qsub -D`) has no root program to misuse. When
+/// berth made anything for the job on this node (its runtime dir), the setuid
+/// `berth-pbs-enter` beside this binary takes the shell: it trusts root's records only,
+/// and enters the job's container as its user or prints the prologue's failure line.
+/// The job id is the script's name; a wrong one gets the launcher's refusal, never
+/// another user's container.
+fn through_launcher(config: &Config, shell: &str, args: &[String], job: &Job, id: &str, caller: &Caller) -> StarterError {
+    if !config.runtime_dir.join(id).exists() {
+        return native(config, shell, args, job, caller, None);
+    }
+    if let Some((_, line, _)) = &job.script {
+        if let Err(e) = refeed_stdin(line) {
+            return StarterError::Stdin(e);
+        }
+    }
+    let launcher = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(LAUNCHER),
+        Err(source) => return StarterError::Exec { program: LAUNCHER.into(), source },
+    };
+    // A login name, as pbs_mom gives the job's shell: the launcher takes the script
+    // line from stdin for it.
+    let argv0 = format!("-{}", shell.rsplit('/').next().unwrap_or(shell));
+    let mut command = std::process::Command::new(&launcher);
+    command.arg0(argv0).args(["--job", id, "--", shell]).args(args).env_clear();
+    command.envs(berth_pbs::launch::with_kept(&caller.env).into_iter());
+    let source = command.exec();
+    StarterError::Exec { program: launcher.display().to_string(), source }
+}
+
+/// The setuid launcher, installed beside `berth-pbs`.
+const LAUNCHER: &str = "berth-pbs-enter";
 
 /// Passes the job's environment to `berth` as `--job-env-fd`.
 fn hand_on(caller: &Caller, command: &mut std::process::Command) -> Result<(), nix::errno::Errno> {
