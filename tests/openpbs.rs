@@ -195,6 +195,47 @@ fn qsub_of_a_program_runs_it_in_the_image_with_its_arguments() {
 }
 
 #[test]
+fn array_subjobs_each_run_in_the_image() {
+    // Subjob ids hold brackets (`12[1].head`), which pbs_mom also escapes in the
+    // script's path it sends the shell.
+    let cluster = openpbs();
+    let dir = format!("openpbs-e2e-{}-array", std::process::id());
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=1:ncpus=1\necho \"idx=$PBS_ARRAY_INDEX $(test -d /opt/berth-test && echo in-image || echo on-host)\"\n");
+    let line = format!(
+        "rm -rf {dir} && mkdir {dir} && cd {dir} && printf '%s' {} > job.sh && env {ENV} {BIN}/qsub -J 1-2 -o $PWD/out.^array_index^ -e $PWD/err.^array_index^ job.sh",
+        quote(&script)
+    );
+    let id = stdout_ok(&cluster.run(&line)).trim().to_string();
+    assert!(id.ends_with("[].head"), "qsub printed {id}");
+    let job = Job { cluster, dir, id, user: "alice".into() };
+    job.wait_for("F", Duration::from_secs(300));
+    for i in 1..=2 {
+        let start = Instant::now();
+        let out = loop {
+            let out = job.cluster.run(&format!("cd {} && cat out.{i} err.{i}", job.dir));
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "subjob {i}'s files never arrived");
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(out, format!("idx={i} in-image\n"));
+    }
+    let base = job.id.trim_end_matches("[].head");
+    for node in job.cluster.nodes() {
+        let start = Instant::now();
+        loop {
+            let left = stdout_ok(&job.cluster.on_node(&node, &format!("ls /run/berth | grep '^{base}_' ; grep ' /run/berth/{base}_' /proc/self/mountinfo; true")));
+            if left.trim().is_empty() {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "subjobs left on {node}: {left}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+#[test]
 fn the_job_keeps_the_variables_a_setuid_launchers_libc_drops() {
     // TMPDIR (pbs_mom's, per job) and LD_LIBRARY_PATH (the user's) cross the setuid
     // berth-pbs-enter as BERTH_PBS_ENV_* and reach the job under their own names.
