@@ -6,7 +6,16 @@
 //! any node afterwards.
 
 use berth_e2e::{cluster, state_dir, stdout_ok, Cluster};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
+
+/// Every test shares the cluster's berth config; the one that turns `remap_user` on
+/// holds this for writing, so it runs alone.
+static CONFIG: RwLock<()> = RwLock::new(());
+
+fn shared_config() -> RwLockReadGuard<'static, ()> {
+    CONFIG.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 const IMAGE: &str = "registry:5000/mpi:latest";
 const ENV: &str = "PBS_CONF_FILE=/var/spool/pbs/pbs.conf";
@@ -129,6 +138,7 @@ fn ranks(stdout: &str) -> Vec<String> {
 
 #[test]
 fn one_node_job_runs_mpirun_in_the_image() {
+    let _config = shared_config();
     let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=1:ncpus=2:mpiprocs=2\n{MPIRUN}echo \"in $(pwd) from $PBS_O_WORKDIR\"\n");
     let job = Job::submit("one", "", &script);
     let (out, err) = job.finish();
@@ -145,6 +155,7 @@ fn one_node_job_runs_mpirun_in_the_image() {
 
 #[test]
 fn two_node_job_runs_ranks_in_the_image_on_both_hosts() {
+    let _config = shared_config();
     let script = format!(
         "#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=2:ncpus=2:mpiprocs=2\n#PBS -l place=scatter\n\
          {MPIRUN}sed 's/^/nodefile /' $PBS_NODEFILE\n"
@@ -162,6 +173,7 @@ fn two_node_job_runs_ranks_in_the_image_on_both_hosts() {
 
 #[test]
 fn tm_tasks_land_in_the_jobs_containers_on_every_node() {
+    let _config = shared_config();
     // pbsdsh is the node's, bound in with its config; each task it starts through
     // pbs_mom's TM passes execjob_launch and the launcher on its own node.
     let resource = format!("container={IMAGE};container-mounts=/opt/pbs:/opt/pbs:ro;container-mounts=/var/spool/pbs/pbs.conf:/var/spool/pbs/pbs.conf:ro");
@@ -179,6 +191,7 @@ fn tm_tasks_land_in_the_jobs_containers_on_every_node() {
 
 #[test]
 fn qsub_of_a_program_runs_it_in_the_image_with_its_arguments() {
+    let _config = shared_config();
     // `qsub -- PROGRAM ARGS`: no shell, argv exactly as given, through the launch.
     let cluster = openpbs();
     let dir = format!("openpbs-e2e-{}-program", std::process::id());
@@ -195,7 +208,50 @@ fn qsub_of_a_program_runs_it_in_the_image_with_its_arguments() {
 }
 
 #[test]
+fn array_subjobs_each_run_in_the_image() {
+    let _config = shared_config();
+    // Subjob ids hold brackets (`12[1].head`), which pbs_mom also escapes in the
+    // script's path it sends the shell.
+    let cluster = openpbs();
+    let dir = format!("openpbs-e2e-{}-array", std::process::id());
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=1:ncpus=1\necho \"idx=$PBS_ARRAY_INDEX $(test -d /opt/berth-test && echo in-image || echo on-host)\"\n");
+    let line = format!(
+        "rm -rf {dir} && mkdir {dir} && cd {dir} && printf '%s' {} > job.sh && env {ENV} {BIN}/qsub -J 1-2 -o $PWD/out.^array_index^ -e $PWD/err.^array_index^ job.sh",
+        quote(&script)
+    );
+    let id = stdout_ok(&cluster.run(&line)).trim().to_string();
+    assert!(id.ends_with("[].head"), "qsub printed {id}");
+    let job = Job { cluster, dir, id, user: "alice".into() };
+    job.wait_for("F", Duration::from_secs(300));
+    for i in 1..=2 {
+        let start = Instant::now();
+        let out = loop {
+            let out = job.cluster.run(&format!("cd {} && cat out.{i} err.{i}", job.dir));
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "subjob {i}'s files never arrived");
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(out, format!("idx={i} in-image\n"));
+    }
+    let base = job.id.trim_end_matches("[].head");
+    for node in job.cluster.nodes() {
+        let start = Instant::now();
+        loop {
+            let left = stdout_ok(&job.cluster.on_node(&node, &format!("ls /run/berth | grep '^{base}_' ; grep ' /run/berth/{base}_' /proc/self/mountinfo; true")));
+            if left.trim().is_empty() {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "subjobs left on {node}: {left}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+#[test]
 fn the_job_keeps_the_variables_a_setuid_launchers_libc_drops() {
+    let _config = shared_config();
     // TMPDIR (pbs_mom's, per job) and LD_LIBRARY_PATH (the user's) cross the setuid
     // berth-pbs-enter as BERTH_PBS_ENV_* and reach the job under their own names.
     let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=1:ncpus=1\necho \"tmpdir=$TMPDIR lib=$LD_LIBRARY_PATH\"\nenv | grep -c ^BERTH_PBS_ENV_; true\n");
@@ -208,6 +264,7 @@ fn the_job_keeps_the_variables_a_setuid_launchers_libc_drops() {
 
 #[test]
 fn a_bad_reference_is_refused_by_qsub_with_one_line() {
+    let _config = shared_config();
     let (_cluster, _dir, out) = Job::qsub("alice", "badref", "-l select=1:ncpus=1 -l container=Registry:5000/UPPER", "#!/bin/bash\necho ran\n");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "qsub took it: {}", String::from_utf8_lossy(&out.stdout));
@@ -219,6 +276,7 @@ fn a_bad_reference_is_refused_by_qsub_with_one_line() {
 
 #[test]
 fn a_missing_image_fails_the_job_with_one_line_and_never_runs_it() {
+    let _config = shared_config();
     let job = Job::submit("missing", "-l select=2:ncpus=1 -l place=scatter -l container=registry:5000/no-such-image:1", "#!/bin/bash\necho ran\n");
     let (out, err) = job.finish();
     assert!(!out.contains("ran"), "the script ran: {out}");
@@ -232,6 +290,7 @@ fn a_missing_image_fails_the_job_with_one_line_and_never_runs_it() {
 
 #[test]
 fn qdel_mid_run_leaves_nothing_on_any_node() {
+    let _config = shared_config();
     // The top shell sleeps on the first node; an ssh'd sleep runs in the sister's
     // container under its sshd, outside anything pbs_mom tracks.
     let script = format!(
@@ -257,6 +316,7 @@ fn qdel_mid_run_leaves_nothing_on_any_node() {
 
 #[test]
 fn a_job_without_a_container_is_untouched() {
+    let _config = shared_config();
     let script = "#!/bin/bash\n#PBS -l select=1:ncpus=1\nid -un\ntest -d /opt/berth-test && echo in-image || echo on-host\n\
                   echo \"shell $(tr '\\0' ' ' </proc/$$/cmdline)\"\ntest -e /run/berth/$PBS_JOBID && echo container-made; true\n";
     let job = Job::submit("native", "", script);
@@ -295,6 +355,7 @@ fn running_job(test: &str) -> Job {
 
 #[test]
 fn the_launcher_enters_only_the_callers_own_running_job() {
+    let _config = shared_config();
     let job = running_job("own");
     let (enter, _) = launcher();
     let probe = "id -un; test -d /opt/berth-test && echo in-image; grep -E '^(CapEff|CapPrm|NoNewPrivs)' /proc/self/status | tr -s '\\t ' ' '";
@@ -323,6 +384,7 @@ fn uid(user: &str, cluster: &Cluster) -> String {
 
 #[test]
 fn the_launcher_refuses_a_finished_job_and_a_users_config() {
+    let _config = shared_config();
     let job = running_job("finished");
     let id = job.id.clone();
     let cluster = openpbs();
@@ -352,6 +414,7 @@ fn the_launcher_refuses_a_finished_job_and_a_users_config() {
 
 #[test]
 fn the_launcher_ignores_a_hostile_environment() {
+    let _config = shared_config();
     let job = running_job("hostile");
     let (enter, _) = launcher();
     let cluster = openpbs();
@@ -392,4 +455,41 @@ fn the_launcher_ignores_a_hostile_environment() {
     assert!(shadow.stdout.is_empty());
     assert_eq!(err.trim_end(), "berth-pbs-enter: cannot open the job script /etc/shadow as you: Permission denied (os error 13)");
     drop(job);
+}
+
+/// `remap_user = true` in the nodes' berth config (one file every host binds) while alive.
+struct RemapUser<'a> {
+    cluster: &'a Cluster,
+}
+
+impl Drop for RemapUser<'_> {
+    fn drop(&mut self) {
+        let node = &self.cluster.nodes()[0];
+        let _ = self.cluster.on_node(node, "sed -i '/^remap_user = true$/d' /etc/berth/berth.toml");
+    }
+}
+
+#[test]
+fn remap_root_runs_the_script_as_root_mapped_to_the_user_where_the_site_allows_it() {
+    // Alone: the config change would reach every job starting meanwhile.
+    let _config = CONFIG.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let script = format!("#!/bin/bash\n#PBS -l select=1:ncpus=1\necho uid=$(id -u); touch made-by-root\n");
+    let resource = format!("-l {}", quote(&format!("container={IMAGE};container-remap-root")));
+    let job = Job::submit("remap-off", &resource, &script);
+    let (out, err) = job.finish();
+    assert!(!out.contains("uid="), "the script ran: {out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("does not allow running as root") && err.contains("remap_user"), "{err}");
+    job.assert_gone();
+
+    let cluster = openpbs();
+    stdout_ok(&cluster.on_node(&cluster.nodes()[0], "echo 'remap_user = true' >> /etc/berth/berth.toml"));
+    let _remap = RemapUser { cluster: &cluster };
+    let job = Job::submit("remap-on", &resource, &script);
+    let (out, err) = job.finish();
+    assert!(out.contains("uid=0"), "stdout: {out} stderr: {err}");
+    assert_eq!(job.exit_status(), Some(0), "{err}");
+    let owner = stdout_ok(&cluster.run(&format!("stat -c %U {}/made-by-root", job.dir)));
+    assert_eq!(owner.trim(), "alice", "a file made by remapped root must be the user's");
+    job.assert_gone();
 }

@@ -124,6 +124,13 @@ pub struct Request {
     pub top_shell: bool,
 }
 
+/// The name berth keeps an OpenPBS job under. Array subjobs are `12[3].server`, and
+/// berth's job names are `[A-Za-z0-9._-]`, so the brackets become `_` (`12_3_.server`),
+/// which no PBS job id is itself.
+pub fn runtime_job(id: &str) -> String {
+    id.replace(['[', ']'], "_")
+}
+
 /// Parses `argv` (argv[0] included).
 pub fn parse(argv: &[OsString]) -> Result<Request, LaunchError> {
     let (first, rest) = argv.split_first().ok_or(LaunchError::Usage)?;
@@ -132,7 +139,7 @@ pub fn parse(argv: &[OsString]) -> Result<Request, LaunchError> {
     let mut words = rest.iter();
     loop {
         match words.next().and_then(|w| w.to_str()) {
-            Some("--job") => job = Some(words.next().and_then(|w| w.to_str()).ok_or(LaunchError::Usage)?.to_string()),
+            Some("--job") => job = Some(runtime_job(words.next().and_then(|w| w.to_str()).ok_or(LaunchError::Usage)?)),
             Some("--") => break,
             _ => return Err(LaunchError::Usage),
         }
@@ -242,14 +249,13 @@ fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
         }
     }
     drop(stdin);
-    let text = String::from_utf8_lossy(&line).into_owned();
-    let mut words = text.split_whitespace();
+    let words = shell_words(&String::from_utf8_lossy(&line));
+    let mut words = words.into_iter();
     let path = match words.next() {
-        Some("exec") => words.next(),
+        Some(first) if first == "exec" => words.next(),
         other => other,
     }
-    .ok_or_else(|| LaunchError::ScriptName("nothing arrived".into()))?
-    .to_string();
+    .ok_or_else(|| LaunchError::ScriptName("nothing arrived".into()))?;
     let opened = Credentials::current()
         .with_fs_identity(|| std::fs::File::open(&path))
         .map_err(|e| LaunchError::Script { path: path.clone(), why: e.to_string() })?
@@ -258,7 +264,28 @@ fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
     if !is_file {
         return Err(LaunchError::Script { path, why: "not a regular file".into() });
     }
-    Ok((opened, words.map(String::from).collect()))
+    Ok((opened, words.collect()))
+}
+
+/// The words of pbs_mom's line as the shell would split them: pbs_mom escapes the
+/// shell's special characters with `\` (an array subjob's script is `12\[3\].head.SC`).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    word.get_or_insert_with(String::new).push(next);
+                }
+            }
+            c if c.is_whitespace() => words.extend(word.take()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    words
 }
 
 /// The image's values of the names the job listed with `container-env` (recorded by
@@ -341,6 +368,21 @@ mod tests {
             ("TMPDIR".into(), "/var/tmp/pbs.7.head".into()),
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_script_line_is_split_and_unescaped_as_the_shell_would() {
+        assert_eq!(shell_words("/spool/jobs/18\\[2\\].head.SC a\\ b  c\n"), ["/spool/jobs/18[2].head.SC", "a b", "c"]);
+        assert_eq!(shell_words("exec /spool/jobs/7.head.SC"), ["exec", "/spool/jobs/7.head.SC"]);
+        assert!(shell_words("  ").is_empty());
+    }
+
+    #[test]
+    fn array_subjobs_get_a_plain_name() {
+        assert_eq!(runtime_job("12[3].head"), "12_3_.head");
+        assert_eq!(runtime_job("12.head"), "12.head");
+        let sub = parse(&os(&["e", "--job", "12[3].head", "--", "/bin/sh"])).unwrap();
+        assert_eq!(sub.job, "12_3_.head");
     }
 
     #[test]

@@ -94,7 +94,8 @@ pub fn run(config: &Config, caller: &Caller, args: &[String], start: std::time::
     match event.as_str() {
         "check" => request(need("resource")?).map(|_| ()),
         "begin" => {
-            let job = need("job")?;
+            let id = need("job")?;
+            let job = &berth_pbs::launch::runtime_job(id);
             let uid: u32 = need("uid")?.parse().map_err(|_| OpenPbsError::Usage)?;
             let pelog = Pelog { job: job.to_string(), user: need("user")?.to_string(), resources: format!("container={}", need("resource")?), script: Default::default() };
             let mut vars: Vec<(OsString, OsString)> = Vec::new();
@@ -128,7 +129,7 @@ pub fn run(config: &Config, caller: &Caller, args: &[String], start: std::time::
                 Err(e) => Err(e.to_string()),
             };
             if let Err(why) = made {
-                let line = format!("berth-pbs begin: job {job} on {}: {why}", hooks::this_host());
+                let line = format!("berth-pbs begin: job {id} on {}: {why}", hooks::this_host());
                 // The hook's log has it too.
                 eprintln!("{line}");
                 berth_pbs::launch::record_failure(config, job, uid, &line)
@@ -136,7 +137,7 @@ pub fn run(config: &Config, caller: &Caller, args: &[String], start: std::time::
             }
             Ok(())
         }
-        "end" => hooks::destroy(config, caller, need("job")?).map_err(|e| OpenPbsError::Hook(e.to_string())),
+        "end" => hooks::destroy(config, caller, &berth_pbs::launch::runtime_job(need("job")?)).map_err(|e| OpenPbsError::Hook(e.to_string())),
         _ => Err(OpenPbsError::Usage),
     }
 }

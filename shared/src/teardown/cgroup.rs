@@ -159,12 +159,19 @@ pub fn kill(dir: &Path, timeout: Duration) -> Result<usize> {
         std::thread::sleep(Duration::from_millis(2));
     }
     // An empty cgroup.procs can still hold tasks that are exiting (a killed mpirun's
-    // threads): rmdir says EBUSY until the kernel has let them go.
+    // threads): rmdir says EBUSY until the kernel has let them go. A process that joined
+    // since the sweep (OpenPBS's launcher, which any user can start, enters the cgroup
+    // before the namespaces) is killed too, not waited for.
     loop {
         match std::fs::remove_dir(&path) {
             Ok(()) => return Ok(killed.len()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(killed.len()),
             Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) && start.elapsed() <= timeout => {
+                for pid in members().unwrap_or_default() {
+                    if kill_if_member(pid, &path) {
+                        killed.insert(pid);
+                    }
+                }
                 std::thread::sleep(Duration::from_millis(5))
             }
             Err(e) => return Err(io("remove", &path)(e)),
