@@ -647,3 +647,42 @@ fn a_berth_config_inside_a_pulled_image_never_configures_the_root_job_starter() 
     assert!(evil.is_empty(), "job {}: the berth_binary of the image's berth.toml ran, as uid {evil}; stdout: {out} stderr: {err}", job.id);
     job.assert_gone();
 }
+
+/// Shell lines (run in a job's dir, as its user) that make `root/`, a job root
+/// directory holding the home dir pbs_mom changes to after its chroot, with a static
+/// program at the job starter's path that creates `root/ran-as` (owned by whoever it
+/// ran as); and `submit`, qsub without its filter: the job's attributes straight to
+/// pbs_server through libtorque, as any user may.
+const FAKE_ROOT: &str = "mkdir -p root/var/spool/torque/mom_priv root/tmp root$HOME && chmod 777 root \
+    && printf '%s' '#include <stdio.h>\nint main(void) { FILE *o = fopen(\"/ran-as\", \"a\"); if (o) fclose(o); return 0; }\n' > fake.c \
+    && gcc -static -o root/var/spool/torque/mom_priv/job_starter fake.c \
+    && printf '%s' '#include <stdio.h>\n#include <pbs_ifl.h>\nint main(int argc, char **argv) {\n  if (argc != 5) return 2;\n  struct attropl res = { NULL, \"Resource_List\", \"nodes\", argv[4], SET };\n  struct attropl other = { &res, \"Resource_List\", \"other\", argv[3], SET };\n  struct attropl vars = { argv[3][0] ? &other : &res, \"Variable_List\", NULL, argv[2], SET };\n  int c = pbs_connect(NULL);\n  char *id = c < 0 ? NULL : pbs_submit(c, &vars, argv[1], NULL, NULL);\n  if (!id) { fprintf(stderr, \"submit failed\\n\"); return 1; }\n  puts(id);\n  return 0;\n}\n' > submit.c \
+    && gcc -I/opt/torque/include -o submit submit.c -L/opt/torque/lib -Wl,-rpath,/opt/torque/lib -ltorque";
+
+/// A job with a root directory that reaches pbs_server past the submit filter: pbs_mom
+/// chroots into it and execs whatever the user put at the job starter's path, which
+/// must never run as root (it did with `$job_starter_run_privileged`: 'ran-as made by
+/// uid 0'), with a container or without.
+#[test]
+fn a_job_root_dir_past_the_filter_never_runs_the_users_program_as_root() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let mut jobs = Vec::new();
+    for (test, other) in [("rootdir-native", String::new()), ("rootdir-image", format!("container={IMAGE}"))] {
+        let dir = format!("pbs-e2e-{}-{test}", std::process::id());
+        let line = format!(
+            "rm -rf {dir} && mkdir {dir} && cd {dir} && {FAKE_ROOT} && printf '#!/bin/bash\\necho ran\\n' > job.sh \
+             && ./submit job.sh \"PBS_O_HOME=$HOME,PBS_O_WORKDIR=$PWD,PBS_O_ROOTDIR=$PWD/root\" {} 1:ppn=1",
+            quote(&other)
+        );
+        let id = stdout_ok(&cluster.run_as("alice", &line)).trim().to_string();
+        assert!(id.ends_with(".head"), "submit printed {id}");
+        jobs.push(Job { cluster: torque(), dir, id, user: "alice".into() });
+    }
+    for job in &jobs {
+        job.wait_for("C", Duration::from_secs(240));
+        let owner = stdout_ok(&job.cluster.run_as("alice", &format!("stat -c %u {}/root/ran-as 2>/dev/null; true", job.dir)));
+        assert_ne!(owner.trim(), "0", "job {}: the user's program at the job starter's path ran as root", job.id);
+        job.assert_gone();
+    }
+}
