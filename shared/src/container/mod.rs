@@ -697,9 +697,10 @@ fn join_dir(dir: &Path, job: &str, name: &str, owner: Option<u32>) -> Result<Joi
     let fds: Vec<(OwnedFd, CloneFlags)> = state
         .namespaces
         .iter()
-        .map(|ns| Ok((open_fd(&dir.join(ns), OFlag::O_RDONLY | OFlag::O_NOFOLLOW)?, ns_flag(ns))))
+        .map(|ns| Ok((open_fd(&dir.join(ns), OFlag::O_RDONLY)?, ns_flag(ns))))
         .collect::<Result<_>>()?;
-    // For a caller that is not root, the namespace must be the one root recorded.
+    // For a caller that is not root, the namespace must be the one root recorded (a
+    // pin may be a link to the anchor's /proc/PID/ns/mnt, whose pid can be reused).
     if state.mnt_inode == 0 && owner.is_some() {
         return Err(ContainerError::NotFound { job: job.into(), name: name.into() });
     }
