@@ -947,3 +947,145 @@ fn on_a_node_create_and_destroy_killed_at_random_moments_leave_no_anchor_mount_o
     }
     eprintln!("kills that landed during create: {mid_create} of 16");
 }
+
+/// Pushes an image no node has seen (a busybox layer stamped `REPO SEED` and `noise_len`
+/// bytes of noise, both unique to this run) as `REPO:1` to the cluster's registry;
+/// returns its reference there.
+fn push_unique_image(repo: &str, noise_len: usize) -> String {
+    let cluster = cluster();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let noise = noise(noise_len, seed);
+    let image = image(&[busybox_layer(&format!("{repo} {seed}")), oci_image::tar(&[oci_image::Entry::File("noise", &noise, 0o644)])], &["/bin/true"]);
+    let layout = std::env::temp_dir().join(format!("berth-faults-{repo}"));
+    let _ = std::fs::remove_dir_all(&layout);
+    image.write_layout(&layout, "1");
+    let out = Command::new(berth_e2e::repo_root().join("slurm-test-env/push")).arg(format!("{}:1", layout.display())).arg(format!("{repo}:1")).output().unwrap();
+    stdout_ok(&out);
+    let _ = std::fs::remove_dir_all(&layout);
+    format!("{}/{repo}:1", cluster.registry())
+}
+
+/// A registry that trickles: a proxy to the cluster's registry, on 127.0.0.1 of a
+/// compute host's network namespace, that relays everything at once except blobs over
+/// 1 MiB, whose bodies it sends 4 KiB at once and then one byte every `gap` (under
+/// berth's per-read timeout, so no read ever times out).
+struct TrickleRegistry {
+    addr: String,
+    /// Blob bodies it has started to trickle.
+    trickling: Arc<AtomicUsize>,
+}
+
+impl TrickleRegistry {
+    fn start(netns: PathBuf, upstream: String, gap: Duration) -> TrickleRegistry {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let trickling = Arc::new(AtomicUsize::new(0));
+        let counter = trickling.clone();
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the host's network namespace");
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            tx.send(listener.local_addr().unwrap().to_string()).unwrap();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (upstream, counter) = (upstream.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    let _ = relay(conn, &upstream, &counter, gap);
+                });
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the trickling registry started");
+        TrickleRegistry { addr, trickling }
+    }
+}
+
+/// Relays one request (as HTTP/1.0, so the upstream closes after its answer) and its answer.
+fn relay(mut conn: TcpStream, upstream: &str, trickling: &AtomicUsize, gap: Duration) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("GET").to_string(), parts.next().unwrap_or("/").to_string());
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {upstream}\r\n");
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+        if name != "host" && name != "connection" {
+            head.push_str(&line);
+        }
+    }
+    head.push_str("\r\n");
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(head.as_bytes())?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(answer.len(), |p| p + 4);
+    let (answer_head, body) = answer.split_at(split);
+    let text = String::from_utf8_lossy(answer_head);
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or_default().to_string();
+    let kept: String = lines.filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:")).map(|l| format!("{l}\r\n")).collect();
+    conn.write_all(format!("{status}\r\n{kept}Connection: close\r\n\r\n").as_bytes())?;
+    if method == "GET" && path.contains("/blobs/") && body.len() > 1 << 20 {
+        trickling.fetch_add(1, Ordering::SeqCst);
+        conn.write_all(&body[..4096])?;
+        for byte in &body[4096..] {
+            std::thread::sleep(gap);
+            conn.write_all(std::slice::from_ref(byte))?;
+        }
+        Ok(())
+    } else {
+        conn.write_all(body)
+    }
+}
+
+/// The review's cross-user denial of service (review 13, finding 4): alice's job pulls
+/// an image from a registry that trickles its big layer, so her root `berth` sits in the
+/// download holding that layer's lock, and she stops her step with
+/// `scancel -s STOP`. bob's job needing the same image on that node must still start,
+/// well within the half hour a pull waits for another's lock.
+#[test]
+fn a_stopped_or_trickling_pull_of_one_user_does_not_hold_up_another_users_job_needing_the_same_layers() {
+    let cluster = cluster();
+    let (node, netns) = node_and_netns();
+    let repo = format!("stopped-pull-{}", std::process::id());
+    let image = push_unique_image(&repo, 8 << 20);
+    let trickle = TrickleRegistry::start(netns, cluster.registry(), Duration::from_secs(2));
+    let users = cluster.users();
+    let (alice, bob) = (&users[0], &users[1]);
+    let alices_image = format!("{}/{repo}:1", trickle.addr);
+    let alice_job = stdout_ok(&cluster.run_as(
+        alice,
+        &format!("sbatch --parsable -N1 -w {node} --wrap \"srun --container={alices_image} sleep 600\""),
+    ))
+    .trim()
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while trickle.trickling.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "alice's job {alice_job} never started to download the big layer");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Her root berth is in the download (and, before the fix, holds the layer's lock).
+    std::thread::sleep(Duration::from_secs(2));
+    stdout_ok(&cluster.run_as(alice, &format!("scancel -s STOP {alice_job}.0")));
+    let start = Instant::now();
+    let out = cluster.run_as(bob, &format!("timeout 150 srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; cat /stamp; echo'"));
+    let took = start.elapsed();
+    let stopped = cluster.on_node(&node, "grep -l '^State:.*stopped' /proc/[0-9]*/status | wc -l");
+    let _ = cluster.run_as(alice, &format!("scancel {alice_job}"));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains(&format!("{repo} ")),
+        "bob's job did not start while alice's pull was stopped ({} s; processes stopped on {node}: {}): {stdout} {stderr}",
+        took.as_secs(),
+        String::from_utf8_lossy(&stopped.stdout).trim()
+    );
+    assert!(took < Duration::from_secs(60), "bob's job took {} s to start", took.as_secs());
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&stdout));
+    assert_nodes_clean(&cluster, &alice_job);
+    let verify = cluster.on_node(&node, &format!("{} verify", berth_binary().display()));
+    assert!(verify.status.success(), "the node's store: {}", String::from_utf8_lossy(&verify.stdout));
+}
