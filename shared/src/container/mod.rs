@@ -283,16 +283,32 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 use std::os::unix::fs::OpenOptionsExt;
 
-/// Makes `dir` a mount point with private propagation (as `ip netns` does for
-/// /run/netns), so pins made in it never propagate into other mount namespaces.
-fn make_private(dir: &Path) -> Result<()> {
+/// Whether `dir` is a mount point (the topmost at its path) and, if so, whether it
+/// propagates (shared or slave); also its canonical path.
+fn mount_state(dir: &Path) -> Result<(PathBuf, Option<bool>)> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(io("read", Path::new("/proc/self/mountinfo")))?;
     let canonical = dir.canonicalize().map_err(io("resolve", dir))?;
     let wanted = canonical.to_string_lossy().replace(' ', "\\040");
     let entry = mountinfo.lines().rev().find(|l| l.split(' ').nth(4) == Some(wanted.as_str()));
-    match entry {
-        Some(line) if !line.split(' ').nth(6).is_some_and(|f| f.contains(':')) => return Ok(()),
-        Some(_) => {}
+    let propagates = entry.map(|line| line.split(' ').nth(6).is_some_and(|f| f.contains(':')));
+    Ok((canonical, propagates))
+}
+
+/// Whether `dir` is already a private mount point: then [`make_private`] has nothing to
+/// do, and needs no lock (no create undoes it).
+fn is_private_mount(dir: &Path) -> Result<bool> {
+    Ok(mount_state(dir)?.1 == Some(false))
+}
+
+/// Makes `dir` a mount point with private propagation (as `ip netns` does for
+/// /run/netns), so pins made in it never propagate into other mount namespaces.
+/// The caller holds the runtime dir's lock: two binds would stack, and the upper one
+/// would hide the pins made in the lower.
+fn make_private(dir: &Path) -> Result<()> {
+    let (canonical, propagates) = mount_state(dir)?;
+    match propagates {
+        Some(false) => return Ok(()),
+        Some(true) => {}
         None => nix::mount::mount(Some(&canonical), &canonical, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .map_err(sys_err("bind-mount the runtime dir on itself"))?,
     }
@@ -316,7 +332,10 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     let dir = container_dir(config, &spec.job, &spec.name)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     crate::fsmode::ensure_dir(&config.runtime_dir, 0o755).map_err(io("create", &config.runtime_dir))?;
-    {
+    // The node-wide lock is taken only by the node's first creates (until the runtime
+    // dir is a private mount), so that a create its job stops (`scancel -s STOP`) can
+    // hold up no other user's create once the node has run one container.
+    if !is_private_mount(&config.runtime_dir)? {
         let _runtime_lock = teardown::lock_job(&config.runtime_dir, false)?;
         make_private(&config.runtime_dir)?;
     }
