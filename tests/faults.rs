@@ -1092,3 +1092,30 @@ fn a_stopped_or_trickling_pull_of_one_user_does_not_hold_up_another_users_job_ne
     let verify = cluster.on_node(&node, &format!("{b} gc >/dev/null && {b} verify"));
     assert!(verify.status.success(), "the node's store: {}", String::from_utf8_lossy(&verify.stdout));
 }
+
+/// The trickling registry alone: a layer download that keeps every read under the
+/// per-read timeout still ends, at 30 s plus its size at `min_pull_rate` (100K by
+/// default), with one line naming the registry and the rate.
+#[test]
+fn a_registry_trickling_a_layer_fails_the_pull_at_the_minimum_rate_with_one_line() {
+    let cluster = cluster();
+    let (node, netns) = node_and_netns();
+    let repo = format!("trickled-{}", std::process::id());
+    push_unique_image(&repo, 2 << 20);
+    let trickle = TrickleRegistry::start(netns, cluster.registry(), Duration::from_secs(2));
+    let image = format!("{}/{repo}:1", trickle.addr);
+    let start = Instant::now();
+    let out = cluster.run(&format!("timeout 200 srun -N1 -w {node} --container={image} true; echo rc=$?"));
+    let took = start.elapsed();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(trickle.trickling.load(Ordering::SeqCst) >= 1, "the big layer was never asked for: {stdout} {stderr}");
+    assert!(stdout.contains("rc=1"), "{stdout} {stderr}");
+    // 2 MiB at 100K/s: 30 s + 20 s, plus one read's gap.
+    assert!(took < Duration::from_secs(90), "the pull took {} s to give up", took.as_secs());
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("error: berth:")).collect();
+    assert_eq!(ours.len(), 1, "{stderr}");
+    assert!(ours[0].contains(&format!("registry {} ", trickle.addr)) && ours[0].contains("minimum rate of 100K/s (min_pull_rate)"), "{}", ours[0]);
+    let b = berth_binary().display().to_string();
+    let verify = cluster.on_node(&node, &format!("{b} verify"));
+    assert!(verify.status.success(), "the node's store: {}", String::from_utf8_lossy(&verify.stdout));
+}
