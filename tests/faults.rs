@@ -1137,3 +1137,26 @@ fn a_registry_trickling_a_layer_fails_the_pull_at_the_minimum_rate_with_one_line
     let verify = cluster.on_node(&node, &format!("{b} verify"));
     assert!(verify.status.success(), "the node's store: {}", String::from_utf8_lossy(&verify.stdout));
 }
+
+/// The node-wide runtime dir lock (`<runtime_dir>/.lock`) held by a create its job
+/// stopped (here: held by a `flock` that never lets go, as a stopped create would):
+/// once the runtime dir is a private mount, no create takes that lock, so bob's job
+/// starts at once instead of failing after the 3 min a job lock is waited for.
+#[test]
+fn a_held_runtime_dir_lock_holds_up_no_create_once_the_runtime_dir_is_private() {
+    let cluster = cluster();
+    let (node, _) = node_and_netns();
+    let image = format!("{}/minimal:latest", cluster.registry());
+    let bob = &cluster.users()[1];
+    // A first job makes the runtime dir private (a no-op where it already is).
+    stdout_ok(&cluster.run_as(bob, &format!("srun -N1 -w {node} --container={image} true")));
+    let holder = cluster.on_node(&node, "setsid flock -x /run/berth/.lock sleep 120 </dev/null >/dev/null 2>&1 & echo $!");
+    let holder = stdout_ok(&holder).trim().to_string();
+    let start = Instant::now();
+    let out = cluster.run_as(bob, &format!("timeout 100 srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID'"));
+    let took = start.elapsed();
+    let _ = cluster.on_node(&node, &format!("pkill -KILL -P {holder}; kill -KILL {holder}"));
+    let text = stdout_ok(&out);
+    assert!(took < Duration::from_secs(30), "bob's job took {} s with the runtime dir's lock held", took.as_secs());
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&text));
+}
