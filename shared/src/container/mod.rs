@@ -22,6 +22,7 @@ pub mod user;
 use crate::config::Config;
 use crate::rootfs::{Overlay, RootfsError};
 use crate::teardown::{self, TeardownError};
+use crate::store::lock;
 use mounts::{Bind, Layout, MountError};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -294,6 +295,27 @@ fn mount_state(dir: &Path) -> Result<(PathBuf, Option<bool>)> {
     Ok((canonical, propagates))
 }
 
+/// Makes the runtime dir a private mount unless it is one. The node-wide lock this
+/// takes is only for the node's first creates: a create its job stops (`scancel -s
+/// STOP`) can hold up no other user's once the runtime dir is private, and a waiter
+/// re-checks between short waits, so a holder stopped after its mount holds up nobody.
+fn make_runtime_dir_private(config: &Config) -> Result<()> {
+    let path = config.runtime_dir.join(".lock");
+    let start = std::time::Instant::now();
+    while !is_private_mount(&config.runtime_dir)? {
+        let what = "the runtime dir's mount, held by another create";
+        match lock::acquire(&path, true, std::time::Duration::from_millis(250), what) {
+            Ok(_runtime_lock) => return make_private(&config.runtime_dir),
+            Err(lock::LockError::TimedOut { .. }) if start.elapsed() < lock::JOB_WAIT => {}
+            Err(lock::LockError::TimedOut { path, what, .. }) => {
+                return Err(teardown::TeardownError::from(lock::LockError::TimedOut { path, what, waited: start.elapsed() }).into())
+            }
+            Err(e) => return Err(teardown::TeardownError::from(e).into()),
+        }
+    }
+    Ok(())
+}
+
 /// Whether `dir` is already a private mount point: then [`make_private`] has nothing to
 /// do, and needs no lock (no create undoes it).
 fn is_private_mount(dir: &Path) -> Result<bool> {
@@ -332,13 +354,7 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     let dir = container_dir(config, &spec.job, &spec.name)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     crate::fsmode::ensure_dir(&config.runtime_dir, 0o755).map_err(io("create", &config.runtime_dir))?;
-    // The node-wide lock is taken only by the node's first creates (until the runtime
-    // dir is a private mount), so that a create its job stops (`scancel -s STOP`) can
-    // hold up no other user's create once the node has run one container.
-    if !is_private_mount(&config.runtime_dir)? {
-        let _runtime_lock = teardown::lock_job(&config.runtime_dir, false)?;
-        make_private(&config.runtime_dir)?;
-    }
+    make_runtime_dir_private(config)?;
     let job_dir = config.runtime_dir.join(&spec.job);
     let _lock = teardown::lock_job(&job_dir, true)?;
     if let Some(state) = live_state(&dir) {

@@ -543,6 +543,7 @@ fn download_and_unpack(
         (unpacked, drained, diff.digest())
     };
     let (unpacked, drained, (diff_digest, _)) = result;
+    // Past the deadline, the rest is not waited for; the drain itself may pass it too.
     let rest = if blob.too_slow { Ok(0) } else { std::io::copy(&mut blob, &mut std::io::sink()) };
     if blob.too_slow {
         return Err(StoreError::TooSlow {
