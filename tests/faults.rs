@@ -947,3 +947,216 @@ fn on_a_node_create_and_destroy_killed_at_random_moments_leave_no_anchor_mount_o
     }
     eprintln!("kills that landed during create: {mid_create} of 16");
 }
+
+/// Pushes an image no node has seen (a busybox layer stamped `REPO SEED` and `noise_len`
+/// bytes of noise, both unique to this run) as `REPO:1` to the cluster's registry;
+/// returns its reference there.
+fn push_unique_image(repo: &str, noise_len: usize) -> String {
+    let cluster = cluster();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let noise = noise(noise_len, seed);
+    let image = image(&[busybox_layer(&format!("{repo} {seed}")), oci_image::tar(&[oci_image::Entry::File("noise", &noise, 0o644)])], &["/bin/true"]);
+    let layout = std::env::temp_dir().join(format!("berth-faults-{repo}"));
+    let _ = std::fs::remove_dir_all(&layout);
+    image.write_layout(&layout, "1");
+    let out = Command::new(berth_e2e::repo_root().join("slurm-test-env/push")).arg(format!("{}:1", layout.display())).arg(format!("{repo}:1")).output().unwrap();
+    stdout_ok(&out);
+    let _ = std::fs::remove_dir_all(&layout);
+    format!("{}/{repo}:1", cluster.registry())
+}
+
+/// A registry that trickles: a proxy to the cluster's registry, on 127.0.0.1 of a
+/// compute host's network namespace, that relays everything at once except blobs over
+/// 1 MiB, whose bodies it sends 4 KiB at once and then one byte every `gap` (under
+/// berth's per-read timeout, so no read ever times out), until told to hurry.
+struct TrickleRegistry {
+    addr: String,
+    /// Blob bodies it has started to trickle.
+    trickling: Arc<AtomicUsize>,
+    /// Set: the rest of every body goes at once.
+    hurry: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TrickleRegistry {
+    fn start(netns: PathBuf, upstream: String, gap: Duration) -> TrickleRegistry {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let trickling = Arc::new(AtomicUsize::new(0));
+        let hurry = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (counter, hurried) = (trickling.clone(), hurry.clone());
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the host's network namespace");
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            tx.send(listener.local_addr().unwrap().to_string()).unwrap();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (upstream, counter, hurried) = (upstream.clone(), counter.clone(), hurried.clone());
+                std::thread::spawn(move || {
+                    let _ = relay(conn, &upstream, &counter, &hurried, gap);
+                });
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the trickling registry started");
+        TrickleRegistry { addr, trickling, hurry }
+    }
+}
+
+/// Relays one request (as HTTP/1.0, so the upstream closes after its answer) and its answer.
+fn relay(mut conn: TcpStream, upstream: &str, trickling: &AtomicUsize, hurry: &std::sync::atomic::AtomicBool, gap: Duration) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("GET").to_string(), parts.next().unwrap_or("/").to_string());
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {upstream}\r\n");
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+        if name != "host" && name != "connection" {
+            head.push_str(&line);
+        }
+    }
+    head.push_str("\r\n");
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(head.as_bytes())?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").map_or(answer.len(), |p| p + 4);
+    let (answer_head, body) = answer.split_at(split);
+    let text = String::from_utf8_lossy(answer_head);
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or_default().to_string();
+    let kept: String = lines.filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:")).map(|l| format!("{l}\r\n")).collect();
+    conn.write_all(format!("{status}\r\n{kept}Connection: close\r\n\r\n").as_bytes())?;
+    if method == "GET" && path.contains("/blobs/") && body.len() > 1 << 20 {
+        trickling.fetch_add(1, Ordering::SeqCst);
+        conn.write_all(&body[..4096])?;
+        for (i, byte) in body.iter().enumerate().skip(4096) {
+            if hurry.load(Ordering::SeqCst) {
+                return conn.write_all(&body[i..]);
+            }
+            std::thread::sleep(gap);
+            conn.write_all(std::slice::from_ref(byte))?;
+        }
+        Ok(())
+    } else {
+        conn.write_all(body)
+    }
+}
+
+/// The review's cross-user denial of service (review 13, finding 4): alice's job pulls
+/// an image from a registry that trickles its big layer, so her root `berth` sits in the
+/// download holding that layer's lock, and she stops her step with
+/// `scancel -s STOP`. bob's job needing the same image on that node must still start,
+/// well within the half hour a pull waits for another's lock. Then alice's step goes on
+/// and the registry hurries: her pull, which lost the race to publish, drops its copy
+/// and her job runs on bob's, leaving a store that verifies.
+#[test]
+fn a_stopped_or_trickling_pull_of_one_user_does_not_hold_up_another_users_job_needing_the_same_layers() {
+    let cluster = cluster();
+    let (node, netns) = node_and_netns();
+    let repo = format!("stopped-pull-{}", std::process::id());
+    let image = push_unique_image(&repo, 8 << 20);
+    let trickle = TrickleRegistry::start(netns, cluster.registry(), Duration::from_secs(2));
+    let users = cluster.users();
+    let (alice, bob) = (&users[0], &users[1]);
+    let alices_image = format!("{}/{repo}:1", trickle.addr);
+    let alice_out = format!("/home/{alice}/{repo}.out");
+    let alice_job = stdout_ok(&cluster.run_as(
+        alice,
+        &format!("sbatch --parsable -N1 -w {node} -o {alice_out} --wrap \"srun --container={alices_image} cat /stamp\""),
+    ))
+    .trim()
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while trickle.trickling.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "alice's job {alice_job} never started to download the big layer");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Her root berth is in the download (and, before the fix, holds the layer's lock).
+    std::thread::sleep(Duration::from_secs(2));
+    stdout_ok(&cluster.run_as(alice, &format!("scancel -s STOP {alice_job}.0")));
+    let start = Instant::now();
+    let out = cluster.run_as(bob, &format!("timeout 150 srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; cat /stamp; echo'"));
+    let took = start.elapsed();
+    let stopped = cluster.on_node(&node, "grep -l '^State:.*stopped' /proc/[0-9]*/status | wc -l");
+    let _ = cluster.run_as(alice, &format!("scancel -s CONT {alice_job}.0"));
+    trickle.hurry.store(true, Ordering::SeqCst);
+    let alice_deadline = Instant::now() + Duration::from_secs(90);
+    while !stdout_ok(&cluster.run_as(alice, &format!("squeue -h -j {alice_job} 2>/dev/null"))).trim().is_empty() {
+        if Instant::now() > alice_deadline {
+            let _ = cluster.run_as(alice, &format!("scancel {alice_job}"));
+            panic!("alice's job {alice_job} did not end once it went on");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let alice_said = stdout_ok(&cluster.run_as(alice, &format!("cat {alice_out}; rm -f {alice_out}")));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains(&format!("{repo} ")),
+        "bob's job did not start while alice's pull was stopped ({} s; processes stopped on {node}: {}): {stdout} {stderr}",
+        took.as_secs(),
+        String::from_utf8_lossy(&stopped.stdout).trim()
+    );
+    assert!(took < Duration::from_secs(60), "bob's job took {} s to start", took.as_secs());
+    eprintln!("bob's job started and ended in {:.1} s while alice's pull was stopped", took.as_secs_f64());
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&stdout));
+    assert!(alice_said.contains(&format!("{repo} ")), "alice's job, once it went on: {alice_said}");
+    assert_nodes_clean(&cluster, &alice_job);
+    let verify = cluster.on_node(&node, &format!("{} verify", berth_binary().display()));
+    assert!(verify.status.success(), "the node's store: {}", String::from_utf8_lossy(&verify.stdout));
+}
+
+/// The trickling registry alone: a layer download that keeps every read under the
+/// per-read timeout still ends, at 30 s plus its size at `min_pull_rate` (100K by
+/// default), with one line naming the registry and the rate.
+#[test]
+fn a_registry_trickling_a_layer_fails_the_pull_at_the_minimum_rate_with_one_line() {
+    let cluster = cluster();
+    let (node, netns) = node_and_netns();
+    let repo = format!("trickled-{}", std::process::id());
+    push_unique_image(&repo, 2 << 20);
+    let trickle = TrickleRegistry::start(netns, cluster.registry(), Duration::from_secs(2));
+    let image = format!("{}/{repo}:1", trickle.addr);
+    let start = Instant::now();
+    let out = cluster.run(&format!("timeout 200 srun -N1 -w {node} --container={image} true; echo rc=$?"));
+    let took = start.elapsed();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(trickle.trickling.load(Ordering::SeqCst) >= 1, "the big layer was never asked for: {stdout} {stderr}");
+    assert!(stdout.contains("rc=1"), "{stdout} {stderr}");
+    // 2 MiB at 100K/s: 30 s + 20 s, plus one read's gap.
+    assert!(took < Duration::from_secs(90), "the pull took {} s to give up", took.as_secs());
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("error: berth:")).collect();
+    assert_eq!(ours.len(), 1, "{stderr}");
+    assert!(ours[0].contains(&format!("registry {} ", trickle.addr)) && ours[0].contains("minimum rate of 100K/s (min_pull_rate)"), "{}", ours[0]);
+    let b = berth_binary().display().to_string();
+    let verify = cluster.on_node(&node, &format!("{b} verify"));
+    assert!(verify.status.success(), "the node's store: {}", String::from_utf8_lossy(&verify.stdout));
+}
+
+/// The node-wide runtime dir lock (`<runtime_dir>/.lock`) held by a create its job
+/// stopped (here: held by a `flock` that never lets go, as a stopped create would):
+/// once the runtime dir is a private mount, no create takes that lock, so bob's job
+/// starts at once instead of failing after the 3 min a job lock is waited for.
+#[test]
+fn a_held_runtime_dir_lock_holds_up_no_create_once_the_runtime_dir_is_private() {
+    let cluster = cluster();
+    let (node, _) = node_and_netns();
+    let image = format!("{}/minimal:latest", cluster.registry());
+    let bob = &cluster.users()[1];
+    // A first job makes the runtime dir private (a no-op where it already is).
+    stdout_ok(&cluster.run_as(bob, &format!("srun -N1 -w {node} --container={image} true")));
+    let holder = cluster.on_node(&node, "setsid flock -x /run/berth/.lock sleep 120 </dev/null >/dev/null 2>&1 & echo $!");
+    let holder = stdout_ok(&holder).trim().to_string();
+    let start = Instant::now();
+    let out = cluster.run_as(bob, &format!("timeout 100 srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID'"));
+    let took = start.elapsed();
+    let _ = cluster.on_node(&node, &format!("pkill -KILL -P {holder}; kill -KILL {holder}"));
+    let text = stdout_ok(&out);
+    assert!(took < Duration::from_secs(30), "bob's job took {} s with the runtime dir's lock held", took.as_secs());
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&text));
+}

@@ -91,6 +91,9 @@ pub struct Config {
     pub max_image_size: String,
     /// The most files (and dirs, links, ...) one pull may unpack into the store.
     pub max_image_files: u64,
+    /// The slowest a layer download may be on average, in bytes a second (`100K`;
+    /// suffixes K, M, G): a layer of N bytes gets 30 s plus N / this rate in all.
+    pub min_pull_rate: String,
 }
 
 impl Default for Config {
@@ -112,6 +115,7 @@ impl Default for Config {
             wiring_ports: "20000-29999".to_string(),
             max_image_size: "64G".to_string(),
             max_image_files: 2_000_000,
+            min_pull_rate: "100K".to_string(),
         }
     }
 }
@@ -133,6 +137,7 @@ const KNOWN_KEYS: &[&str] = &[
     "wiring_ports",
     "max_image_size",
     "max_image_files",
+    "min_pull_rate",
 ];
 
 impl Config {
@@ -245,6 +250,7 @@ impl Config {
             "wiring_ports" => self.wiring_ports = value.to_string(),
             "max_image_size" => self.max_image_size = value.to_string(),
             "max_image_files" => self.max_image_files = value.parse().map_err(|_| bad("expected a number of files"))?,
+            "min_pull_rate" => self.min_pull_rate = value.to_string(),
             _ => {
                 return Err(ConfigError::UnknownKey {
                     key: key.to_string(),
@@ -285,6 +291,13 @@ impl Config {
                 why: "expected a size in bytes, or with a suffix K, M, G or T (e.g. 64G)".into(),
             });
         }
+        if parse_size(&self.min_pull_rate).is_none_or(|r| r == 0) {
+            return Err(ConfigError::BadValue {
+                key: "min_pull_rate".into(),
+                value: self.min_pull_rate.clone(),
+                why: "expected bytes a second above 0, or with a suffix K, M or G (e.g. 100K)".into(),
+            });
+        }
         for mount in &self.site_mounts {
             if !mount.source.is_absolute() || !mount.target.is_absolute() {
                 return Err(ConfigError::BadValue {
@@ -300,6 +313,11 @@ impl Config {
     /// `max_image_size` in bytes.
     pub fn max_image_bytes(&self) -> u64 {
         parse_size(&self.max_image_size).unwrap_or(u64::MAX)
+    }
+
+    /// `min_pull_rate` in bytes a second.
+    pub fn min_pull_rate_bytes(&self) -> u64 {
+        parse_size(&self.min_pull_rate).unwrap_or(100 << 10).max(1)
     }
 
     /// `wiring_ports` as an inclusive range of unprivileged ports.

@@ -22,6 +22,7 @@ pub mod user;
 use crate::config::Config;
 use crate::rootfs::{Overlay, RootfsError};
 use crate::teardown::{self, TeardownError};
+use crate::store::lock;
 use mounts::{Bind, Layout, MountError};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -287,16 +288,53 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 use std::os::unix::fs::OpenOptionsExt;
 
-/// Makes `dir` a mount point with private propagation (as `ip netns` does for
-/// /run/netns), so pins made in it never propagate into other mount namespaces.
-fn make_private(dir: &Path) -> Result<()> {
+/// Whether `dir` is a mount point (the topmost at its path) and, if so, whether it
+/// propagates (shared or slave); also its canonical path.
+fn mount_state(dir: &Path) -> Result<(PathBuf, Option<bool>)> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(io("read", Path::new("/proc/self/mountinfo")))?;
     let canonical = dir.canonicalize().map_err(io("resolve", dir))?;
     let wanted = canonical.to_string_lossy().replace(' ', "\\040");
     let entry = mountinfo.lines().rev().find(|l| l.split(' ').nth(4) == Some(wanted.as_str()));
-    match entry {
-        Some(line) if !line.split(' ').nth(6).is_some_and(|f| f.contains(':')) => return Ok(()),
-        Some(_) => {}
+    let propagates = entry.map(|line| line.split(' ').nth(6).is_some_and(|f| f.contains(':')));
+    Ok((canonical, propagates))
+}
+
+/// Makes the runtime dir a private mount unless it is one. The node-wide lock this
+/// takes is only for the node's first creates: a create its job stops (`scancel -s
+/// STOP`) can hold up no other user's once the runtime dir is private, and a waiter
+/// re-checks between short waits, so a holder stopped after its mount holds up nobody.
+fn make_runtime_dir_private(config: &Config) -> Result<()> {
+    let path = config.runtime_dir.join(".lock");
+    let start = std::time::Instant::now();
+    while !is_private_mount(&config.runtime_dir)? {
+        let what = "the runtime dir's mount, held by another create";
+        match lock::acquire(&path, true, std::time::Duration::from_millis(250), what) {
+            Ok(_runtime_lock) => return make_private(&config.runtime_dir),
+            Err(lock::LockError::TimedOut { .. }) if start.elapsed() < lock::JOB_WAIT => {}
+            Err(lock::LockError::TimedOut { path, what, .. }) => {
+                return Err(teardown::TeardownError::from(lock::LockError::TimedOut { path, what, waited: start.elapsed() }).into())
+            }
+            Err(e) => return Err(teardown::TeardownError::from(e).into()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir` is already a private mount point: then [`make_private`] has nothing to
+/// do, and needs no lock (no create undoes it).
+fn is_private_mount(dir: &Path) -> Result<bool> {
+    Ok(mount_state(dir)?.1 == Some(false))
+}
+
+/// Makes `dir` a mount point with private propagation (as `ip netns` does for
+/// /run/netns), so pins made in it never propagate into other mount namespaces.
+/// The caller holds the runtime dir's lock: two binds would stack, and the upper one
+/// would hide the pins made in the lower.
+fn make_private(dir: &Path) -> Result<()> {
+    let (canonical, propagates) = mount_state(dir)?;
+    match propagates {
+        Some(false) => return Ok(()),
+        Some(true) => {}
         None => nix::mount::mount(Some(&canonical), &canonical, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .map_err(sys_err("bind-mount the runtime dir on itself"))?,
     }
@@ -320,10 +358,7 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     let dir = container_dir(config, &spec.job, &spec.name)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     crate::fsmode::ensure_dir(&config.runtime_dir, 0o755).map_err(io("create", &config.runtime_dir))?;
-    {
-        let _runtime_lock = teardown::lock_job(&config.runtime_dir, false)?;
-        make_private(&config.runtime_dir)?;
-    }
+    make_runtime_dir_private(config)?;
     let job_dir = config.runtime_dir.join(&spec.job);
     let _lock = teardown::lock_job(&job_dir, true)?;
     if let Some(state) = live_state(&dir) {

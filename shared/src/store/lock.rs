@@ -14,8 +14,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// How long a pull waits for another process fetching the same layer or config.
+/// The longest a pull waits for another process fetching the same layer or config,
+/// and only while that process shows progress ([`acquire_unless_stalled`]).
 pub const PULL_WAIT: Duration = Duration::from_secs(30 * 60);
+/// How long a holder of a pull's lock may go without showing progress ([`Lock::touch`])
+/// before waiters stop waiting for it and do the work themselves.
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
 /// How long a reader or pull waits for a `gc` or `verify` holding the store.
 pub const STORE_WAIT: Duration = Duration::from_secs(10 * 60);
 /// How long a container action waits for another action on the same job or node.
@@ -51,6 +55,42 @@ impl Lock {
     /// The locked file (to check that it is still the one at its path).
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Shows waiters that the holder is making progress: sets the lock file's mtime to now.
+    pub fn touch(&self) {
+        let now = rustix::fs::Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_NOW };
+        // Only a hint to waiters: failing to give it makes them go ahead on their own.
+        let _ = rustix::fs::futimens(&self.file, &rustix::fs::Timestamps { last_access: now, last_modification: now });
+    }
+}
+
+/// For locks that only save duplicate work (publishing is atomic and idempotent), so
+/// that no holder another user can stop or slow holds anyone up: takes the exclusive
+/// lock at `path` (marking it fresh), or returns `None` when its holder has shown no
+/// progress ([`Lock::touch`]) for [`STALLED_AFTER`] since we began waiting, or after
+/// [`PULL_WAIT`] in all; the caller then does the work without the lock.
+pub fn acquire_unless_stalled(path: &Path) -> Result<Option<Lock>, LockError> {
+    let file = crate::fsmode::open_private(path).map_err(|source| LockError::Open { path: path.to_path_buf(), source })?;
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {
+                let lock = Lock { file };
+                lock.touch();
+                return Ok(Some(lock));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(LockError::Open { path: path.to_path_buf(), source: e.into() }),
+        }
+        let waited = start.elapsed();
+        let quiet_for = file.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok()).unwrap_or(Duration::MAX);
+        if (waited >= STALLED_AFTER && quiet_for >= STALLED_AFTER) || waited >= PULL_WAIT {
+            return Ok(None);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
     }
 }
 
@@ -107,6 +147,29 @@ mod tests {
         assert!(try_acquire(&p, false).is_none());
         drop(ex);
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_waiter_goes_ahead_without_a_holder_that_shows_no_progress_and_waits_for_one_that_does() {
+        let p = std::env::temp_dir().join(format!("berth-lock-stalled-{}", std::process::id()));
+        let held = acquire_unless_stalled(&p).unwrap().expect("a free lock is taken");
+        // A holder that stops: the waiter goes ahead after STALLED_AFTER, not PULL_WAIT.
+        let start = Instant::now();
+        assert!(acquire_unless_stalled(&p).unwrap().is_none());
+        assert!(start.elapsed() >= STALLED_AFTER && start.elapsed() < STALLED_AFTER + Duration::from_secs(2), "{:?}", start.elapsed());
+        // A holder that shows progress keeps the waiter waiting, until it lets go.
+        let start = Instant::now();
+        let waited = std::thread::scope(|s| {
+            let waiter = s.spawn(|| acquire_unless_stalled(&p).unwrap());
+            for _ in 0..8 {
+                held.touch();
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            drop(held);
+            waiter.join().unwrap()
+        });
+        assert!(waited.is_some() && start.elapsed() >= Duration::from_secs(8), "{:?}", start.elapsed());
         std::fs::remove_file(&p).unwrap();
     }
 

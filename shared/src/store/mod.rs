@@ -80,6 +80,8 @@ pub enum StoreError {
     Unpack { reference: String, layer: String, source: UnpackError },
     #[error("cannot pull {reference}: layer {layer}: the download broke off after {got} of {expected} bytes ({why}); try again")]
     Truncated { reference: String, layer: String, got: u64, expected: u64, why: String },
+    #[error("cannot pull {reference}: layer {layer}: registry {registry} sent only {got} of {expected} bytes in {secs} s, slower than the minimum rate of {rate}/s (min_pull_rate); try again later or ask the admin")]
+    TooSlow { reference: String, registry: String, layer: String, got: u64, expected: u64, secs: u64, rate: String },
     #[error("cannot pull {reference}: {what} does not match its digest (expected {expected}, got {actual}): the registry or something on the way corrupted it")]
     DigestMismatch { reference: String, what: String, expected: String, actual: String },
     #[error("cannot pull {reference}: no space left in the image store {store} ({detail}): free space or run `berth gc`")]
@@ -638,18 +640,27 @@ impl Store {
 
     /// Records that the content at `rel` was downloaded and verified by a pull whose
     /// access is `added`. Called only after the content is published and its digests
-    /// checked; serialized per entry so concurrent pulls lose no uid.
+    /// checked; serialized per entry so concurrent pulls lose no uid. A holder of the
+    /// entry's lock that is stopped (another user's job may be) is not waited for: the
+    /// update is then made unlocked and read back, again while another's write lost it.
+    /// A uid lost all the same only costs its user a download (access fails closed).
     fn grant(&self, rel: &str, added: &Access) -> Result<(), StoreError> {
         let path = self.access_path(rel);
         let lock_path = self.root.join("locks").join(format!("access-{}.lock", rel.replace('/', "-")));
-        let _lock = lock::acquire(&lock_path, true, lock::PULL_WAIT, "the access entry of a layer another pull is updating")?;
-        let before = self.content_access(rel);
-        let after = before.clone().with(added);
-        if after == before {
-            return Ok(());
+        let lock = lock::acquire_unless_stalled(&lock_path)?;
+        for _ in 0..3 {
+            let before = self.content_access(rel);
+            let after = before.clone().with(added);
+            if after == before {
+                return Ok(());
+            }
+            let text = serde_json::to_vec(&after).map_err(|e| self.io(&path, e.into()))?;
+            write_atomic_mode(&self.root, &path, &text, PRIVATE_FILE_MODE).map_err(|e| self.io(&path, e))?;
+            if lock.is_some() {
+                return Ok(());
+            }
         }
-        let text = serde_json::to_vec(&after).map_err(|e| self.io(&path, e.into()))?;
-        write_atomic_mode(&self.root, &path, &text, PRIVATE_FILE_MODE).map_err(|e| self.io(&path, e))
+        Ok(())
     }
 
     /// A fresh directory under `tmp/` for work in progress (a layer's root: 0755 unless

@@ -50,9 +50,11 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
     let config_bytes = match stored() {
         Some(b) => b,
         None => {
-            // Under the blob's lock, so that concurrent pulls of one image fetch it once.
+            // Under the blob's lock, so that concurrent pulls of one image fetch it once;
+            // but never waiting for a holder that is stopped or stalled (another user's
+            // job may be): the write is atomic, a concurrent identical one harmless.
             let lock_path = store.root.join("locks").join(format!("{}.lock", config_digest.trim_start_matches("sha256:")));
-            let _lock = lock::acquire(&lock_path, true, lock::PULL_WAIT, "an image config another pull is fetching")?;
+            let _lock = lock::acquire_unless_stalled(&lock_path)?;
             match stored() {
                 Some(b) => b,
                 None => {
@@ -138,7 +140,9 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         let hex = chain_ids[i].trim_start_matches("sha256:");
         let rel = format!("layers/chain/{hex}");
         let dest = store.root.join(&rel);
-        let _l = lock::acquire(&store.root.join("locks").join(format!("chain-{hex}.lock")), true, lock::PULL_WAIT, "a layer another pull is linking")?;
+        // Only saves linking twice: a stalled holder is not waited for (publish_dir
+        // tolerates a concurrent identical publish).
+        let _l = lock::acquire_unless_stalled(&store.root.join("locks").join(format!("chain-{hex}.lock")))?;
         if dest.is_dir() {
             // Published meanwhile by another pull; ours was downloaded and verified too.
             let _ = super::gc::remove_tree(&tmp);
@@ -149,7 +153,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
                 let _ = super::gc::remove_tree(&tmp);
                 return Err(unpack_err(store, &key, layers[i].digest().as_ref(), source));
             }
-            std::fs::rename(&tmp, &dest).map_err(|e| io_err(store, &key, &dest, e))?;
+            publish_dir(&tmp, &dest).map_err(|e| io_err(store, &key, &dest, e))?;
         }
         store.grant(&rel, &access)?;
         rels[i] = rel;
@@ -291,7 +295,23 @@ fn unpack_err(store: &Store, key: &str, layer: &str, source: UnpackError) -> Sto
     StoreError::Unpack { reference: key.into(), layer: super::short(layer).to_string(), source }
 }
 
+/// Renames a verified layer dir from `tmp/` into place. When a concurrent pull
+/// published the same layer first (its dir is there and not empty), ours is an
+/// identical, verified copy: it is dropped and theirs kept.
+fn publish_dir(tmp: &Path, dest: &Path) -> std::io::Result<()> {
+    match std::fs::rename(tmp, dest) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) && dest.is_dir() => {
+            let _ = super::gc::remove_tree(tmp);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Fetches one layer unless another process published it while we waited for its lock.
+/// The lock only saves downloading a layer twice: a holder that stops or slows (another
+/// user's job can) is waited for only while it shows progress, then we fetch on our own.
 #[allow(clippy::too_many_arguments)]
 fn fetch_layer(
     store: &Store,
@@ -306,7 +326,7 @@ fn fetch_layer(
 ) -> Result<Outcome, StoreError> {
     let hex = diff_id.trim_start_matches("sha256:");
     let lock_path = store.root.join("locks").join(format!("{hex}.lock"));
-    let _lock = lock::acquire(&lock_path, true, lock::PULL_WAIT, "a layer another pull is fetching")?;
+    let lock = lock::acquire_unless_stalled(&lock_path)?;
     let already = published(store, diff_id, chain_id);
     if let Some(rel) = already.clone().filter(|rel| store.may_reuse(rel)) {
         return Ok(Outcome::Published(rel));
@@ -321,7 +341,7 @@ fn fetch_layer(
             Some(_) => LayerTarget::Nowhere,
             None => LayerTarget::Dir(store.tmp_dir("layer")?),
         };
-        match download_and_unpack(store, client, key, budget, layer, diff_id, &into, &bar) {
+        match download_and_unpack(store, client, key, budget, layer, diff_id, &into, &bar, lock.as_ref()) {
             Ok(_) if already.is_some() => {
                 let rel = already.clone().unwrap_or_default();
                 store.grant(&rel, access)?;
@@ -331,7 +351,7 @@ fn fetch_layer(
             Ok(links) if links.is_empty() => {
                 let rel = format!("layers/sha256/{hex}");
                 let dest = store.root.join(&rel);
-                std::fs::rename(into.tmp(), &dest).map_err(|e| io_err(store, key, &dest, e))?;
+                publish_dir(into.tmp(), &dest).map_err(|e| io_err(store, key, &dest, e))?;
                 store.grant(&rel, access)?;
                 bar.done("done");
                 return Ok(Outcome::Published(rel));
@@ -367,11 +387,42 @@ struct Hashing<'a, R> {
     failed: Option<String>,
     /// The stream went on past `limit`.
     overlong: bool,
+    /// The download's deadline and the lock its progress is shown on, if any.
+    pace: Option<Pace<'a>>,
+    /// The deadline passed.
+    too_slow: bool,
+}
+
+/// A layer download's bound on its total time (against a registry that trickles, each
+/// read just under the per-read timeout), and the layer lock whose waiters it shows
+/// progress.
+struct Pace<'a> {
+    deadline: std::time::Instant,
+    lock: Option<&'a lock::Lock>,
+    unshown: u64,
+}
+
+/// Bytes a download shows progress on its lock for (at least one a [`lock::STALLED_AFTER`],
+/// i.e. some 13 KiB/s, keeps waiters waiting).
+const PROGRESS_BYTES: u64 = 64 << 10;
+/// What every layer download may take on top of its size at `min_pull_rate`.
+const PULL_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Pace<'_> {
+    /// The time a download of `size` bytes may take at `min_rate` bytes a second.
+    fn allowed(size: u64, min_rate: u64) -> std::time::Duration {
+        PULL_GRACE + std::time::Duration::from_secs(size / min_rate.max(1))
+    }
 }
 
 impl<'a, R: Read> Hashing<'a, R> {
     fn new(inner: R, limit: u64, bar: Option<&'a LayerBar>) -> Self {
-        Hashing { inner, hasher: Sha256::new(), count: 0, limit, bar, failed: None, overlong: false }
+        Hashing { inner, hasher: Sha256::new(), count: 0, limit, bar, failed: None, overlong: false, pace: None, too_slow: false }
+    }
+
+    fn paced(mut self, pace: Pace<'a>) -> Self {
+        self.pace = Some(pace);
+        self
     }
 
     fn digest(self) -> (String, u64) {
@@ -404,6 +455,19 @@ impl<R: Read> Read for Hashing<'_, R> {
         self.count += n as u64;
         if let Some(b) = self.bar {
             b.inc(n as u64);
+        }
+        if let Some(pace) = &mut self.pace {
+            pace.unshown += n as u64;
+            if pace.unshown >= PROGRESS_BYTES {
+                pace.unshown = 0;
+                if let Some(l) = pace.lock {
+                    l.touch();
+                }
+            }
+            if n > 0 && std::time::Instant::now() > pace.deadline {
+                self.too_slow = true;
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the download is slower than min_pull_rate"));
+            }
         }
         Ok(n)
     }
@@ -438,7 +502,11 @@ fn download_and_unpack(
     diff_id: &str,
     into: &LayerTarget,
     bar: &LayerBar,
+    lock: Option<&lock::Lock>,
 ) -> Result<Vec<(String, String)>, StoreError> {
+    let min_rate = store.config.min_pull_rate_bytes();
+    let allowed = Pace::allowed(layer.size(), min_rate);
+    let started = std::time::Instant::now();
     let digest = layer.digest().to_string();
     let compression = manifest::layer_compression(layer.media_type().as_ref())
         .map_err(|e| StoreError::BadImage { reference: key.into(), why: e.to_string() })?;
@@ -450,7 +518,8 @@ fn download_and_unpack(
         source => StoreError::Registry { reference: key.into(), source },
     })?;
     bar.phase("pulling");
-    let mut blob = Hashing::new(response.into_reader(), layer.size(), Some(bar));
+    let pace = Pace { deadline: started + allowed, lock, unshown: 0 };
+    let mut blob = Hashing::new(response.into_reader(), layer.size(), Some(bar)).paced(pace);
     let result = {
         let decoded: Box<dyn Read + '_> = match compression {
             Compression::None => Box::new(&mut blob),
@@ -474,7 +543,19 @@ fn download_and_unpack(
         (unpacked, drained, diff.digest())
     };
     let (unpacked, drained, (diff_digest, _)) = result;
-    let rest = std::io::copy(&mut blob, &mut std::io::sink());
+    // Past the deadline, the rest is not waited for; the drain itself may pass it too.
+    let rest = if blob.too_slow { Ok(0) } else { std::io::copy(&mut blob, &mut std::io::sink()) };
+    if blob.too_slow {
+        return Err(StoreError::TooSlow {
+            reference: key.into(),
+            registry: client.registry().to_string(),
+            layer: super::short(&digest).into(),
+            got: blob.count,
+            expected: layer.size(),
+            secs: started.elapsed().as_secs(),
+            rate: store.config.min_pull_rate.clone(),
+        });
+    }
     let transport_failed = blob.failed.clone();
     let overlong = blob.overlong;
     let (blob_digest, got) = blob.digest();
