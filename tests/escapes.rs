@@ -976,3 +976,49 @@ fn on_a_node_a_wiring_port_another_user_holds_fails_that_job_alone_with_one_line
     let left = on(&node, &format!("kill -0 {holder} || echo {bob}\\'s process is gone; test -e {}/{job} && echo job dir left; grep -q '{job}' /proc/self/mountinfo && echo mount left; true", lab.dir.join("rt").display()));
     assert!(left.trim().is_empty(), "{}", left.trim());
 }
+
+/// A `localhost:PORT` registry is whichever node user listens there first. Root's
+/// pulls never speak plain HTTP to it unless the site lists it: bob, listening on
+/// node1's loopback, neither reads alice's login for that name nor learns what she
+/// pulls, and her job fails with one line.
+#[test]
+fn on_a_node_a_localhost_registry_another_user_runs_gets_nothing_in_the_clear() {
+    let c = cluster();
+    let node = c.nodes()[0].clone();
+    let (alice, bob) = (c.users()[0].clone(), c.users()[1].clone());
+    let port = 31000 + std::process::id() % 3000;
+    let log = format!("/tmp/berth-localhost-{port}.log");
+    let server = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', {port}))\ns.listen()\ns.settimeout(90)\n\
+         while True:\n    c, _ = s.accept()\n    c.settimeout(5)\n    try:\n        d = c.recv(4096)\n    except OSError:\n        d = b''\n    open('{log}', 'ab').write(d + b'\\n--\\n')\n    \
+         c.sendall(b'HTTP/1.1 401 Unauthorized\\r\\nWww-Authenticate: Basic realm=x\\r\\nContent-Length: 0\\r\\n\\r\\n')\n    c.close()\n"
+    );
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = cluster().on_node(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(node.clone(), format!("pkill -u {bob} -f berth-localhost-{port}; rm -f {log} /tmp/berth-localhost-{port}.py"));
+    on(&node, &format!("printf '%s' {} > /tmp/berth-localhost-{port}.py && chmod 644 /tmp/berth-localhost-{port}.py", shell_quote(&server)));
+    on(&node, &format!("runuser -u {bob} -- python3 /tmp/berth-localhost-{port}.py >/dev/null 2>&1 & true"));
+    on(&node, &format!("for i in $(seq 100); do ss -ltn | grep -q '127.0.0.1:{port} ' && exit 0; sleep 0.1; done; echo never listened; exit 1"));
+    // alice keeps a login for that name, as she would for a registry she uses.
+    let dir = format!("berth-localhost-{port}");
+    let out = c.run_as(
+        &alice,
+        &format!(
+            "rm -rf {dir} && mkdir -p {dir} && printf '{{\"auths\": {{\"localhost:{port}\": {{\"auth\": \"%s\"}}}}}}' $(printf alice:hunter2 | base64) > {dir}/config.json \
+             && DOCKER_CONFIG=$PWD/{dir} timeout 120 srun -w {node} -N1 --container-image=localhost:{port}/secret-project:1 true; echo rc=$?; rm -rf {dir}"
+        ),
+    );
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("rc=0"), "the job ran: {stdout} {stderr}");
+    let seen = on(&node, &format!("cat {log} 2>/dev/null; true"));
+    assert!(!seen.contains("Authorization") && !seen.contains("GET /v2"), "{bob} read in the clear: {seen}");
+    assert!(stderr.lines().any(|l| l.contains(&format!("localhost:{port}"))), "no line naming the registry: {stderr}");
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

@@ -413,7 +413,9 @@ impl Scratch {
         let _ = Command::new("rm").arg("-rf").arg(&dir).status();
         std::fs::create_dir_all(dir.join("store")).unwrap();
         let s = Scratch { dir };
-        s.write_config(&[]);
+        // The broken registries listen on loopback, which root's pulls use in plain
+        // HTTP only when the site lists it.
+        s.write_config(&["127.0.0.1"]);
         s
     }
 
@@ -579,7 +581,7 @@ fn tar_header_records_of_any_size_fail_with_one_line_and_little_memory() {
 fn an_image_beyond_max_image_size_or_max_image_files_stops_at_the_cap_with_one_line() {
     let reg = BrokenRegistry::start(None);
     let s = Scratch::new("caps");
-    s.write_config_with(&[], "max_image_size = \"16M\"\nmax_image_files = 1000\n");
+    s.write_config_with(&["127.0.0.1"], "max_image_size = \"16M\"\nmax_image_files = 1000\n");
     // 64 MiB of zeros against a 16 MiB cap: stopped at the cap, not at a full disk.
     let line = one_error_line("bomb", &s.berth(&["pull", "--quiet", &reg.image("bomb")]));
     assert!(line.contains("unpacks to more than max_image_size (16M)") && line.contains("raise max_image_size"), "{line}");
@@ -589,7 +591,7 @@ fn an_image_beyond_max_image_size_or_max_image_files_stops_at_the_cap_with_one_l
     s.verifies();
     assert!(std::fs::read_dir(s.store().join("tmp")).unwrap().next().is_none(), "nothing of either image is left in tmp/");
     // The defaults let both through.
-    s.write_config(&[]);
+    s.write_config(&["127.0.0.1"]);
     s.ok(&["pull", "--quiet", &reg.image("many-files")]);
     s.ok(&["pull", "--quiet", &reg.image("bomb")]);
     s.verifies();

@@ -337,9 +337,13 @@ impl Config {
     }
 
     /// Whether plain HTTP may be used for this registry host (with port, if any).
+    /// Loopback is implicit only for a user's own pulls: as root, a `localhost:PORT` is
+    /// whichever node user listens there first, who would get other users' logins in
+    /// the clear and define what the reference is for their jobs. A site that runs a
+    /// registry on loopback lists it.
     pub fn is_insecure(&self, registry: &str) -> bool {
         let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
-        matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+        (!crate::privileged::is_root() && matches!(host, "localhost" | "127.0.0.1" | "[::1]"))
             || self.insecure_registries.iter().any(|r| r == registry || r == host)
     }
 

@@ -406,10 +406,15 @@ mod tests {
     }
 
     #[test]
-    fn plain_http_only_for_localhost_and_insecure_registries() {
+    fn plain_http_only_for_listed_registries_and_a_users_own_localhost() {
         let mut config = Config { insecure_registries: vec!["10.1.2.3:5000".into()], ..Config::default() };
         let creds = Credentials::none();
+        // Loopback: plain for a user's own pulls, listed only for root's.
         let c = Client::new(&config, &Reference::parse("localhost:5000/a").unwrap(), &creds).unwrap();
+        let root = crate::privileged::is_root();
+        assert!(c.base.starts_with(if root { "https://" } else { "http://" }), "{}", c.base);
+        let listed = Config { insecure_registries: vec!["localhost:5000".into()], ..Config::default() };
+        let c = Client::new(&listed, &Reference::parse("localhost:5000/a").unwrap(), &creds).unwrap();
         assert!(c.base.starts_with("http://"));
         let c = Client::new(&config, &Reference::parse("10.1.2.3:5000/a").unwrap(), &creds).unwrap();
         assert!(c.base.starts_with("http://"));
