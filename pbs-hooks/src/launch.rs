@@ -228,6 +228,23 @@ pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
     container::exec_joined(&joined, &program, &vars, &overrides).into()
 }
 
+/// pbs_mom's one line on the shell's stdin (`[exec ]PATH [ARGS]`, at most 64 KiB),
+/// read a byte at a time so that nothing after it is taken from the pipe.
+pub fn read_script_line() -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut stdin = std::io::stdin().lock();
+    while line.len() < 64 * 1024 {
+        match stdin.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ => line.push(byte[0]),
+        }
+    }
+    Ok(line)
+}
+
 fn stdin_is_pipe() -> bool {
     use nix::sys::stat::{fstat, SFlag};
     fstat(0).is_ok_and(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO)
@@ -236,19 +253,7 @@ fn stdin_is_pipe() -> bool {
 /// Reads pbs_mom's `PATH [ARGS]` line from stdin and opens PATH with the caller's file
 /// system identity (never root's: the caller wrote the line when run by hand).
 fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
-    use std::io::Read;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    let mut stdin = std::io::stdin().lock();
-    while line.len() < 64 * 1024 {
-        match stdin.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) => return Err(LaunchError::ScriptName(e.to_string())),
-        }
-    }
-    drop(stdin);
+    let line = read_script_line().map_err(|e| LaunchError::ScriptName(e.to_string()))?;
     let words = shell_words(&String::from_utf8_lossy(&line));
     let mut words = words.into_iter();
     let path = match words.next() {

@@ -172,19 +172,7 @@ fn image_values(config: &Config, job: &str, dir: &std::path::Path) -> Vec<env::V
 
 /// Reads `[exec ]PATH [ARGS]` from stdin: the line as sent, PATH and ARGS.
 fn script_line() -> Result<(Vec<u8>, String, Vec<String>), StarterError> {
-    use std::io::Read;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    let mut stdin = std::io::stdin().lock();
-    while line.len() < 64 * 1024 {
-        match stdin.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => line.push(byte[0]),
-            Err(e) => return Err(StarterError::ScriptName(e.to_string())),
-        }
-    }
-    drop(stdin);
+    let line = berth_pbs::launch::read_script_line().map_err(|e| StarterError::ScriptName(e.to_string()))?;
     let text = String::from_utf8_lossy(&line).into_owned();
     let mut words = text.split_whitespace();
     let path = match words.next() {
