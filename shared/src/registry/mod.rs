@@ -400,7 +400,8 @@ mod tests {
         let insecure = client("10.1.2.3:5000/a");
         assert!(insecure.realm_may_get_login(&realm("http://10.1.2.3:5000/token")));
         assert!(insecure.realm_may_get_login(&realm("http://auth.local:8080/token")), "a host the admin listed");
-        assert!(insecure.realm_may_get_login(&realm("http://localhost:5001/token")));
+        // Loopback realms: plain HTTP by themselves for a user's own pulls only.
+        assert_eq!(insecure.realm_may_get_login(&realm("http://localhost:5001/token")), !crate::privileged::is_root());
         assert!(!insecure.realm_may_get_login(&realm("http://10.1.2.4:5000/token")));
         assert!(!insecure.realm_may_get_login(&realm("http://10.1.2.3:5001/token")), "another port of the registry's host");
     }
