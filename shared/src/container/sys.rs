@@ -144,12 +144,8 @@ pub fn cloexec_from(first: u32) -> nix::Result<()> {
         return Ok(());
     }
     // Kernels before 5.11: walk the open descriptors instead.
-    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map_err(|_| Errno::last())?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd >= first as i32)
-        .collect();
-    for fd in fds {
+    for fd in open_fds(first, u32::MAX)? {
+        let fd = fd as i32;
         // Descriptors that closed meanwhile (the read_dir one) fail with EBADF: harmless.
         let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     }
@@ -170,17 +166,22 @@ pub fn close_from_3_except(keep: i32) -> nix::Result<()> {
         let rc = unsafe { libc::close_range(first, last, 0) };
         if rc != 0 {
             // Kernels before 5.9: close the open ones one by one.
-            let fds: Vec<u32> = std::fs::read_dir("/proc/self/fd")
-                .map_err(|_| Errno::last())?
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|fd| (first..=last).contains(fd))
-                .collect();
-            for fd in fds {
+            for fd in open_fds(first, last)? {
                 let _ = nix::unistd::close(fd as i32);
             }
         }
     }
     Ok(())
+}
+
+/// This process's open descriptors in `first..=last`, from /proc/self/fd (for kernels
+/// without close_range).
+fn open_fds(first: u32, last: u32) -> nix::Result<Vec<u32>> {
+    Ok(std::fs::read_dir("/proc/self/fd")
+        .map_err(|_| Errno::last())?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| (first..=last).contains(fd))
+        .collect())
 }
 
 /// Sends one status word and, when given, one descriptor over a Unix socket.
