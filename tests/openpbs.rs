@@ -340,14 +340,16 @@ fn launcher() -> (String, String) {
     (format!("{}/bin/berth-pbs-enter", state.display()), format!("{}/etc/berth/berth.toml", state.display()))
 }
 
-/// A running container job of alice's, sleeping on node1 until dropped.
+/// A running container job of alice's, its script sleeping on node1 until dropped.
 fn running_job(test: &str) -> Job {
     let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\nexec -a berth-e2e-$PBS_JOBID sleep 600\n");
     let job = Job::submit(test, "-l select=1:host=node1:ncpus=1", &script);
     job.wait_for("R", Duration::from_secs(300));
     let start = Instant::now();
-    while !job.cluster.on_node("node1", &format!("test -e /run/berth/{}/node/mnt", job.id)).status.success() {
-        assert!(start.elapsed() < Duration::from_secs(60), "job {}'s container never appeared on node1", job.id);
+    // The script's own process, not the container's mount: the mount is there before the
+    // hook has written the job's user into the image's /etc/passwd.
+    while !job.cluster.on_node("node1", &format!("pgrep -f '^berth-e2e-{} ' >/dev/null", job.id)).status.success() {
+        assert!(start.elapsed() < Duration::from_secs(60), "job {}'s script never started on node1", job.id);
         std::thread::sleep(Duration::from_millis(300));
     }
     job
