@@ -578,7 +578,7 @@ fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<Option<Owne
 
 fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<OwnedFd> {
     let (commit_read, commit_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("start the container's anchor"))?;
-    let anchor = match sys::fork().map_err(sys_err("start the container's anchor"))? {
+    let anchor = match fork_in_cgroup(dir, "start the container's anchor")? {
         sys::Forked::Child => {
             for (ns, fd) in namespaces.iter().zip(fds) {
                 if nix::sched::setns(fd.as_fd(), ns_flag(ns)).is_err() {
@@ -590,7 +590,6 @@ fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result
         sys::Forked::Parent(pid) => pid,
     };
     drop(commit_read);
-    teardown::cgroup::enter(dir, anchor.as_raw() as u32).map_err(teardown::TeardownError::from)?;
     for ns in namespaces {
         let target = dir.join(ns);
         std::fs::remove_file(&target).map_err(io("replace", &target))?;
@@ -606,6 +605,15 @@ fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     Err(ContainerError::Sys { action: "start the container's anchor", source: Errno::ETIMEDOUT })
+}
+
+/// Forks a child that starts in the cgroup of the container at `dir` (when it has one),
+/// so that it and all it forks are found at teardown; `action` names the fork in errors.
+pub fn fork_in_cgroup(dir: &Path, action: &'static str) -> Result<sys::Forked> {
+    match teardown::cgroup::fork_target(dir).map_err(TeardownError::from)? {
+        Some(target) => sys::fork_into_cgroup(target.dir.as_fd(), target.procs.as_fd()).map_err(sys_err(action)),
+        None => sys::fork().map_err(sys_err(action)),
+    }
 }
 
 fn ns_flag(ns: &str) -> CloneFlags {

@@ -117,11 +117,30 @@ fn recorded(dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Puts process `pid` (and so all it forks from now on) into the container's cgroup.
-/// Call before the process enters the container: the cgroup is a host path.
+/// Call before the process enters the container: the cgroup is a host path. A process
+/// berth forks itself starts there instead ([`fork_target`]): this write costs an RCU
+/// grace period on most kernels.
 pub fn enter(dir: &Path, pid: u32) -> Result<()> {
     let Some(path) = recorded(dir)? else { return Ok(()) };
     let procs = path.join("cgroup.procs");
     std::fs::write(&procs, pid.to_string()).map_err(io("enter", &path))
+}
+
+/// The container's cgroup opened for a fork that starts in it: the directory (for
+/// clone3's `CLONE_INTO_CGROUP`) and its `cgroup.procs` (where the kernel has no clone3).
+pub struct ForkTarget {
+    pub dir: OwnedFd,
+    pub procs: OwnedFd,
+}
+
+/// Opens the cgroup recorded for the container at `dir`, if it has one, for
+/// [`crate::container::sys::fork_into_cgroup`].
+pub fn fork_target(dir: &Path) -> Result<Option<ForkTarget>> {
+    use rustix::fs::{open, Mode, OFlags};
+    let Some(path) = recorded(dir)? else { return Ok(None) };
+    let cgroup = open(&path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
+    let procs = rustix::fs::openat(&cgroup, "cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
+    Ok(Some(ForkTarget { dir: cgroup, procs }))
 }
 
 /// Kills every process in the container's cgroup and removes it; returns how many
@@ -207,6 +226,45 @@ mod tests {
         assert_eq!(unescape(r"/sys/fs/cgroup/un\040ified"), "/sys/fs/cgroup/un ified");
         assert_eq!(unescape("/plain"), "/plain");
         assert_eq!(unescape(r"/odd\x"), r"/odd\x");
+    }
+
+    #[test]
+    fn a_child_forked_into_the_cgroup_starts_there_and_dies_with_it() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: making a cgroup needs root");
+            return;
+        }
+        let runtime = std::env::temp_dir().join(format!("berth-cgroup-fork-{}", std::process::id()));
+        let dir = runtime.join("c");
+        std::fs::create_dir_all(&dir).unwrap();
+        create(&dir, &runtime).unwrap();
+        let Some(path) = recorded(&dir).unwrap() else {
+            eprintln!("skipped: this node's cgroup v2 carries controllers, so berth makes no cgroup");
+            return std::fs::remove_dir_all(&runtime).unwrap();
+        };
+        let child = match crate::container::fork_in_cgroup(&dir, "fork a test child").unwrap() {
+            // Nothing that allocates: the test harness has other threads.
+            crate::container::sys::Forked::Child => loop {
+                nix::unistd::pause();
+            },
+            crate::container::sys::Forked::Parent(pid) => pid,
+        };
+        // A failed assertion must not leave the child paused forever.
+        struct KillOnDrop(nix::unistd::Pid);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _guard = KillOnDrop(child);
+        let membership = std::fs::read_to_string(format!("/proc/{child}/cgroup")).unwrap();
+        let rel = membership.lines().find_map(|l| l.strip_prefix("0::")).unwrap().trim_start_matches('/');
+        assert!(!rel.is_empty() && path.ends_with(rel), "child in {rel}, cgroup {}", path.display());
+        assert_eq!(kill(&dir, Duration::from_secs(10)).unwrap(), 1);
+        let status = nix::sys::wait::waitpid(child, None).unwrap();
+        assert!(matches!(status, nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)), "{status:?}");
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&runtime).unwrap();
     }
 
     #[test]

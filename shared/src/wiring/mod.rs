@@ -293,12 +293,11 @@ fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &container
     let (read_end, write_end) = nix::unistd::pipe().map_err(|source| WiringError::Sys { action: "make a pipe", source })?;
     let what = inside::Inside { user, user_name: &user_name, group_name: &group_name, home: &home, shell: &shell, nodes, tree: tree.as_fd(), log, loader };
     let inside_err = |why: String| WiringError::Inside { job: job.to_string(), why };
-    match container::sys::fork().map_err(|source| WiringError::Sys { action: "fork", source })? {
+    // sshd and every session it starts stay in the container's cgroup.
+    match container::fork_in_cgroup(dir, "start the wiring's sshd")? {
         container::sys::Forked::Child => {
             drop(read_end);
-            // sshd and every session it starts stay in the container's cgroup.
-            let entered = crate::teardown::cgroup::enter(dir, std::process::id());
-            let report = match entered.map_err(|e| e.to_string()).and_then(|()| nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())) {
+            let report = match nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string()) {
                 Err(e) => format!("err cannot join the container: {e}"),
                 Ok(()) => match inside::prepare_and_start(&what) {
                     Ok(pid) => format!("ok {pid}"),
