@@ -495,3 +495,45 @@ fn remap_root_runs_the_script_as_root_mapped_to_the_user_where_the_site_allows_i
     assert_eq!(owner.trim(), "alice", "a file made by remapped root must be the user's");
     job.assert_gone();
 }
+
+/// A dir of bob's on the cluster's hosts that only bob may search, holding a
+/// searchable subdir with a readable secret; removed on drop.
+struct BobsPrivateDir {
+    cluster: Cluster,
+    path: String,
+}
+
+impl BobsPrivateDir {
+    fn new(cluster: Cluster, test: &str) -> BobsPrivateDir {
+        let path = format!("/home/bob/openpbs-e2e-{}-{test}", std::process::id());
+        stdout_ok(&cluster.on_node(
+            "node1",
+            &format!("rm -rf {path} && install -d -o bob -g bob -m 0700 {path} && install -d -o bob -g bob -m 0755 {path}/proj && echo bobs-secret >{path}/proj/secret && chown bob: {path}/proj/secret"),
+        ));
+        BobsPrivateDir { cluster, path }
+    }
+}
+
+impl Drop for BobsPrivateDir {
+    fn drop(&mut self) {
+        let _ = self.cluster.on_node("node1", &format!("rm -rf {}", self.path));
+    }
+}
+
+#[test]
+fn a_working_directory_below_another_users_private_dir_is_refused_not_entered_as_root() {
+    let _config = shared_config();
+    let private = BobsPrivateDir::new(openpbs(), "workdir");
+    // alice may bind /home; she may not search bob's dir. Entered with root's rights,
+    // the task would keep bob's subdir as its cwd and read the secret through it.
+    let workdir = format!("/h{}/proj", private.path.trim_start_matches("/home"));
+    let script = format!("#!/bin/bash\n#PBS -l select=1:host=node1:ncpus=1\n#PBS -l container={IMAGE};container-mounts=/home:/h;container-workdir={workdir}\npwd; cat secret\n");
+    let job = Job::submit("workdir", "", &script);
+    let (out, err) = job.finish();
+    assert!(!out.contains("bobs-secret") && !out.contains("/proj"), "alice's job got into bob's dir: {out} {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(&format!("cannot enter the working directory {workdir}")) && lines[0].contains("Permission denied"), "{err}");
+    assert_ne!(job.exit_status(), Some(0));
+    job.assert_gone();
+}

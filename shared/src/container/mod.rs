@@ -68,7 +68,7 @@ pub enum ContainerError {
     BadEnv { entry: String },
     #[error("bad image config {path}: {why}")]
     ImageConfig { path: PathBuf, why: String },
-    #[error("the working directory {dir} does not exist in the container: {source}")]
+    #[error("cannot enter the working directory {dir} in the container as the job's user: {source} (pick one the user can enter, with --container-workdir or container-workdir=)")]
     Workdir { dir: String, source: Errno },
     #[error("the working directory {dir} resolves through a /proc link to a descriptor (or a symlink loop), which could lead out of the container; pick a directory of the image")]
     WorkdirEscapes { dir: String },
@@ -610,8 +610,8 @@ fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result
 /// Forks a child that starts in the cgroup of the container at `dir` (when it has one),
 /// so that it and all it forks are found at teardown; `action` names the fork in errors.
 pub fn fork_in_cgroup(dir: &Path, action: &'static str) -> Result<sys::Forked> {
-    match teardown::cgroup::fork_target(dir).map_err(TeardownError::from)? {
-        Some(target) => sys::fork_into_cgroup(target.dir.as_fd(), target.procs.as_fd()).map_err(sys_err(action)),
+    match teardown::cgroup::open(dir).map_err(TeardownError::from)? {
+        Some(cgroup) => sys::fork_into_cgroup(cgroup.dir.as_fd(), cgroup.procs.as_fd()).map_err(sys_err(action)),
         None => sys::fork().map_err(sys_err(action)),
     }
 }
@@ -684,10 +684,13 @@ impl Joined {
     }
 }
 
-/// Joins the calling process to container `name` of `job`: its namespaces, its root
-/// and its working directory. What the Slurm plugin does in
+/// Joins the calling process to container `name` of `job`: its namespaces and its root,
+/// which becomes the working directory. What the Slurm plugin does in
 /// `task_init_privileged`, before Slurm drops to the user. Needs root and a
-/// single-threaded caller (setns into a mount namespace requires it).
+/// single-threaded caller (setns into a mount namespace requires it). The container's
+/// working directory is entered only as the user ([`exec_joined`], the plugin's
+/// `task_init`): resolved as root, a path through a bind of `/home` would reach into
+/// another user's private directory and keep it as the task's cwd.
 pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
     let dir = container_dir(config, job, name)?;
     join_dir(&dir, job, name, None)
@@ -737,6 +740,10 @@ fn join_dir(dir: &Path, job: &str, name: &str, owner: Option<u32>) -> Result<Joi
     }
     let env_path = dir.join("env");
     let env = env::decode(&std::fs::read(&env_path).map_err(io("read", &env_path))?);
+    // Opened before the pins: a destroy that runs between here and the join removes the
+    // cgroup first, and joining it below then fails, instead of entering the dead
+    // container's namespaces (held open by the descriptors) outside any cgroup.
+    let cgroup = teardown::cgroup::open(dir).map_err(TeardownError::from)?;
     let fds: Vec<(OwnedFd, CloneFlags)> = state
         .namespaces
         .iter()
@@ -754,11 +761,16 @@ fn join_dir(dir: &Path, job: &str, name: &str, owner: Option<u32>) -> Result<Joi
         }
     }
     // The cgroup is a host path: entered before the namespaces, kept by all the task forks.
-    teardown::cgroup::enter(dir, std::process::id()).map_err(teardown::TeardownError::from)?;
+    if let Some(cgroup) = &cgroup {
+        match cgroup.join_self() {
+            Err(_) if !cgroup.path.exists() => return Err(ContainerError::NotFound { job: job.into(), name: name.into() }),
+            other => other.map_err(TeardownError::from)?,
+        }
+    }
     for (fd, flag) in &fds {
         nix::sched::setns(fd.as_fd(), *flag).map_err(sys_err("join the container's namespaces"))?;
     }
-    enter_workdir(&state.workdir)?;
+    // setns(CLONE_NEWNS) has made the container's root our root and cwd.
     Ok(Joined { state, env, inside: None })
 }
 
@@ -798,10 +810,11 @@ enum Privileges {
     InUserNamespace,
 }
 
-/// Becomes the container's user (no capabilities, no_new_privs), closes the host's
-/// descriptors on exec and execs `argv` with the job's environment (`job_env`, passed
-/// as data: a root caller never runs with it) merged with the container's. Call after
-/// [`join`]; returns only on failure.
+/// Becomes the container's user (no capabilities, no_new_privs), enters the container's
+/// working directory as that user, closes the host's descriptors on exec and execs
+/// `argv` with the job's environment (`job_env`, passed as data: a root caller never
+/// runs with it) merged with the container's. Call after [`join`]; returns only on
+/// failure.
 pub fn exec_joined(joined: &Joined, argv: &[String], job_env: &[env::Var], overrides: &[String]) -> ContainerError {
     exec_as(joined, argv, job_env, overrides, Privileges::FromRoot)
 }
@@ -822,6 +835,7 @@ fn exec_as(joined: &Joined, argv: &[String], job_env: &[env::Var], overrides: &[
             }
             (Privileges::InUserNamespace, Some(inside)) => remap::enter(inside)?,
         }
+        enter_workdir(&joined.state.workdir)?;
         let path = env::get(&vars, "PATH").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         let resolved = find_program(program, &path)?;
         let exec_err = |source| ContainerError::Exec { program: program.clone(), source };
@@ -903,7 +917,6 @@ pub fn run(config: &Config, spec: &Spec, argv: &[String], overrides: &[String], 
         overlay.mount_from(&layers, &root)?;
         drop(layers);
         finish_root(&root, layout, spec.hostname.as_deref())?;
-        enter_workdir(&workdir)?;
         let state = State::of(spec, workdir, vec!["mnt".into()], 0);
         let mut joined = Joined { state, env: container_env, inside: None };
         joined.choose_inside(config, want_root)?;

@@ -116,31 +116,32 @@ fn recorded(dir: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
-/// Puts process `pid` (and so all it forks from now on) into the container's cgroup.
-/// Call before the process enters the container: the cgroup is a host path. A process
-/// berth forks itself starts there instead ([`fork_target`]): this write costs an RCU
-/// grace period on most kernels.
-pub fn enter(dir: &Path, pid: u32) -> Result<()> {
-    let Some(path) = recorded(dir)? else { return Ok(()) };
-    let procs = path.join("cgroup.procs");
-    std::fs::write(&procs, pid.to_string()).map_err(io("enter", &path))
-}
 
-/// The container's cgroup opened for a fork that starts in it: the directory (for
-/// clone3's `CLONE_INTO_CGROUP`) and its `cgroup.procs` (where the kernel has no clone3).
-pub struct ForkTarget {
+/// The container's cgroup, open: the directory (for clone3's `CLONE_INTO_CGROUP`,
+/// see [`crate::container::sys::fork_into_cgroup`]) and its `cgroup.procs`.
+pub struct Cgroup {
+    pub path: PathBuf,
     pub dir: OwnedFd,
     pub procs: OwnedFd,
 }
 
-/// Opens the cgroup recorded for the container at `dir`, if it has one, for
-/// [`crate::container::sys::fork_into_cgroup`].
-pub fn fork_target(dir: &Path) -> Result<Option<ForkTarget>> {
-    use rustix::fs::{open, Mode, OFlags};
+impl Cgroup {
+    /// Moves the calling process (and so all it forks from now on) into the cgroup.
+    /// Call before the process enters the container. Fails once teardown has removed
+    /// the cgroup, however long ago it was opened. Costs an RCU grace period on most
+    /// kernels: a process berth forks itself starts in the cgroup instead.
+    pub fn join_self(&self) -> Result<()> {
+        rustix::io::write(&self.procs, b"0").map(drop).map_err(|e| io("enter", &self.path)(e.into()))
+    }
+}
+
+/// Opens the cgroup recorded for the container at `dir`, if it has one.
+pub fn open(dir: &Path) -> Result<Option<Cgroup>> {
+    use rustix::fs::{Mode, OFlags};
     let Some(path) = recorded(dir)? else { return Ok(None) };
-    let cgroup = open(&path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
+    let cgroup = rustix::fs::open(&path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
     let procs = rustix::fs::openat(&cgroup, "cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
-    Ok(Some(ForkTarget { dir: cgroup, procs }))
+    Ok(Some(Cgroup { path, dir: cgroup, procs }))
 }
 
 /// Kills every process in the container's cgroup and removes it; returns how many
@@ -268,11 +269,32 @@ mod tests {
     }
 
     #[test]
-    fn a_container_without_a_cgroup_has_nothing_to_kill_or_enter() {
+    fn a_cgroup_opened_before_teardown_cannot_be_joined_after_it() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: making a cgroup needs root");
+            return;
+        }
+        let runtime = std::env::temp_dir().join(format!("berth-cgroup-late-{}", std::process::id()));
+        let dir = runtime.join("c");
+        std::fs::create_dir_all(&dir).unwrap();
+        create(&dir, &runtime).unwrap();
+        // A launcher stopped between opening the cgroup and joining it, while the job ends.
+        let Some(cgroup) = open(&dir).unwrap() else {
+            eprintln!("skipped: this node's cgroup v2 carries controllers, so berth makes no cgroup");
+            return std::fs::remove_dir_all(&runtime).unwrap();
+        };
+        assert_eq!(kill(&dir, Duration::from_secs(10)).unwrap(), 0);
+        assert!(cgroup.join_self().is_err(), "joined a removed cgroup");
+        assert!(!cgroup.path.exists());
+        std::fs::remove_dir_all(&runtime).unwrap();
+    }
+
+    #[test]
+    fn a_container_without_a_cgroup_has_nothing_to_kill_or_open() {
         let dir = std::env::temp_dir().join(format!("berth-cgroup-none-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(kill(&dir, Duration::from_secs(1)).unwrap(), 0);
-        enter(&dir, std::process::id()).unwrap();
+        assert!(open(&dir).unwrap().is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
