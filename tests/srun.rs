@@ -172,6 +172,23 @@ fn container_workdir_sets_where_tasks_start() {
 }
 
 #[test]
+fn a_working_directory_below_another_users_private_dir_is_refused_not_entered_as_root() {
+    let cluster = cluster();
+    // bob's dir that only bob may search, with a searchable subdir holding a secret.
+    let private = format!("/home/bob/srun-e2e-{}-workdir", std::process::id());
+    stdout_ok(&cluster.run_as(
+        "root",
+        &format!("rm -rf {private} && install -d -o bob -g bob -m 0700 {private} && install -d -o bob -g bob -m 0755 {private}/proj && echo bobs-secret >{private}/proj/secret && chown bob: {private}/proj/secret"),
+    ));
+    let workdir = format!("/h{}/proj", private.trim_start_matches("/home"));
+    let out = cluster.run(&format!("srun -N1 --container={} --container-mounts=/home:/h --container-workdir={workdir} sh -c 'echo JOB=$SLURM_JOB_ID; pwd; cat secret'", minimal(&cluster)));
+    cluster.run_as("root", &format!("rm -rf {private}"));
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success() && !stdout.contains("bobs-secret") && !stdout.contains("/proj"), "a task got into bob's dir: {stdout} {stderr}");
+    assert!(stderr.contains(&format!("cannot enter the working directory {workdir}")) && stderr.contains("Permission denied"), "{stderr}");
+}
+
+#[test]
 fn home_is_mounted_unless_the_user_opts_out() {
     let cluster = cluster();
     let image = minimal(&cluster);
