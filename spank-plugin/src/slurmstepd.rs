@@ -55,8 +55,15 @@ static PREPARED: OnceLock<Prepared> = OnceLock::new();
 const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 /// Where Slurm reads slurm.conf when nothing says otherwise (Debian's and Slurm's default).
 const DEFAULT_SLURM_CONF: &str = "/etc/slurm/slurm.conf";
-/// The task's working directory inside the container, chosen in `task_init_privileged`.
-static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
+/// The task's working directory inside the container, chosen in `task_init_privileged`
+/// and entered in `task_init`, as the user.
+static WORKDIR: OnceLock<Workdir> = OnceLock::new();
+
+struct Workdir {
+    path: PathBuf,
+    /// The user's `--container-workdir`, for the error that names it.
+    asked: bool,
+}
 /// Whom the task runs as in a user namespace of its own (the admin's `remap_user`),
 /// chosen in `task_init_privileged` where the image's passwd file can be read.
 static INSIDE: OnceLock<container::remap::InsideIds> = OnceLock::new();
@@ -182,19 +189,12 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     // Entered as the engine does, inside the container's root and through no magic link:
     // `--container-workdir=/proc/self/fd/N` is not checked by create (a reused
     // container never sees it) and would otherwise start the task in a host directory.
+    // The user's `--container-workdir` is not even looked up here, as root: whether it
+    // exists would tell what lies in another user's private dir bound in.
     let workdir = match (&prepared.args.workdir, submit_dir) {
-        (Some(dir), _) => match enter_workdir(dir) {
-            Err(container::ContainerError::Workdir { source, .. }) if source as i32 == libc::ENOENT => {
-                return Err(format!("berth: --container-workdir={} does not exist in the image", dir.display()))
-            }
-            other => other.map(|()| dir.clone()).map_err(|err| format!("berth: --container-workdir: {err}"))?,
-        },
-        (None, Some(dir)) if enter_workdir(&dir).is_ok() => dir,
-        (None, _) => {
-            let dir = PathBuf::from(&joined.state.workdir);
-            enter_workdir(&dir).map_err(|err| format!("berth: {err}"))?;
-            dir
-        }
+        (Some(dir), _) => Workdir { path: dir.clone(), asked: true },
+        (None, Some(dir)) if enter_workdir(&dir).is_ok() => Workdir { path: dir, asked: false },
+        (None, _) => Workdir { path: PathBuf::from(&joined.state.workdir), asked: false },
     };
     let _ = WORKDIR.set(workdir);
     let job_has = |name: &OsStr| name.to_str().is_some_and(|name| matches!(sp.getenv(name), Ok(Some(_))));
@@ -279,10 +279,17 @@ fn enter_workdir(dir: &Path) -> Result<(), container::ContainerError> {
 }
 
 pub fn task_init() -> Result<(), String> {
-    let Some(dir) = WORKDIR.get() else {
+    let Some(workdir) = WORKDIR.get() else {
         return Ok(());
     };
-    enter_workdir(dir).map_err(|err| format!("berth: {err}"))?;
+    match enter_workdir(&workdir.path) {
+        Ok(()) => {}
+        Err(container::ContainerError::Workdir { source, .. }) if workdir.asked && source as i32 == libc::ENOENT => {
+            return Err(format!("berth: --container-workdir={} does not exist in the image", workdir.path.display()))
+        }
+        Err(err) if workdir.asked => return Err(format!("berth: --container-workdir: {err}")),
+        Err(err) => return Err(format!("berth: {err}")),
+    }
     sys::no_new_privs().map_err(|err| format!("berth: cannot set no_new_privs: {err}"))?;
     // Last, as the user: the new user namespace must be the task's own.
     if let Some(inside) = INSIDE.get() {
