@@ -202,7 +202,7 @@ impl Limits {
     /// Puts back the limits [`Limits::for_root`] found (before exec'ing the job's program).
     pub fn give_back(&self) -> std::io::Result<()> {
         for (resource, limit) in &self.found {
-            rustix::process::setrlimit(*resource, limit.clone())?;
+            rustix::process::setrlimit(*resource, *limit)?;
         }
         Ok(())
     }

@@ -96,7 +96,7 @@ pub fn choose(config: &Config, image_user: Option<&str>, want_root: bool, user: 
 }
 
 /// The first line of a passwd/group file (at least 4 fields) that `matches`.
-fn lookup<'a>(text: &'a str, matches: impl Fn(&[&str]) -> bool) -> Option<Vec<&'a str>> {
+fn lookup(text: &str, matches: impl Fn(&[&str]) -> bool) -> Option<Vec<&str>> {
     text.lines().map(|line| line.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 4 && matches(f))
 }
 

@@ -83,7 +83,7 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
     }
     // Entries whose content is gone (or that name nothing berth stores).
     for name in list(store, &root.join("access"))? {
-        if !super::content_of_access(&name).is_some_and(|rel| root.join(rel).symlink_metadata().is_ok()) {
+        if super::content_of_access(&name).is_none_or(|rel| root.join(rel).symlink_metadata().is_err()) {
             let path = root.join("access").join(&name);
             std::fs::remove_file(&path).map_err(|e| store.io(&path, e))?;
         }
