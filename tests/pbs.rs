@@ -746,3 +746,45 @@ fn the_launcher_opens_the_script_on_stdin_as_the_caller_with_no_capability() {
     assert!(!seen.iter().any(|l| l.starts_with("  ^")), "{}", seen.join("\n"));
     drop(job);
 }
+
+/// Torque's `qsub -w DIR` sets `PBS_O_WORKDIR`, which the prologue gave berth only when
+/// root found a directory there: alice held a job, swapped a dir of hers in the path
+/// for a link into bob's 0700 dir and released it; her job failed when bob had that
+/// subdir and ran when he had not. The submit dir is now looked up as the job's user:
+/// both jobs end alike.
+#[test]
+fn a_submit_dir_below_another_users_private_dir_tells_nothing_of_what_is_there() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let node = cluster.nodes()[0].clone();
+    let private = format!("/home/bob/pbs-e2e-{}-private", std::process::id());
+    stdout_ok(&cluster.on_node(&node, &format!("rm -rf {private} && install -d -o bob -g bob -m 0700 {private} && install -d -o bob -g bob -m 0755 {private}/exists")));
+    let dir = format!("pbs-e2e-{}-submit-dir", std::process::id());
+    let line = format!(
+        "rm -rf {dir} && mkdir {dir} && cd {dir} && printf '#!/bin/bash\\necho ran\\n' > job.sh && for w in exists missing; do \
+         mkdir -p $w/d/$w && {QSUB} -h -w $PWD/$w/d/$w -l nodes={node}:ppn=1,other=container={IMAGE} -o $PWD/out-$w -e $PWD/err-$w job.sh \
+         && rm -rf $w/d && ln -s {private} $w/d || exit 1; done; /opt/torque/bin/qrls $(/opt/torque/bin/qselect -u alice -s H)"
+    );
+    let ids = stdout_ok(&cluster.run_as("alice", &line));
+    let ids: Vec<&str> = ids.lines().collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let jobs: Vec<Job> = ids.iter().map(|id| Job { cluster: torque(), dir: dir.clone(), id: id.to_string(), user: "alice".into() }).collect();
+    let mut ends = Vec::new();
+    for (job, w) in jobs.iter().zip(["exists", "missing"]) {
+        let id = &job.id;
+        job.wait_for("C", Duration::from_secs(240));
+        let start = Instant::now();
+        let files = loop {
+            let out = cluster.run_as("alice", &format!("cd {dir} && test -e out-{w} && test -e err-{w} && cat out-{w} && echo '#--err--' && cat err-{w}"));
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout).replace(w, "W").replace(id, "JOB");
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "job {id}'s output files never arrived");
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        job.assert_gone();
+        ends.push(files);
+    }
+    let _ = cluster.on_node(&node, &format!("rm -rf {private}"));
+    assert_eq!(ends[0], ends[1], "bob's dir has an 'exists' and no 'missing', and alice's jobs tell them apart");
+}
