@@ -239,7 +239,9 @@ pub fn prologue(config: &Config, caller: &Caller, pelog: &Pelog, role: Role, sta
     let mut create: Vec<String> = ["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &request.image, "--pull", request.pull.as_str()]
         .map(String::from)
         .to_vec();
-    if let Some(dir) = caller.var_string("PBS_O_WORKDIR").filter(|d| Path::new(d).is_dir()) {
+    // Looked up by berth as the user (a missing one is left out), never stat'ed here as
+    // root: it is the user's string (Torque's `qsub -w`).
+    if let Some(dir) = caller.var_string("PBS_O_WORKDIR").filter(|d| Path::new(d).is_absolute()) {
         create.extend(["--submit-dir".into(), dir]);
     }
     for mount in &request.mounts {
