@@ -17,8 +17,8 @@ pub const PATH: &str = "/.berth/slurm/hostfile";
 
 /// The most node names a hostlist expands to: six times the nodes of the largest
 /// machine (Fugaku, 158,976). The lists come from the job's environment
-/// (`SLURM_JOB_NODELIST`, `SLURM_JOB_CPUS_PER_NODE`), which the user may set before
-/// `srun`, and root expands them: `r[1-100000]n[1-100000]` must stop here.
+/// (`SLURM_JOB_NODELIST`, `SLURM_JOB_CPUS_PER_NODE`), the user's data as far as this
+/// plugin can tell, and root expands them: `r[1-100000]n[1-100000]` must stop here.
 const MAX_NODES: usize = 1 << 20;
 
 /// Expands a Slurm hostlist (`node[1-3,7],gpu[01-02]-a,login`) into names, in order.
