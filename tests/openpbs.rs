@@ -459,6 +459,100 @@ fn the_launcher_ignores_a_hostile_environment() {
     drop(job);
 }
 
+/// A process of bob's on node1 whose cwd is `proj/` (holding `secret.txt`) below his
+/// 0700 dir; killed and removed when dropped.
+struct BobsPrivateDir<'a> {
+    cluster: &'a Cluster,
+    dir: String,
+    pid: String,
+}
+
+impl<'a> BobsPrivateDir<'a> {
+    fn new(cluster: &'a Cluster, test: &str) -> BobsPrivateDir<'a> {
+        let dir = format!("/home/bob/openpbs-e2e-{}-{test}", std::process::id());
+        let mark = format!("berth-e2e-victim-{}-{test}", std::process::id());
+        let pid = stdout_ok(&cluster.on_node(
+            "node1",
+            &format!(
+                "rm -rf {dir} && install -d -o bob -g bob -m 0700 {dir} && install -d -o bob -g bob -m 0755 {dir}/proj \
+                 && echo \"bob's secret\" > {dir}/proj/secret.txt && chown bob: {dir}/proj/secret.txt && chmod 644 {dir}/proj/secret.txt \
+                 && setsid -f runuser -u bob -- bash -c 'cd {dir}/proj && exec -a {mark} sleep 600' </dev/null >/dev/null 2>&1; \
+                 for i in $(seq 50); do pgrep -f '^{mark}' && exit 0; sleep 0.1; done; exit 1"
+            ),
+        ))
+        .trim()
+        .to_string();
+        BobsPrivateDir { cluster, dir, pid }
+    }
+}
+
+impl Drop for BobsPrivateDir<'_> {
+    fn drop(&mut self) {
+        let _ = self.cluster.on_node("node1", &format!("kill {}; rm -rf {}", self.pid, self.dir));
+    }
+}
+
+/// Finding 2 of the launcher's review: the script path on stdin was opened with the
+/// caller's fsuid but root's other capabilities (CAP_SYS_PTRACE opens another user's
+/// `/proc/PID/cwd` and `ns/*`, CAP_SYSLOG shows `/proc/kallsyms`' addresses). Opened by
+/// a child that became the caller, and only a regular file of a file system is a script.
+#[test]
+fn the_launcher_opens_the_script_on_stdin_as_the_caller_with_no_capability() {
+    let _config = shared_config();
+    let job = running_job("script-caps");
+    let (enter, _) = launcher();
+    let bob = BobsPrivateDir::new(&job.cluster, "script-caps");
+    assert!(!as_user_on(&job.cluster, "node1", "alice", "", &format!("cat /proc/{}/cwd/secret.txt", bob.pid)).status.success(), "alice reads bob's dir by herself");
+    let alices = stdout_ok(&job.cluster.on_node("node1", &format!("pgrep -f '^berth-e2e-{} '", job.id))).trim().to_string();
+    let cat = format!("/home/alice/openpbs-e2e-{}-cat.sh", std::process::id());
+    stdout_ok(&job.cluster.on_node("node1", &format!("printf '#!/bin/sh\nexec cat\n' > {cat} && chown alice: {cat} && chmod 755 {cat}")));
+    let denied = "Permission denied (os error 13)";
+    let cases = [
+        (format!("/proc/{}/cwd/secret.txt", bob.pid), denied.to_string()),
+        ("/proc/kallsyms".to_string(), "not a regular file (a file of the kernel's proc file system)".to_string()),
+        (format!("/proc/{}/ns/mnt", bob.pid), denied.to_string()),
+        (format!("/proc/{alices}/ns/mnt"), "not a regular file (a file of the kernel's nsfs file system)".to_string()),
+    ];
+    let mut seen = Vec::new();
+    for (path, why) in &cases {
+        let out = as_user_on(&job.cluster, "node1", "alice", "", &format!("printf '%s\\n' {path} | bash -c 'exec -a -berth-pbs-enter {enter} --job {} -- {cat}'", job.id));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        seen.push(format!("{path}: status {:?}, stdout {:?}, stderr {:?}", out.status.code(), stdout.lines().take(2).collect::<Vec<_>>(), stderr.trim_end()));
+        let refused = out.status.code() == Some(125) && stdout.is_empty() && stderr.trim_end() == format!("berth-pbs-enter: cannot open the job script {path} as you: {why}");
+        if !refused {
+            seen.push(format!("  ^ expected refusal: {why}"));
+        }
+    }
+    let _ = job.cluster.on_node("node1", &format!("rm -f {cat}"));
+    let failed: Vec<&String> = seen.iter().filter(|l| l.starts_with("  ^")).collect();
+    drop(bob);
+    assert!(failed.is_empty(), "{}", seen.join("\n"));
+    drop(job);
+}
+
+/// Finding 4 of the launcher's review: `mpiprocs` was expanded line by line into root's
+/// memory and the hostfile (`mpiprocs=1000000` made a 6 MB file on /run). Counts are
+/// numbers now, and one past the cap fails the job with one line before anything is made.
+#[test]
+fn an_absurd_mpiprocs_fails_the_job_with_one_line_and_writes_no_hostfile() {
+    let _config = shared_config();
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\necho ran; wc -l < $PBS_NODEFILE\n");
+    let job = Job::submit("mpiprocs", "-l select=1:host=node2:ncpus=1:mpiprocs=1000000", &script);
+    let (out, err) = job.finish();
+    assert!(!out.contains("ran"), "the job ran with a hostfile of {out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("node 'node2' would get 1000000 slots") && err.contains("berth lists at most 65536 on one node: ask for fewer MPI processes per node"),
+        "{err}"
+    );
+    job.assert_gone();
+    // Above the CPUs but within the cap: oversubscribing stays the user's choice.
+    let job = Job::submit("mpiprocs-over", "-l select=1:host=node2:ncpus=1:mpiprocs=3", &script);
+    let (out, err) = job.finish();
+    assert_eq!(out, "ran\n3\n", "{err}");
+    job.assert_gone();
+}
+
 /// `remap_user = true` in the nodes' berth config (one file every host binds) while alive.
 struct RemapUser<'a> {
     cluster: &'a Cluster,

@@ -8,7 +8,7 @@
 #[allow(dead_code)]
 mod oci_image;
 
-use berth_e2e::{cluster, repo_root, stdout_ok, Cluster};
+use berth_e2e::{cluster, repo_root, state_dir, stdout_ok, Cluster};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -685,4 +685,106 @@ fn a_job_root_dir_past_the_filter_never_runs_the_users_program_as_root() {
         assert_ne!(owner.trim(), "0", "job {}: the user's program at the job starter's path ran as root", job.id);
         job.assert_gone();
     }
+}
+
+/// Finding 2 of the launcher's review, under Torque (the unprivileged job starter hands
+/// the shell to the same setuid `berth-pbs-enter`): a script path on its stdin was
+/// opened with the caller's fsuid but root's other capabilities, so alice read a file
+/// through bob's process's `/proc/PID/cwd` and the kernel's addresses in
+/// `/proc/kallsyms`. Opened by a child that became the caller, regular files only.
+#[test]
+fn the_launcher_opens_the_script_on_stdin_as_the_caller_with_no_capability() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let node = cluster.nodes()[0].clone();
+    let job = Job::submit("script-caps", &format!("nodes={node}:ppn=1,other=container={IMAGE}"), "#!/bin/bash\nexec -a berth-e2e-$PBS_JOBID sleep 600\n");
+    job.wait_for("R", Duration::from_secs(240));
+    let start = Instant::now();
+    let alices = loop {
+        let pid = stdout_ok(&cluster.on_node(&node, &format!("pgrep -f '^berth-e2e-{} '; true", job.id))).trim().to_string();
+        if !pid.is_empty() {
+            break pid;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "job {}'s script never started on {node}", job.id);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // bob's process in his 0700 dir.
+    let dir = format!("/home/bob/pbs-e2e-{}-private", std::process::id());
+    let mark = format!("berth-e2e-victim-{}", std::process::id());
+    let bobs = stdout_ok(&cluster.on_node(
+        &node,
+        &format!(
+            "rm -rf {dir} && install -d -o bob -g bob -m 0700 {dir} && install -d -o bob -g bob -m 0755 {dir}/proj \
+             && echo \"bob's secret\" > {dir}/proj/secret.txt && chown bob: {dir}/proj/secret.txt && chmod 644 {dir}/proj/secret.txt \
+             && setsid -f runuser -u bob -- bash -c 'cd {dir}/proj && exec -a {mark} sleep 600' </dev/null >/dev/null 2>&1; \
+             for i in $(seq 50); do pgrep -f '^{mark}' && exit 0; sleep 0.1; done; exit 1"
+        ),
+    ))
+    .trim()
+    .to_string();
+    let enter = format!("{}/bin/berth-pbs-enter", state_dir().display());
+    let cat = format!("/home/alice/pbs-e2e-{}-cat.sh", std::process::id());
+    stdout_ok(&cluster.on_node(&node, &format!("printf '#!/bin/sh\\nexec cat\\n' > {cat} && chown alice: {cat} && chmod 755 {cat}")));
+    let denied = "Permission denied (os error 13)";
+    let cases = [
+        (format!("/proc/{bobs}/cwd/secret.txt"), denied.to_string()),
+        ("/proc/kallsyms".to_string(), "not a regular file (a file of the kernel's proc file system)".to_string()),
+        (format!("/proc/{bobs}/ns/mnt"), denied.to_string()),
+        (format!("/proc/{alices}/ns/mnt"), "not a regular file (a file of the kernel's nsfs file system)".to_string()),
+    ];
+    let mut seen = Vec::new();
+    for (path, why) in &cases {
+        let line = format!("printf '%s\\n' {path} | bash -c 'exec -a -berth-pbs-enter {enter} --job {} -- {cat}'", job.id);
+        let out = cluster.on_node(&node, &format!("cd / && runuser -u alice -- env -i PATH=/usr/bin:/bin HOME=/home/alice sh -c {}", quote(&line)));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        seen.push(format!("{path}: status {:?}, stdout {:?}, stderr {:?}", out.status.code(), stdout.lines().take(2).collect::<Vec<_>>(), stderr.trim_end()));
+        if !(out.status.code() == Some(125) && stdout.is_empty() && stderr.trim_end() == format!("berth-pbs-enter: cannot open the job script {path} as you: {why}")) {
+            seen.push(format!("  ^ expected refusal: {why}"));
+        }
+    }
+    let _ = cluster.on_node(&node, &format!("kill {bobs}; rm -rf {dir} {cat}"));
+    assert!(!seen.iter().any(|l| l.starts_with("  ^")), "{}", seen.join("\n"));
+    drop(job);
+}
+
+/// Torque's `qsub -w DIR` sets `PBS_O_WORKDIR`, which the prologue gave berth only when
+/// root found a directory there: alice held a job, swapped a dir of hers in the path
+/// for a link into bob's 0700 dir and released it; her job failed when bob had that
+/// subdir and ran when he had not. The submit dir is now looked up as the job's user:
+/// both jobs end alike.
+#[test]
+fn a_submit_dir_below_another_users_private_dir_tells_nothing_of_what_is_there() {
+    let _moms = shared_moms();
+    let cluster = torque();
+    let node = cluster.nodes()[0].clone();
+    let private = format!("/home/bob/pbs-e2e-{}-private", std::process::id());
+    stdout_ok(&cluster.on_node(&node, &format!("rm -rf {private} && install -d -o bob -g bob -m 0700 {private} && install -d -o bob -g bob -m 0755 {private}/exists")));
+    let dir = format!("pbs-e2e-{}-submit-dir", std::process::id());
+    let line = format!(
+        "rm -rf {dir} && mkdir {dir} && cd {dir} && printf '#!/bin/bash\\necho ran\\n' > job.sh && for w in exists missing; do \
+         mkdir -p $w/d/$w && {QSUB} -h -w $PWD/$w/d/$w -l nodes={node}:ppn=1,other=container={IMAGE} -o $PWD/out-$w -e $PWD/err-$w job.sh \
+         && rm -rf $w/d && ln -s {private} $w/d || exit 1; done; /opt/torque/bin/qrls $(/opt/torque/bin/qselect -u alice -s H)"
+    );
+    let ids = stdout_ok(&cluster.run_as("alice", &line));
+    let ids: Vec<&str> = ids.lines().collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    let jobs: Vec<Job> = ids.iter().map(|id| Job { cluster: torque(), dir: dir.clone(), id: id.to_string(), user: "alice".into() }).collect();
+    let mut ends = Vec::new();
+    for (job, w) in jobs.iter().zip(["exists", "missing"]) {
+        let id = &job.id;
+        job.wait_for("C", Duration::from_secs(240));
+        let start = Instant::now();
+        let files = loop {
+            let out = cluster.run_as("alice", &format!("cd {dir} && test -e out-{w} && test -e err-{w} && cat out-{w} && echo '#--err--' && cat err-{w}"));
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout).replace(w, "W").replace(id, "JOB");
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "job {id}'s output files never arrived");
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        job.assert_gone();
+        ends.push(files);
+    }
+    let _ = cluster.on_node(&node, &format!("rm -rf {private}"));
+    assert_eq!(ends[0], ends[1], "bob's dir has an 'exists' and no 'missing', and alice's jobs tell them apart");
 }

@@ -101,7 +101,8 @@ pub struct CreateArgs {
     image_args: ImageArgs,
     #[command(flatten)]
     contents: Contents,
-    /// The job's submit directory: bound in, and the working directory unless the image has one.
+    /// The job's submit directory: bound in, and the working directory unless the image
+    /// has one; left out when the user finds no directory there on this node.
     #[arg(long)]
     submit_dir: Option<PathBuf>,
     /// A device node the job may use (repeatable).
@@ -250,6 +251,20 @@ fn from_dirs(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>)
     Ok(Image { reference, layer_dirs, config, userxattr: false })
 }
 
+/// The submit dir, when the user finds a directory at that path on this node, looked
+/// up as the user (a child that became them), never as root: whether a path exists below
+/// a directory the user may not search is not theirs to learn. A path they may not reach
+/// fails the create, as their mounts do.
+fn submit_dir(user: &Credentials, dir: Option<PathBuf>) -> Result<Option<PathBuf>, container::UserError> {
+    use nix::errno::Errno;
+    let Some(dir) = dir else { return Ok(None) };
+    match user.open_as_user(std::slice::from_ref(&dir)) {
+        Ok(fds) => Ok(fds.into_iter().next().is_some_and(|fd| std::fs::File::from(fd).metadata().is_ok_and(|m| m.is_dir())).then_some(dir)),
+        Err(container::UserError::Denied { source: Errno::ENOENT | Errno::ENOTDIR, .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn user_credentials(user: &str, gid: Option<u32>, groups: Option<Vec<u32>>) -> Result<Credentials, String> {
     use nix::unistd::{Gid, Uid, User};
     let entry = match user.parse::<u32>() {
@@ -294,6 +309,10 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 Ok(m) => m,
                 Err(e) => return fail(e),
             };
+            let submit_dir = match submit_dir(&user, args.submit_dir) {
+                Ok(dir) => dir,
+                Err(e) => return fail(e),
+            };
             // The job's user, unless berth already runs as them: then its own config is theirs.
             let job_user = (!user.is_caller()).then(|| JobUser {
                 ids: user.clone(),
@@ -310,7 +329,7 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 image,
                 user,
                 home: config.mount_home && !args.contents.no_home,
-                submit_dir: args.submit_dir,
+                submit_dir,
                 mounts,
                 devices: args.devices,
                 workdir: args.contents.workdir,

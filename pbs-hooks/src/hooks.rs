@@ -46,6 +46,8 @@ pub enum HookError {
     Spawn { binary: String, source: std::io::Error },
     #[error("cannot read the job's nodefile {path}: {source}")]
     Nodefile { path: String, source: std::io::Error },
+    #[error("{0}: ask for fewer MPI processes per node")]
+    Slots(String),
     #[error("{action}: {why}")]
     Berth { action: &'static str, why: String },
     #[error("cannot write {path}: {source}")]
@@ -157,20 +159,28 @@ pub fn berth_env(caller: &Caller, daemon: bool) -> Vec<(std::ffi::OsString, std:
     passed
 }
 
-/// Nodes in nodefile order, each with the number of its lines (its slots).
-pub fn nodes_and_slots(nodefile: &str) -> (Vec<String>, Vec<u32>) {
+/// Nodes in the order given, each with the sum of its counts (its slots), checked
+/// against the engine's caps (`files::check_slots`) and never expanded: the counts
+/// come from the user's request (`mpiprocs`, `ppn`).
+pub fn nodes_and_slots(counts: impl IntoIterator<Item = (String, u64)>) -> Result<(Vec<String>, Vec<u32>), HookError> {
     let mut nodes: Vec<String> = Vec::new();
-    let mut slots: Vec<u32> = Vec::new();
-    for name in nodefile.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match nodes.iter().position(|n| n == name) {
-            Some(i) => slots[i] += 1,
+    let mut sums: Vec<u64> = Vec::new();
+    for (name, count) in counts {
+        match nodes.iter().position(|n| *n == name) {
+            Some(i) => sums[i] = sums[i].saturating_add(count),
             None => {
-                nodes.push(name.to_string());
-                slots.push(1);
+                nodes.push(name);
+                sums.push(count);
             }
         }
     }
-    (nodes, slots)
+    let slots = berth_engine::wiring::files::check_slots(nodes.iter().map(String::as_str).zip(sums)).map_err(HookError::Slots)?;
+    Ok((nodes, slots))
+}
+
+/// The hosts of a nodefile (one line per slot), read a line at a time.
+pub fn nodefile_hosts(file: impl std::io::BufRead) -> impl Iterator<Item = std::io::Result<String>> {
+    file.lines().filter(|l| !l.as_ref().is_ok_and(|l| l.trim().is_empty())).map(|l| l.map(|l| l.trim().to_string()))
 }
 
 pub fn this_host() -> String {
@@ -183,8 +193,15 @@ fn job_nodes(caller: &Caller, role: &Role) -> Result<(Vec<String>, Vec<u32>), Ho
     match role {
         Role::MotherSuperior => match caller.var_string("PBS_NODEFILE") {
             Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| HookError::Nodefile { path, source })?;
-                Ok(nodes_and_slots(&text))
+                let failed = |source| HookError::Nodefile { path: path.clone(), source };
+                let file = std::fs::File::open(&path).map_err(failed)?;
+                let mut unread = None;
+                let hosts = nodefile_hosts(std::io::BufReader::new(file)).map_while(|h| h.map_err(|e| unread = Some(e)).ok());
+                let counted = nodes_and_slots(hosts.map(|h| (h, 1)));
+                match unread {
+                    Some(source) => Err(failed(source)),
+                    None => counted,
+                }
             }
             None => Ok((vec![me], vec![1])),
         },
@@ -222,7 +239,9 @@ pub fn prologue(config: &Config, caller: &Caller, pelog: &Pelog, role: Role, sta
     let mut create: Vec<String> = ["container", "create", "--job", &pelog.job, "--user", &pelog.user, "--image", &request.image, "--pull", request.pull.as_str()]
         .map(String::from)
         .to_vec();
-    if let Some(dir) = caller.var_string("PBS_O_WORKDIR").filter(|d| Path::new(d).is_dir()) {
+    // Looked up by berth as the user (a missing one is left out), never stat'ed here as
+    // root: it is the user's string (Torque's `qsub -w`).
+    if let Some(dir) = caller.var_string("PBS_O_WORKDIR").filter(|d| Path::new(d).is_absolute()) {
         create.extend(["--submit-dir".into(), dir]);
     }
     for mount in &request.mounts {
@@ -342,9 +361,19 @@ mod tests {
 
     #[test]
     fn nodefile_gives_nodes_in_order_with_their_slots() {
-        let (nodes, slots) = nodes_and_slots("node2\nnode2\nnode1\nnode2\n\nnode1\n");
+        let hosts = nodefile_hosts("node2\nnode2\nnode1\n node2\n\nnode1\n".as_bytes()).map(|h| (h.unwrap(), 1));
+        let (nodes, slots) = nodes_and_slots(hosts).unwrap();
         assert_eq!(nodes, ["node2", "node1"]);
         assert_eq!(slots, [3, 2]);
+    }
+
+    #[test]
+    fn slot_counts_are_summed_as_numbers_and_capped() {
+        let (nodes, slots) = nodes_and_slots([("node1".to_string(), 40_000), ("node2".to_string(), 1), ("node1".to_string(), 25_536)]).unwrap();
+        assert_eq!((nodes.as_slice(), slots.as_slice()), (["node1", "node2"].map(String::from).as_slice(), [65_536, 1].as_slice()));
+        let over = nodes_and_slots([("node1".to_string(), 40_000), ("node1".to_string(), 25_537)]).unwrap_err().to_string();
+        assert!(over.starts_with("node 'node1' would get 65537 slots") && over.ends_with("ask for fewer MPI processes per node"), "{over}");
+        assert!(nodes_and_slots([("node1".to_string(), u64::MAX), ("node1".to_string(), u64::MAX)]).is_err());
     }
 
     #[test]

@@ -13,14 +13,14 @@
 //! Order, as root: the environment is taken as data and removed; cwd `/`, umask 022,
 //! root's own limits, every inherited descriptor above 2 closed on exec; the config;
 //! a failure the begin hook recorded for this caller's job is printed (the job's error
-//! file) and the launch fails; else the job script is opened with the caller's file
-//! system identity (top shell only), the container joined, and `exec_joined` drops to
+//! file) and the launch fails; else the job script is opened by a child that has become
+//! the caller (top shell only), the container joined, and `exec_joined` drops to
 //! the container's user (the caller) for good before exec'ing.
 //!
 //! Owns the launch and the begin hook's failure record; never creates, destroys or pulls.
 
 use berth_engine::config::Config;
-use berth_engine::container::{self, env, ContainerError, Credentials};
+use berth_engine::container::{self, env, ContainerError, Credentials, UserError};
 use berth_engine::privileged::Limits;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
@@ -250,8 +250,11 @@ fn stdin_is_pipe() -> bool {
     fstat(0).is_ok_and(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO)
 }
 
-/// Reads pbs_mom's `PATH [ARGS]` line from stdin and opens PATH with the caller's file
-/// system identity (never root's: the caller wrote the line when run by hand).
+/// Reads pbs_mom's `PATH [ARGS]` line from stdin and opens PATH as the caller: in a
+/// child that has fully become the caller (`open_as_user`), never with root's rights.
+/// Not with the caller's fsuid alone either: that keeps CAP_SYS_PTRACE, which opens
+/// another user's `/proc/PID/cwd/...` and `/proc/PID/ns/*`, and CAP_SYSLOG, for which
+/// `/proc/kallsyms` shows the kernel's addresses to whoever opened it.
 fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
     let line = read_script_line().map_err(|e| LaunchError::ScriptName(e.to_string()))?;
     let words = shell_words(&String::from_utf8_lossy(&line));
@@ -261,15 +264,45 @@ fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
         other => other,
     }
     .ok_or_else(|| LaunchError::ScriptName("nothing arrived".into()))?;
-    let opened = Credentials::current()
-        .with_fs_identity(|| std::fs::File::open(&path))
-        .map_err(|e| LaunchError::Script { path: path.clone(), why: e.to_string() })?
-        .map_err(|e| LaunchError::Script { path: path.clone(), why: e.to_string() })?;
-    let is_file = opened.metadata().is_ok_and(|m| m.is_file());
+    let failed = |why: String| LaunchError::Script { path: path.clone(), why };
+    let opened = Credentials::current().open_as_user(&[PathBuf::from(&path)]).map_err(|e| match e {
+        UserError::Denied { source, .. } => failed(std::io::Error::from(source).to_string()),
+        e => failed(e.to_string()),
+    })?;
+    let file = std::fs::File::from(opened.into_iter().next().ok_or_else(|| failed("nothing was opened".into()))?);
+    check_script(&file).map_err(failed)?;
+    Ok((file, words.collect()))
+}
+
+/// What a job script may be: a regular file of a file system that holds files. Not a
+/// device, FIFO or directory, and not a "regular" file of the kernel's own interfaces
+/// (procfs, nsfs, sysfs, ...), which are views of processes, namespaces and the kernel
+/// that may check who opened them.
+pub fn check_script(file: &std::fs::File) -> Result<(), String> {
+    use nix::sys::statfs::{self, fstatfs};
+    let kernel = [
+        (statfs::PROC_SUPER_MAGIC, "proc"),
+        (statfs::NSFS_MAGIC, "nsfs"),
+        (statfs::SYSFS_MAGIC, "sysfs"),
+        (statfs::DEBUGFS_MAGIC, "debugfs"),
+        (statfs::TRACEFS_MAGIC, "tracefs"),
+        (statfs::SECURITYFS_MAGIC, "securityfs"),
+        (statfs::SELINUX_MAGIC, "selinuxfs"),
+        (statfs::SMACK_MAGIC, "smackfs"),
+        (statfs::BPF_FS_MAGIC, "bpf"),
+        (statfs::CGROUP_SUPER_MAGIC, "cgroup"),
+        (statfs::CGROUP2_SUPER_MAGIC, "cgroup2"),
+        (statfs::RDTGROUP_SUPER_MAGIC, "resctrl"),
+    ];
+    let is_file = file.metadata().map_err(|e| e.to_string())?.is_file();
     if !is_file {
-        return Err(LaunchError::Script { path, why: "not a regular file".into() });
+        return Err("not a regular file".into());
     }
-    Ok((opened, words.collect()))
+    let kind = fstatfs(file).map_err(|e| std::io::Error::from(e).to_string())?.filesystem_type();
+    match kernel.iter().find(|(magic, _)| *magic == kind) {
+        Some((_, name)) => Err(format!("not a regular file (a file of the kernel's {name} file system)")),
+        None => Ok(()),
+    }
 }
 
 /// The words of pbs_mom's line as the shell would split them: pbs_mom escapes the
@@ -380,6 +413,20 @@ mod tests {
         assert_eq!(shell_words("/spool/jobs/18\\[2\\].head.SC a\\ b  c\n"), ["/spool/jobs/18[2].head.SC", "a b", "c"]);
         assert_eq!(shell_words("exec /spool/jobs/7.head.SC"), ["exec", "/spool/jobs/7.head.SC"]);
         assert!(shell_words("  ").is_empty());
+    }
+
+    #[test]
+    fn a_script_is_a_regular_file_of_a_file_system_never_a_view_of_the_kernel() {
+        let path = std::env::temp_dir().join(format!("berth-launch-script-{}", std::process::id()));
+        std::fs::write(&path, "echo hi\n").unwrap();
+        let regular = check_script(&std::fs::File::open(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(regular, Ok(()));
+        let open = |p: &str| std::fs::File::open(p).unwrap();
+        assert_eq!(check_script(&open("/proc/self/status")).unwrap_err(), "not a regular file (a file of the kernel's proc file system)");
+        assert_eq!(check_script(&open("/proc/self/ns/mnt")).unwrap_err(), "not a regular file (a file of the kernel's nsfs file system)");
+        assert_eq!(check_script(&open("/dev/null")).unwrap_err(), "not a regular file");
+        assert_eq!(check_script(&open("/")).unwrap_err(), "not a regular file");
     }
 
     #[test]

@@ -151,6 +151,7 @@ fn identify(caller: &Caller) -> Result<Job, StarterError> {
         let name = path.rsplit('/').next().unwrap_or("");
         let id = name.strip_suffix(".SC").filter(|_| path.contains("/mom_priv/jobs/")).ok_or_else(|| StarterError::ScriptName(format!("'{path}' is not a script in mom_priv/jobs")))?;
         let script = std::fs::File::open(&path).map_err(|source| StarterError::Script { path: path.clone(), source })?;
+        berth_pbs::launch::check_script(&script).map_err(|why| StarterError::Script { path: path.clone(), source: std::io::Error::other(why) })?;
         let owner = fstat(script.as_raw_fd()).map_err(|e| StarterError::Script { path: path.clone(), source: e.into() })?.st_uid;
         let id = container::check_name("job", id).ok().map(|()| id.to_string());
         return Ok(Job { id, uid: Uid::from_raw(owner), script: Some((script, line, script_args)) });

@@ -15,6 +15,12 @@ use std::path::Path;
 /// Where the hostfile is inside a Slurm job's container.
 pub const PATH: &str = "/.berth/slurm/hostfile";
 
+/// The most node names a hostlist expands to: six times the nodes of the largest
+/// machine (Fugaku, 158,976). The lists come from the job's environment
+/// (`SLURM_JOB_NODELIST`, `SLURM_JOB_CPUS_PER_NODE`), the user's data as far as this
+/// plugin can tell, and root expands them: `r[1-100000]n[1-100000]` must stop here.
+const MAX_NODES: usize = 1 << 20;
+
 /// Expands a Slurm hostlist (`node[1-3,7],gpu[01-02]-a,login`) into names, in order.
 pub fn expand_hostlist(list: &str) -> Result<Vec<String>, String> {
     let mut names = Vec::new();
@@ -61,6 +67,9 @@ fn expand_item(item: &str, out: &mut Vec<String>) -> Result<(), String> {
             return Err(format!("bad range '{range}'"));
         }
         for n in lo..=hi {
+            if out.len().saturating_add(tails.len()) > MAX_NODES {
+                return Err(format!("more than {MAX_NODES} nodes"));
+            }
             for tail in &tails {
                 out.push(format!("{prefix}{n:0width$}{tail}"));
             }
@@ -80,17 +89,23 @@ pub fn expand_counts(counts: &str) -> Result<Vec<u32>, String> {
             None => (part, 1),
         };
         let count: u32 = count.parse().map_err(|_| bad())?;
+        if out.len().saturating_add(times) > MAX_NODES {
+            return Err(format!("bad per-node counts '{counts}': more than {MAX_NODES} nodes"));
+        }
         out.extend(std::iter::repeat_n(count, times));
     }
     Ok(out)
 }
 
-/// The hostfile's text: each node once per slot, in allocation order.
+/// The hostfile's text: each node once per slot, in allocation order; counts above the
+/// engine's caps (`files::check_slots`) are refused before anything is expanded.
 pub fn text(nodes: &[String], slots: &[u32]) -> Result<String, String> {
+    use berth_engine::wiring::files;
     if nodes.len() != slots.len() {
         return Err(format!("{} nodes but {} per-node counts", nodes.len(), slots.len()));
     }
-    Ok(berth_engine::wiring::files::hostfile_of(nodes.iter().map(String::as_str).zip(slots.iter().copied())))
+    let slots = files::check_slots(nodes.iter().map(String::as_str).zip(slots.iter().map(|&s| u64::from(s))))?;
+    Ok(files::hostfile_of(nodes.iter().map(String::as_str).zip(slots)))
 }
 
 /// Writes the hostfile at [`PATH`]; call inside the container (after `join`, as root).
@@ -133,5 +148,14 @@ mod tests {
         let nodes = expand_hostlist("node[1-2]").unwrap();
         assert_eq!(text(&nodes, &expand_counts("2(x2)").unwrap()).unwrap(), "node1\nnode1\nnode2\nnode2\n");
         assert!(text(&nodes, &[1]).is_err());
+    }
+
+    #[test]
+    fn forged_lists_and_counts_stop_at_the_caps_before_they_are_expanded() {
+        assert!(expand_hostlist("r[1-100000]n[1-100000]").unwrap_err().contains("more than 1048576 nodes"));
+        assert!(expand_counts("1(x4000000000)").unwrap_err().contains("more than 1048576 nodes"));
+        let nodes = expand_hostlist("node[1-2]").unwrap();
+        let absurd = text(&nodes, &expand_counts("2000000000(x2)").unwrap()).unwrap_err();
+        assert!(absurd.starts_with("node 'node1' would get 2000000000 slots"), "{absurd}");
     }
 }

@@ -31,8 +31,40 @@ pub fn hostfile(nodes: &[Node]) -> String {
     hostfile_of(nodes.iter().map(|n| (n.name.as_str(), n.slots)))
 }
 
+/// The most slots (ranks) berth lists for one node: eight times the most CPUs a Linux
+/// kernel runs on (8,192, x86_64's largest `NR_CPUS`), so every real node fits, even
+/// oversubscribed. Slot counts come from what the user asks (`mpiprocs`, `ppn`, Slurm's
+/// variables in the job's environment) and the hostfile has a line per slot, written by
+/// root on the node (the runtime dir, usually tmpfs): `mpiprocs=2000000000` must stop here.
+pub const MAX_SLOTS_PER_NODE: u64 = 65_536;
+
+/// The most slots berth lists for a whole job: twice the ranks of the largest MPI runs
+/// (Fugaku's whole machine, 158,976 nodes of 48 cores, 7.6 M ranks), so the hostfile
+/// stays below a few hundred MB however many nodes a user's forged list names.
+pub const MAX_SLOTS: u64 = 1 << 24;
+
+/// Checks slot counts (per node, in the order given, summed as u64 by the caller)
+/// against [`MAX_SLOTS_PER_NODE`] and [`MAX_SLOTS`] before anything is expanded; the
+/// counts as the hostfile takes them, or the one line to show.
+pub fn check_slots<'a>(nodes: impl IntoIterator<Item = (&'a str, u64)>) -> Result<Vec<u32>, String> {
+    let mut total: u64 = 0;
+    let mut out = Vec::new();
+    for (name, slots) in nodes {
+        if slots > MAX_SLOTS_PER_NODE {
+            return Err(format!("node '{name}' would get {slots} slots (MPI ranks, from mpiprocs, ppn or the per-node counts); berth lists at most {MAX_SLOTS_PER_NODE} on one node"));
+        }
+        total += slots;
+        if total > MAX_SLOTS {
+            return Err(format!("the job's nodes would get more than {MAX_SLOTS} slots (MPI ranks) in all; berth lists no more"));
+        }
+        out.push(slots as u32);
+    }
+    Ok(out)
+}
+
 /// A hostfile as MPI launchers read it: each node once per slot, in the order given.
-/// Also the Slurm plugin's `$BERTH_HOSTFILE`, so both schedulers' files read alike.
+/// Also the Slurm plugin's `$BERTH_HOSTFILE`, so both schedulers' files read alike. The
+/// counts must have passed [`check_slots`]: the file has a line per slot.
 pub fn hostfile_of<'a>(nodes: impl IntoIterator<Item = (&'a str, u32)>) -> String {
     nodes.into_iter().map(|(name, slots)| format!("{name}\n").repeat(slots as usize)).collect()
 }
@@ -155,6 +187,15 @@ mod tests {
     #[test]
     fn the_hostfile_has_one_line_per_slot() {
         assert_eq!(hostfile(&nodes()), "node1\nnode1\nnode2\nnode2\nnode2\n");
+    }
+
+    #[test]
+    fn absurd_slot_counts_are_refused_before_anything_is_expanded() {
+        assert_eq!(check_slots([("node1", 2), ("node2", MAX_SLOTS_PER_NODE)]).unwrap(), [2, MAX_SLOTS_PER_NODE as u32]);
+        let one = check_slots([("node1", 1), ("node2", 2_000_000_000)]).unwrap_err();
+        assert_eq!(one, "node 'node2' would get 2000000000 slots (MPI ranks, from mpiprocs, ppn or the per-node counts); berth lists at most 65536 on one node");
+        let many = (0..MAX_SLOTS / MAX_SLOTS_PER_NODE + 1).map(|_| ("n", MAX_SLOTS_PER_NODE));
+        assert!(check_slots(many).unwrap_err().contains("in all"));
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub fn resolve(request: &Request) -> Result<Vec<Node>> {
     if !request.slots.is_empty() && request.slots.len() != request.nodes.len() {
         return Err(WiringError::Request(format!("{} nodes but {} slot counts", request.nodes.len(), request.slots.len())));
     }
+    let counts = request.nodes.iter().enumerate().map(|(i, name)| (name.as_str(), u64::from(request.slots.get(i).copied().unwrap_or(1))));
+    files::check_slots(counts).map_err(WiringError::Request)?;
     let mut seen = std::collections::HashSet::new();
     request
         .nodes
@@ -378,6 +380,8 @@ mod tests {
         assert!(resolve(&req(&["-oProxyCommand=x"], &[])).is_err());
         assert!(resolve(&req(&["localhost", "localhost"], &[])).is_err());
         assert!(resolve(&req(&["localhost"], &[0])).is_err());
+        let absurd = resolve(&req(&["localhost"], &[1_000_000])).unwrap_err().to_string();
+        assert!(absurd.contains("would get 1000000 slots"), "{absurd}");
         let nodes = resolve(&req(&["localhost"], &[4])).unwrap();
         assert_eq!(nodes[0].slots, 4);
         assert!(nodes[0].addr.is_loopback());
