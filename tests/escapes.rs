@@ -529,6 +529,56 @@ fn no_host_descriptor_or_directory_reaches_a_task() {
     }
 }
 
+/// A user names one of slurmstepd's descriptors as the task's directory
+/// (`--container-workdir=/proc/self/fd/N`, `srun --chdir=/proc/self/fd/N`, an image whose
+/// WorkingDir is one; runc's CVE-2024-21626). What the task process holds when the plugin
+/// enters the workdir: slurmstepd's log, pipes and sockets, and for a `--mpi=pmix` step
+/// the two host dirs of the step's PMIx plugin, detached to be bound in; no N of them
+/// starts the task in a host dir: it runs in a dir of the container or not at all.
+#[test]
+fn on_a_node_a_workdir_naming_a_descriptor_of_slurmstepd_never_starts_a_task_in_a_host_dir() {
+    let c = cluster();
+    let lab = Lab::new("stepfds");
+    let node = c.nodes()[0].clone();
+    let alice = c.users()[0].clone();
+    let image = lab.push("stepfds", &[busybox_layer()], serde_json::json!({"WorkingDir": "/proc/self/fd/7"}));
+    // The task's dir is in the container when the path getcwd gives names that same dir
+    // there; a dir outside the container's root has no such path.
+    let probe = "d=$(pwd -P 2>/dev/null); if test -n \"$d\" && test \"$(stat -c %d:%i .)\" = \"$(stat -c %d:%i \"$d\" 2>/dev/null)\"; \
+                 then echo \"IN $d\"; else echo \"OUT $d\"; fi; ls -a";
+    let script = format!(
+        "echo JOB=$SLURM_JOB_ID\nfor n in $(seq 0 63); do\n  for how in workdir chdir; do\n    echo \"CASE $how $n\"\n    \
+         if [ $how = workdir ]; then opt=--container-workdir=/proc/self/fd/$n; else opt=--chdir=/proc/self/fd/$n; fi\n    \
+         timeout 60 srun --mpi=pmix $opt --container-image={image} sh -c '{probe}' 2>&1; echo \"rc=$?\"\n  done\ndone\n"
+    );
+    let name = format!("escapes-stepfds-{}", std::process::id());
+    let out = c.run_as(
+        &alice,
+        &format!("cat > {name}.sh <<'BERTH_EOF'\n{script}BERTH_EOF\ntimeout 600 salloc -N1 -w {node} bash {name}.sh; rc=$?; rm -f {name}.sh; exit $rc"),
+    );
+    let text = stdout_ok(&out);
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for case in text.split("CASE ").skip(1) {
+        let (what, rest) = case.split_once('\n').unwrap_or((case, ""));
+        let lines: Vec<&str> = rest.lines().filter(|l| l.contains("berth: ")).collect();
+        if rest.contains("rc=0") {
+            ran += 1;
+            // In the container (the image's dirs, or the submit dir bound in), nothing of
+            // slurmstepd's: its log dir, its spool, the PMIx server's files.
+            if !rest.lines().any(|l| l.starts_with("IN /")) || ["slurmd.log", "pmix", "job0"].iter().any(|m| rest.contains(m)) {
+                failed.push(format!("{what}: the task started in a host dir: {rest:?}"));
+            }
+        } else if lines.len() != 1 {
+            failed.push(format!("{what}: refused without one berth line: {rest:?}"));
+        }
+    }
+    assert_eq!(text.matches("CASE ").count(), 128, "{text}");
+    assert!(ran > 0, "no case ran at all (srun --chdir to a missing dir runs in /tmp): {text}");
+    assert!(failed.is_empty(), "{failed:#?}");
+    berth_e2e::assert_nodes_clean(&c, &berth_e2e::job_of(&text));
+}
+
 #[test]
 fn user_mounts_are_opened_with_the_users_rights() {
     let lab = Lab::new("usermounts");
