@@ -1027,6 +1027,67 @@ fn on_a_node_a_wiring_port_another_user_holds_fails_that_job_alone_with_one_line
     assert!(left.trim().is_empty(), "{}", left.trim());
 }
 
+/// berth's children that become the job user (to read their Docker config, run their
+/// credential helpers, open their mount sources) run with the user's uid, so the user
+/// can make them hang: a FIFO with no writer as the Docker config, a credential helper
+/// that stops its parent (the child), a FIFO as a mount source. Root's create waits for
+/// such a child at most `user_child_timeout` (4 s in this test's config) and fails
+/// with one line; the child does not stay behind.
+#[test]
+fn on_a_node_a_user_who_hangs_berths_process_running_as_them_fails_their_create_with_one_line_at_the_bound() {
+    let c = cluster();
+    let lab = Lab::new("userchild");
+    lab.write_config("credential_helper_timeout = 2\nuser_child_timeout = 4\n");
+    let node = c.nodes()[0].clone();
+    let alice = c.users()[0].clone();
+    let pid = std::process::id();
+    let image = lab.push("userchild", &[busybox_layer()], serde_json::json!({}));
+    let b = format!("env BERTH_CONFIG={} {}", lab.dir.join("berth.toml").display(), berth_binary().display());
+    let job = lab.job.clone();
+    let dir = format!("/home/{alice}/berth-user-child-{pid}");
+    let stops = format!("berthstop{pid}");
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = cluster().on_node(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(node.clone(), format!("{b} container destroy --job {job}; pkill -KILL -u {alice} -f 'container create --job {job} '; rm -rf {dir}"));
+    // alice's own files.
+    stdout_ok(&c.run_as(
+        &alice,
+        &format!(
+            "rm -rf {dir} && mkdir -p {dir}/fifo {dir}/stop/bin {dir}/plain && mkfifo {dir}/fifo/config.json {dir}/plain/a-fifo \
+             && printf '{{\"credsStore\":\"{stops}\"}}' > {dir}/stop/config.json \
+             && printf '#!/bin/sh\\nkill -STOP $PPID\\n' > {dir}/stop/bin/docker-credential-{stops} && chmod 755 {dir}/stop/bin/docker-credential-{stops}"
+        ),
+    ));
+    let cases = [
+        ("a FIFO as her Docker config", format!("--docker-config {dir}/fifo"), true),
+        ("a helper stopping its parent", format!("--docker-config {dir}/stop --helper-path {dir}/stop/bin:/usr/bin:/bin"), true),
+        ("a FIFO as a mount source", format!("--docker-config {dir}/plain --mount {dir}/plain/a-fifo:/data"), false),
+    ];
+    let mut failed = Vec::new();
+    for (case, extra, must_fail) in cases {
+        let started = std::time::Instant::now();
+        let out = c.on_node(&node, &format!("timeout 60 {b} container create --job {job} --user {alice} --no-home --image {image} {extra}"));
+        let took = started.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        let left = on(&node, &format!("pgrep -a -u {alice} -f 'container create --job {job} ' || true"));
+        on(&node, &format!("{b} container destroy --job {job} >/dev/null"));
+        if took > std::time::Duration::from_secs(20) {
+            failed.push(format!("{case}: create took {took:?}: {err:?}"));
+        } else if !left.trim().is_empty() {
+            failed.push(format!("{case}: left running: {left}"));
+        } else if must_fail && (out.status.success() || err.lines().count() != 1 || !err.starts_with("berth: ") || !err.contains("no answer within 4 s")) {
+            failed.push(format!("{case}: not one line saying the process running as {alice} gave no answer within 4 s: {err:?}"));
+        } else if !out.status.success() && (err.lines().count() != 1 || !err.starts_with("berth: ")) {
+            failed.push(format!("{case}: not one line: {err:?}"));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
 /// A `localhost:PORT` registry is whichever node user listens there first. Root's
 /// pulls never speak plain HTTP to it unless the site lists it: bob, listening on
 /// node1's loopback, neither reads alice's login for that name nor learns what she
