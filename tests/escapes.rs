@@ -531,10 +531,11 @@ fn no_host_descriptor_or_directory_reaches_a_task() {
 
 /// A user names one of slurmstepd's descriptors as the task's directory
 /// (`--container-workdir=/proc/self/fd/N`, `srun --chdir=/proc/self/fd/N`, an image whose
-/// WorkingDir is one; runc's CVE-2024-21626). What the task process holds when the plugin
-/// enters the workdir: slurmstepd's log, pipes and sockets, and for a `--mpi=pmix` step
-/// the two host dirs of the step's PMIx plugin, detached to be bound in; no N of them
-/// starts the task in a host dir: it runs in a dir of the container or not at all.
+/// WorkingDir is one; runc's CVE-2024-21626), or another of its magic links (`cwd`,
+/// `root`). What the task process holds when the plugin enters the workdir: slurmstepd's
+/// log, pipes and sockets, and for a `--mpi=pmix` step the two host dirs of the step's
+/// PMIx plugin, detached to be bound in; none of them starts the task in a host dir: it
+/// runs in a dir of the container or not at all.
 #[test]
 fn on_a_node_a_workdir_naming_a_descriptor_of_slurmstepd_never_starts_a_task_in_a_host_dir() {
     let c = cluster();
@@ -546,9 +547,11 @@ fn on_a_node_a_workdir_naming_a_descriptor_of_slurmstepd_never_starts_a_task_in_
     // there; a dir outside the container's root has no such path.
     let probe = "d=$(pwd -P 2>/dev/null); if test -n \"$d\" && test \"$(stat -c %d:%i .)\" = \"$(stat -c %d:%i \"$d\" 2>/dev/null)\"; \
                  then echo \"IN $d\"; else echo \"OUT $d\"; fi; ls -a";
+    // The task's other magic links to host dirs, as root before it joins and as the user after.
+    let others = "/proc/self/cwd /proc/self/root /proc/thread-self/cwd /proc/1/cwd /proc/1/root";
     let script = format!(
-        "echo JOB=$SLURM_JOB_ID\nfor n in $(seq 0 63); do\n  for how in workdir chdir; do\n    echo \"CASE $how $n\"\n    \
-         if [ $how = workdir ]; then opt=--container-workdir=/proc/self/fd/$n; else opt=--chdir=/proc/self/fd/$n; fi\n    \
+        "echo JOB=$SLURM_JOB_ID\nfor p in $(seq -f /proc/self/fd/%g 0 63) {others}; do\n  for how in workdir chdir; do\n    echo \"CASE $how $p\"\n    \
+         if [ $how = workdir ]; then opt=--container-workdir=$p; else opt=--chdir=$p; fi\n    \
          timeout 60 srun --mpi=pmix $opt --container-image={image} sh -c '{probe}' 2>&1; echo \"rc=$?\"\n  done\ndone\n"
     );
     let name = format!("escapes-stepfds-{}", std::process::id());
@@ -564,16 +567,18 @@ fn on_a_node_a_workdir_naming_a_descriptor_of_slurmstepd_never_starts_a_task_in_
         let lines: Vec<&str> = rest.lines().filter(|l| l.contains("berth: ")).collect();
         if rest.contains("rc=0") {
             ran += 1;
-            // In the container (the image's dirs, or the submit dir bound in), nothing of
-            // slurmstepd's: its log dir, its spool, the PMIx server's files.
-            if !rest.lines().any(|l| l.starts_with("IN /")) || ["slurmd.log", "pmix", "job0"].iter().any(|m| rest.contains(m)) {
+            // In the container (the image's dirs, or the submit dir bound in), in none of
+            // slurmstepd's dirs: its log dir, its spool, the PMIx dirs it detached.
+            let dir = rest.lines().find_map(|l| l.strip_prefix("IN ")).unwrap_or("");
+            let slurmstepds = dir.starts_with("/var/spool/slurmd") || dir.contains("spmix_appdir") || ["slurmd.log", "pmix_dstor"].iter().any(|m| rest.contains(m));
+            if !dir.starts_with('/') || slurmstepds {
                 failed.push(format!("{what}: the task started in a host dir: {rest:?}"));
             }
         } else if lines.len() != 1 {
             failed.push(format!("{what}: refused without one berth line: {rest:?}"));
         }
     }
-    assert_eq!(text.matches("CASE ").count(), 128, "{text}");
+    assert_eq!(text.matches("CASE ").count(), 2 * (64 + others.split(' ').count()), "{text}");
     assert!(ran > 0, "no case ran at all (srun --chdir to a missing dir runs in /tmp): {text}");
     assert!(failed.is_empty(), "{failed:#?}");
     berth_e2e::assert_nodes_clean(&c, &berth_e2e::job_of(&text));
