@@ -94,9 +94,9 @@ fn ulimit_f_and_n_in_the_users_shell_bind_the_task_and_not_roots_work() {
 /// `NO_PROXY`) to a port she listens on, on the node her job runs on: a root pull made
 /// with the job's environment would connect there (and carry other users' logins for
 /// that registry through her). Root's pull for her job goes the way slurmd's
-/// environment says (here direct): her listener sees no connection, and the job runs.
-/// Her own `berth pull` with the same variables does go to her listener, so the
-/// listener would see a leak.
+/// environment says (here direct): her listener sees no connection, for a plain-HTTP
+/// registry (the job runs) or an https one. Her own `berth pull` with the same
+/// variables does go to her listener, so the listener would see a leak.
 #[test]
 fn srun_with_proxy_variables_pointing_at_a_users_own_listener_gets_root_pull_nothing_through_it() {
     let dir = Dir::new("proxy", "true");
@@ -143,4 +143,19 @@ fn srun_with_proxy_variables_pointing_at_a_users_own_listener_gets_root_pull_not
     assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&proxy), "the task keeps its variables: {stdout}");
     berth_e2e::assert_nodes_clean(cluster, &berth_e2e::job_of(&stdout));
+
+    // An https registry (the test registries are plain HTTP: this one does not exist), for
+    // HTTPS_PROXY: her own pull asks her listener to connect; root's pull for her job
+    // does not, and fails with one line naming the registry.
+    let https = "berth-proxy-test.invalid";
+    let own = cluster.on_node(&node, &format!("runuser -u alice -- env {vars} timeout 60 {berth} pull --quiet --store {d}/store {https}/x:1"));
+    assert!(!own.status.success());
+    let seen = logged();
+    assert!(seen.contains(&format!("CONNECTION CONNECT {https}:443")), "the listener saw no https pull: {seen:?} {}", String::from_utf8_lossy(&own.stderr));
+    let out = cluster.run(&format!("{vars} timeout 120 srun -w {node} -N1 --container-image={https}/x:1 true"));
+    let seen = logged();
+    assert!(seen.is_empty(), "root's https pull connected to alice's listener: {seen:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error: berth: ")).collect();
+    assert!(!out.status.success() && lines.len() == 1 && lines[0].contains(https), "{stderr}");
 }
