@@ -24,8 +24,8 @@ pub enum UserError {
     Drop { uid: u32, gid: u32, step: &'static str, source: Errno },
     #[error("{why} (as user {uid})")]
     AsUser { uid: u32, why: String },
-    #[error("berth's process running as user {uid} gave no answer within {} s and was killed (a FIFO, a FUSE mount or a stopped process of the user's in its way?)", .waited.as_secs())]
-    NoAnswer { uid: u32, waited: Duration },
+    #[error("berth's process running as user {uid} gave no answer within {} s{} and was killed (a FIFO, a FUSE mount or a stopped process of the user's in its way?)", .waited.as_secs(), .opening.as_ref().map(|p| format!(" opening {}", p.display())).unwrap_or_default())]
+    NoAnswer { uid: u32, waited: Duration, opening: Option<PathBuf> },
 }
 
 /// The identity tasks run as.
@@ -199,7 +199,7 @@ impl Credentials {
                     break;
                 }
                 Err(Errno::EAGAIN) => {
-                    result = Err(UserError::NoAnswer { uid: self.uid, waited: timeout });
+                    result = Err(UserError::NoAnswer { uid: self.uid, waited: timeout, opening: Some(path.clone()) });
                     break;
                 }
                 Err(e) => {
@@ -246,7 +246,7 @@ impl Credentials {
         let read = read_within(&mut parent, &mut bytes, timeout);
         reap(pid, read.is_err());
         read.map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => UserError::NoAnswer { uid: self.uid, waited: timeout },
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => UserError::NoAnswer { uid: self.uid, waited: timeout, opening: None },
             _ => failed("reading the child's answer", io_errno(&e)),
         })?;
         match serde_json::from_slice::<Result<T, String>>(&bytes) {
