@@ -529,6 +529,61 @@ fn no_host_descriptor_or_directory_reaches_a_task() {
     }
 }
 
+/// A user names one of slurmstepd's descriptors as the task's directory
+/// (`--container-workdir=/proc/self/fd/N`, `srun --chdir=/proc/self/fd/N`, an image whose
+/// WorkingDir is one; runc's CVE-2024-21626), or another of its magic links (`cwd`,
+/// `root`). What the task process holds when the plugin enters the workdir: slurmstepd's
+/// log, pipes and sockets, and for a `--mpi=pmix` step the two host dirs of the step's
+/// PMIx plugin, detached to be bound in; none of them starts the task in a host dir: it
+/// runs in a dir of the container or not at all.
+#[test]
+fn on_a_node_a_workdir_naming_a_descriptor_of_slurmstepd_never_starts_a_task_in_a_host_dir() {
+    let c = cluster();
+    let lab = Lab::new("stepfds");
+    let node = c.nodes()[0].clone();
+    let alice = c.users()[0].clone();
+    let image = lab.push("stepfds", &[busybox_layer()], serde_json::json!({"WorkingDir": "/proc/self/fd/7"}));
+    // The task's dir is in the container when the path getcwd gives names that same dir
+    // there; a dir outside the container's root has no such path.
+    let probe = "d=$(pwd -P 2>/dev/null); if test -n \"$d\" && test \"$(stat -c %d:%i .)\" = \"$(stat -c %d:%i \"$d\" 2>/dev/null)\"; \
+                 then echo \"IN $d\"; else echo \"OUT $d\"; fi; ls -a";
+    // The task's other magic links to host dirs, as root before it joins and as the user after.
+    let others = "/proc/self/cwd /proc/self/root /proc/thread-self/cwd /proc/1/cwd /proc/1/root";
+    let script = format!(
+        "echo JOB=$SLURM_JOB_ID\nfor p in $(seq -f /proc/self/fd/%g 0 63) {others}; do\n  for how in workdir chdir; do\n    echo \"CASE $how $p\"\n    \
+         if [ $how = workdir ]; then opt=--container-workdir=$p; else opt=--chdir=$p; fi\n    \
+         timeout 60 srun --mpi=pmix $opt --container-image={image} sh -c '{probe}' 2>&1; echo \"rc=$?\"\n  done\ndone\n"
+    );
+    let name = format!("escapes-stepfds-{}", std::process::id());
+    let out = c.run_as(
+        &alice,
+        &format!("cat > {name}.sh <<'BERTH_EOF'\n{script}BERTH_EOF\ntimeout 600 salloc -N1 -w {node} bash {name}.sh; rc=$?; rm -f {name}.sh; exit $rc"),
+    );
+    let text = stdout_ok(&out);
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for case in text.split("CASE ").skip(1) {
+        let (what, rest) = case.split_once('\n').unwrap_or((case, ""));
+        let lines: Vec<&str> = rest.lines().filter(|l| l.contains("berth: ")).collect();
+        if rest.contains("rc=0") {
+            ran += 1;
+            // In the container (the image's dirs, or the submit dir bound in), in none of
+            // slurmstepd's dirs: its log dir, its spool, the PMIx dirs it detached.
+            let dir = rest.lines().find_map(|l| l.strip_prefix("IN ")).unwrap_or("");
+            let slurmstepds = dir.starts_with("/var/spool/slurmd") || dir.contains("spmix_appdir") || ["slurmd.log", "pmix_dstor"].iter().any(|m| rest.contains(m));
+            if !dir.starts_with('/') || slurmstepds {
+                failed.push(format!("{what}: the task started in a host dir: {rest:?}"));
+            }
+        } else if lines.len() != 1 {
+            failed.push(format!("{what}: refused without one berth line: {rest:?}"));
+        }
+    }
+    assert_eq!(text.matches("CASE ").count(), 2 * (64 + others.split(' ').count()), "{text}");
+    assert!(ran > 0, "no case ran at all (srun --chdir to a missing dir runs in /tmp): {text}");
+    assert!(failed.is_empty(), "{failed:#?}");
+    berth_e2e::assert_nodes_clean(&c, &berth_e2e::job_of(&text));
+}
+
 #[test]
 fn user_mounts_are_opened_with_the_users_rights() {
     let lab = Lab::new("usermounts");
@@ -975,6 +1030,67 @@ fn on_a_node_a_wiring_port_another_user_holds_fails_that_job_alone_with_one_line
     on(&node, &format!("{b} container destroy --job {job} >/dev/null"));
     let left = on(&node, &format!("kill -0 {holder} || echo {bob}\\'s process is gone; test -e {}/{job} && echo job dir left; grep -q '{job}' /proc/self/mountinfo && echo mount left; true", lab.dir.join("rt").display()));
     assert!(left.trim().is_empty(), "{}", left.trim());
+}
+
+/// berth's children that become the job user (to read their Docker config, run their
+/// credential helpers, open their mount sources) run with the user's uid, so the user
+/// can make them hang: a FIFO with no writer as the Docker config, a credential helper
+/// that stops its parent (the child), a FIFO as a mount source. Root's create waits for
+/// such a child at most `user_child_timeout` (4 s in this test's config) and fails
+/// with one line; the child does not stay behind.
+#[test]
+fn on_a_node_a_user_who_hangs_berths_process_running_as_them_fails_their_create_with_one_line_at_the_bound() {
+    let c = cluster();
+    let lab = Lab::new("userchild");
+    lab.write_config("credential_helper_timeout = 2\nuser_child_timeout = 4\n");
+    let node = c.nodes()[0].clone();
+    let alice = c.users()[0].clone();
+    let pid = std::process::id();
+    let image = lab.push("userchild", &[busybox_layer()], serde_json::json!({}));
+    let b = format!("env BERTH_CONFIG={} {}", lab.dir.join("berth.toml").display(), berth_binary().display());
+    let job = lab.job.clone();
+    let dir = format!("/home/{alice}/berth-user-child-{pid}");
+    let stops = format!("berthstop{pid}");
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = cluster().on_node(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(node.clone(), format!("{b} container destroy --job {job}; pkill -KILL -u {alice} -f 'container create --job {job} '; rm -rf {dir}"));
+    // alice's own files.
+    stdout_ok(&c.run_as(
+        &alice,
+        &format!(
+            "rm -rf {dir} && mkdir -p {dir}/fifo {dir}/stop/bin {dir}/plain && mkfifo {dir}/fifo/config.json {dir}/plain/a-fifo \
+             && printf '{{\"credsStore\":\"{stops}\"}}' > {dir}/stop/config.json \
+             && printf '#!/bin/sh\\nkill -STOP $PPID\\n' > {dir}/stop/bin/docker-credential-{stops} && chmod 755 {dir}/stop/bin/docker-credential-{stops}"
+        ),
+    ));
+    let cases = [
+        ("a FIFO as her Docker config", format!("--docker-config {dir}/fifo"), true),
+        ("a helper stopping its parent", format!("--docker-config {dir}/stop --helper-path {dir}/stop/bin:/usr/bin:/bin"), true),
+        ("a FIFO as a mount source", format!("--docker-config {dir}/plain --mount {dir}/plain/a-fifo:/data"), false),
+    ];
+    let mut failed = Vec::new();
+    for (case, extra, must_fail) in cases {
+        let started = std::time::Instant::now();
+        let out = c.on_node(&node, &format!("timeout 60 {b} container create --job {job} --user {alice} --no-home --image {image} {extra}"));
+        let took = started.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        let left = on(&node, &format!("pgrep -a -u {alice} -f 'container create --job {job} ' || true"));
+        on(&node, &format!("{b} container destroy --job {job} >/dev/null"));
+        if took > std::time::Duration::from_secs(20) {
+            failed.push(format!("{case}: create took {took:?}: {err:?}"));
+        } else if !left.trim().is_empty() {
+            failed.push(format!("{case}: left running: {left}"));
+        } else if must_fail && (out.status.success() || err.lines().count() != 1 || !err.starts_with("berth: ") || !err.contains("no answer within 4 s")) {
+            failed.push(format!("{case}: not one line saying the process running as {alice} gave no answer within 4 s: {err:?}"));
+        } else if !out.status.success() && (err.lines().count() != 1 || !err.starts_with("berth: ")) {
+            failed.push(format!("{case}: not one line: {err:?}"));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
 }
 
 /// A `localhost:PORT` registry is whichever node user listens there first. Root's

@@ -580,6 +580,84 @@ fn job_pulls_log_in_as_the_job_user_with_their_own_docker_config_and_helpers() {
     assert_eq!(std::fs::read_to_string(&ran_as).unwrap().trim(), bob_uid.trim(), "the helper must run as bob");
 }
 
+/// alice names credential helpers of her own that never answer: one sleeps forever
+/// (`credsStore`), one leaves a process holding its output open and exits
+/// (`credHelpers`). Each of her jobs fails with one line naming the helper once the
+/// 30 s a helper gets have passed, nothing of the helpers stays on the node, and bob's
+/// pull from the same registry on the same node meanwhile is not held up.
+#[test]
+fn a_job_users_credential_helper_that_never_answers_fails_the_job_with_one_line_and_holds_up_no_other_user() {
+    let cluster = cluster();
+    let words = test_env_words("--auth");
+    let (registry, login) = (words[0].clone(), words[1].clone());
+    let users = cluster.users();
+    let (alice, bob) = (&users[0], &users[1]);
+    let node = cluster.nodes()[0].clone();
+    let pid = std::process::id();
+    let tag = |case: &str| {
+        let image = format!("{registry}/minimal:{case}-{pid}");
+        sh(&format!(
+            "skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --src-creds '{login}' --dest-creds '{login}' \
+             docker://{registry}/minimal:latest docker://{image}"
+        ));
+        image
+    };
+    let home = |u: &str| PathBuf::from(format!("/home/{u}"));
+    let (alice_dir, bob_dir) = (home(alice).join(format!("berth-helper-hang-{pid}")), home(bob).join(format!("berth-helper-hang-{pid}")));
+    let _planted = Planted(vec![alice_dir.clone(), bob_dir.clone()]);
+    // Names of this run's own, so that what is left on the node is told apart from other runs'.
+    let (hangs, lingers) = (format!("berthhang{pid}"), format!("berthlinger{pid}"));
+    let held = format!("sleep {}", 1000 + pid % 1000);
+    for (case, helper, config, script) in [
+        ("hangs", &hangs, format!("{{\"credsStore\":\"{hangs}\"}}"), "#!/bin/sh\nexec sleep 1000\n".to_string()),
+        ("lingers", &lingers, format!("{{\"credHelpers\":{{\"{registry}\":\"{lingers}\"}}}}"), format!("#!/bin/sh\n{held} &\nexit 0\n")),
+    ] {
+        let dir = alice_dir.join(case);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        std::fs::write(dir.join(format!("bin/docker-credential-{helper}")), script).unwrap();
+        sh(&format!("chmod 755 {0}/bin/docker-credential-{helper}", dir.display()));
+    }
+    sh(&format!("chown -R {alice}: {}", alice_dir.display()));
+    let auth = String::from_utf8(Command::new("sh").args(["-c", &format!("printf %s '{login}' | base64 -w0")]).output().unwrap().stdout).unwrap();
+    std::fs::create_dir_all(&bob_dir).unwrap();
+    std::fs::write(bob_dir.join("config.json"), format!("{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}")).unwrap();
+    sh(&format!("chown -R {bob}: {0} && chmod 600 {0}/config.json", bob_dir.display()));
+    let images = [tag("hangs"), tag("lingers"), tag("bob")];
+
+    let job = |user: &str, dir: &Path, image: &str| {
+        let started = std::time::Instant::now();
+        let env = format!("DOCKER_CONFIG={0} PATH={0}/bin:$PATH timeout 120", dir.display());
+        let out = cluster.run_as(user, &format!("{env} srun -N1 -w {node} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID; grep ^NAME= /etc/os-release'"));
+        (out, started.elapsed())
+    };
+    let (alices, (bobs, bob_took)) = std::thread::scope(|s| {
+        let alices: Vec<_> = [("hangs", &images[0]), ("lingers", &images[1])]
+            .into_iter()
+            .map(|(case, image)| {
+                let dir = alice_dir.join(case);
+                let job = &job;
+                s.spawn(move || job(alice, &dir, image))
+            })
+            .collect();
+        // bob starts once alice's helpers are running.
+        std::thread::sleep(Duration::from_secs(3));
+        let bobs = job(bob, &bob_dir, &images[2]);
+        (alices.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), bobs)
+    });
+    let stdout = stdout_ok(&bobs);
+    assert!(stdout.contains("NAME=\"berth minimal\""), "{stdout}");
+    assert!(bob_took < Duration::from_secs(25), "bob's job took {bob_took:?} while alice's helpers hung");
+    for ((out, took), helper) in alices.iter().zip([&hangs, &lingers]) {
+        let line = berth_error(out);
+        assert!(line.contains(&format!("docker-credential-{helper}")) && line.contains("no answer within 30 s"), "{line}");
+        assert!(*took >= Duration::from_secs(30) && *took < Duration::from_secs(60), "{helper}: the job took {took:?}");
+    }
+    // Nothing of alice's helpers runs on the node any more (killed with their process group).
+    let left = cluster.on_node(&node, &format!("pgrep -a -u {alice} -f '{hangs}|{lingers}|{held}' || true"));
+    assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "", "left running on {node}");
+}
+
 #[test]
 fn gc_keeps_the_layers_of_a_live_container_and_frees_them_after_destroy() {
     let cluster = cluster();

@@ -10,6 +10,7 @@
 use serde::Deserialize;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Where the admin config is read from when `$BERTH_CONFIG` is not set.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
@@ -94,6 +95,14 @@ pub struct Config {
     /// The slowest a layer download may be on average, in bytes a second (`100K`;
     /// suffixes K, M, G): a layer of N bytes gets 30 s plus N / this rate in all.
     pub min_pull_rate: String,
+    /// Seconds a job user's credential helper may take to answer before it is killed
+    /// with its process group.
+    pub credential_helper_timeout: u64,
+    /// Seconds root waits for one of its children that became the job user (reading
+    /// their Docker config, running their helpers, opening their mount sources) before
+    /// it kills it: the user may stop it or hang it on a FIFO or FUSE mount of theirs.
+    /// Bounds the helpers that child runs too, whatever `credential_helper_timeout` says.
+    pub user_child_timeout: u64,
 }
 
 impl Default for Config {
@@ -116,6 +125,8 @@ impl Default for Config {
             max_image_size: "64G".to_string(),
             max_image_files: 2_000_000,
             min_pull_rate: "100K".to_string(),
+            credential_helper_timeout: 30,
+            user_child_timeout: 60,
         }
     }
 }
@@ -138,6 +149,8 @@ const KNOWN_KEYS: &[&str] = &[
     "max_image_size",
     "max_image_files",
     "min_pull_rate",
+    "credential_helper_timeout",
+    "user_child_timeout",
 ];
 
 impl Config {
@@ -251,6 +264,8 @@ impl Config {
             "max_image_size" => self.max_image_size = value.to_string(),
             "max_image_files" => self.max_image_files = value.parse().map_err(|_| bad("expected a number of files"))?,
             "min_pull_rate" => self.min_pull_rate = value.to_string(),
+            "credential_helper_timeout" => self.credential_helper_timeout = value.parse().map_err(|_| bad("expected a number of seconds"))?,
+            "user_child_timeout" => self.user_child_timeout = value.parse().map_err(|_| bad("expected a number of seconds"))?,
             _ => {
                 return Err(ConfigError::UnknownKey {
                     key: key.to_string(),
@@ -298,6 +313,11 @@ impl Config {
                 why: "expected bytes a second above 0, or with a suffix K, M or G (e.g. 100K)".into(),
             });
         }
+        for (key, seconds) in [("credential_helper_timeout", self.credential_helper_timeout), ("user_child_timeout", self.user_child_timeout)] {
+            if seconds == 0 {
+                return Err(ConfigError::BadValue { key: key.into(), value: "0".into(), why: "expected seconds above 0".into() });
+            }
+        }
         for mount in &self.site_mounts {
             if !mount.source.is_absolute() || !mount.target.is_absolute() {
                 return Err(ConfigError::BadValue {
@@ -318,6 +338,16 @@ impl Config {
     /// `min_pull_rate` in bytes a second.
     pub fn min_pull_rate_bytes(&self) -> u64 {
         parse_size(&self.min_pull_rate).unwrap_or(100 << 10).max(1)
+    }
+
+    /// `credential_helper_timeout` as a duration.
+    pub fn credential_helper_timeout(&self) -> Duration {
+        Duration::from_secs(self.credential_helper_timeout)
+    }
+
+    /// `user_child_timeout` as a duration.
+    pub fn user_child_timeout(&self) -> Duration {
+        Duration::from_secs(self.user_child_timeout)
     }
 
     /// `wiring_ports` as an inclusive range of unprivileged ports.
@@ -465,6 +495,13 @@ mod tests {
         let mut config = Config::default();
         config.set("wiring_ports", "30000-30099").unwrap();
         assert_eq!(config.wiring_port_range().unwrap(), (30000, 30099));
+        let mut config = Config::default();
+        assert_eq!((config.credential_helper_timeout(), config.user_child_timeout()), (Duration::from_secs(30), Duration::from_secs(60)));
+        config.set("credential_helper_timeout", "2").unwrap();
+        config.set("user_child_timeout", "4").unwrap();
+        assert_eq!(config.user_child_timeout(), Duration::from_secs(4));
+        assert!(Config::default().set("credential_helper_timeout", "0").is_err());
+        assert!(Config::from_toml("user_child_timeout = 0\n").is_err());
         // Loopback is plain HTTP by itself for a user's own pulls only.
         assert_eq!(config.is_insecure("localhost:5000"), !crate::privileged::is_root());
     }

@@ -430,7 +430,7 @@ fn open_sources(config: &Config, spec: &Spec) -> Result<Layout> {
         checked.push((m.source.clone(), m.target.clone(), m.read_only));
     }
     let sources: Vec<PathBuf> = checked.iter().map(|(s, _, _)| s.clone()).collect();
-    let fds = spec.user.open_as_user(&sources)?;
+    let fds = spec.user.open_as_user(&sources, config.user_child_timeout())?;
     let mut layout = Layout { read_only_root: spec.read_only, ..Layout::default() };
     for site in &config.site_mounts {
         layout.binds.push(Bind {

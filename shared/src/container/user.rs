@@ -12,6 +12,7 @@ use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
@@ -23,6 +24,8 @@ pub enum UserError {
     Drop { uid: u32, gid: u32, step: &'static str, source: Errno },
     #[error("{why} (as user {uid})")]
     AsUser { uid: u32, why: String },
+    #[error("berth's process running as user {uid} gave no answer within {} s{} and was killed (a FIFO, a FUSE mount or a stopped process of the user's in its way?)", .waited.as_secs(), .opening.as_ref().map(|p| format!(" opening {}", p.display())).unwrap_or_default())]
+    NoAnswer { uid: u32, waited: Duration, opening: Option<PathBuf> },
 }
 
 /// The identity tasks run as.
@@ -118,8 +121,9 @@ impl Credentials {
 
     /// Opens each path as this user would (in a child that has switched to the user),
     /// and returns the open files, so that what gets mounted is exactly what the user
-    /// was allowed to read, with no window for swapping a symlink in between.
-    pub fn open_as_user(&self, paths: &[PathBuf]) -> Result<Vec<OwnedFd>, UserError> {
+    /// was allowed to read, with no window for swapping a symlink in between. A child
+    /// that has not answered within `timeout` is killed (see [`Self::run_as_user`]).
+    pub fn open_as_user(&self, paths: &[PathBuf], timeout: Duration) -> Result<Vec<OwnedFd>, UserError> {
         if paths.is_empty() {
             return Ok(Vec::new());
         }
@@ -166,11 +170,18 @@ impl Credentials {
         };
         drop(child);
         // A child that became the user is the user's to stop: never wait on it for long.
-        let _ = nix::sys::socket::setsockopt(&parent, nix::sys::socket::sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(USER_CHILD_TIMEOUT.as_secs() as i64, 0));
+        // One deadline for all its answers, each receive bounded by what is left of it.
+        let deadline = std::time::Instant::now() + timeout;
         let mut fds = Vec::with_capacity(paths.len());
         let mut result = Ok(());
-        // A socket with a receive timeout is not restarted after a signal (signal(7)).
         let receive = || loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break Err(Errno::EAGAIN);
+            }
+            let left = nix::sys::time::TimeVal::new(left.as_secs() as i64, left.subsec_micros().max(1) as i64);
+            nix::sys::socket::setsockopt(&parent, nix::sys::socket::sockopt::ReceiveTimeout, &left)?;
+            // A socket with a receive timeout is not restarted after a signal (signal(7)).
             match sys::recv_fd(parent.as_fd()) {
                 Err(Errno::EINTR) => continue,
                 other => break other,
@@ -185,6 +196,10 @@ impl Credentials {
                 }
                 Ok((status, _)) => {
                     result = Err(UserError::Denied { uid: self.uid, path: path.clone(), source: Errno::from_raw(status) });
+                    break;
+                }
+                Err(Errno::EAGAIN) => {
+                    result = Err(UserError::NoAnswer { uid: self.uid, waited: timeout, opening: Some(path.clone()) });
                     break;
                 }
                 Err(e) => {
@@ -203,9 +218,11 @@ impl Credentials {
     /// Runs `f` in a forked child that has become this user for good
     /// ([`Credentials::become_user`]) and returns what it returned, passed back as JSON.
     /// For work on the user's behalf that must have only the user's rights: reading the
-    /// user's files, running the user's programs. Needs root; single-threaded caller.
-    pub fn run_as_user<T: Serialize + serde::de::DeserializeOwned>(&self, f: impl FnOnce() -> T) -> Result<T, UserError> {
-        use std::io::{Read, Write};
+    /// user's files, running the user's programs. The child is the user's to stop (or to
+    /// hang on a FIFO or FUSE mount of theirs): killed when it has not answered within
+    /// `timeout` (the admin's `user_child_timeout`). Needs root; single-threaded caller.
+    pub fn run_as_user<T: Serialize + serde::de::DeserializeOwned>(&self, timeout: Duration, f: impl FnOnce() -> T) -> Result<T, UserError> {
+        use std::io::Write;
         let failed = |step, source| UserError::Drop { uid: self.uid, gid: self.gid, step, source };
         let (mut parent, mut child) = std::os::unix::net::UnixStream::pair().map_err(|e| failed("socketpair", io_errno(&e)))?;
         let pid = match sys::fork().map_err(|e| failed("fork", e))? {
@@ -226,9 +243,12 @@ impl Credentials {
         };
         drop(child);
         let mut bytes = Vec::new();
-        let read = parent.set_read_timeout(Some(USER_CHILD_TIMEOUT)).and_then(|()| parent.read_to_end(&mut bytes));
+        let read = read_within(&mut parent, &mut bytes, timeout);
         reap(pid, read.is_err());
-        read.map_err(|e| failed("reading the child's answer", io_errno(&e)))?;
+        read.map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => UserError::NoAnswer { uid: self.uid, waited: timeout, opening: None },
+            _ => failed("reading the child's answer", io_errno(&e)),
+        })?;
         match serde_json::from_slice::<Result<T, String>>(&bytes) {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(why)) => Err(UserError::AsUser { uid: self.uid, why }),
@@ -237,10 +257,26 @@ impl Credentials {
     }
 }
 
-/// How long root waits for a child that became the user (it runs the user's credential
-/// helpers, themselves killed after 30 s, and opens the user's paths, which a FUSE
-/// mount of theirs can hold).
-const USER_CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Reads `from` to its end within `timeout` in all (a child writing a byte now and then
+/// gets no more time than one that writes nothing).
+fn read_within(from: &mut std::os::unix::net::UnixStream, bytes: &mut Vec<u8>, timeout: Duration) -> std::io::Result<()> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        from.set_read_timeout(Some(left))?;
+        match from.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// Waits for a child that became the user, killed first when it did not answer in time.
 fn reap(pid: nix::unistd::Pid, kill: bool) {
@@ -281,7 +317,7 @@ mod tests {
         let held = std::fs::File::create(&path).unwrap();
         let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
         let open: Vec<String> = nobody
-            .run_as_user(|| {
+            .run_as_user(Duration::from_secs(60), || {
                 let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok()).collect::<Vec<_>>());
                 fds.unwrap_or_default().iter().map(|p| p.display().to_string()).collect()
             })
@@ -289,6 +325,29 @@ mod tests {
         drop(held);
         std::fs::remove_file(&path).unwrap();
         assert!(!open.iter().any(|p| p == &path.display().to_string()), "the child held root's file: {open:?}");
+    }
+
+    #[test]
+    fn a_child_that_becomes_the_user_and_never_answers_is_killed_at_the_timeout() {
+        if !is_root() {
+            eprintln!("skipped: needs root to switch users");
+            return;
+        }
+        let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
+        let started = std::time::Instant::now();
+        let err = nobody.run_as_user(Duration::from_secs(1), || std::thread::sleep(Duration::from_secs(100))).unwrap_err();
+        assert!(matches!(err, UserError::NoAnswer { uid: 65534, .. }), "{err}");
+        assert!(err.to_string().contains("no answer within 1 s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        // A FIFO with no writer holds a child opening it as the user.
+        let dir = std::env::temp_dir().join(format!("berth-user-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o666)).unwrap();
+        let err = nobody.run_as_user(Duration::from_secs(1), || std::fs::read(&fifo).is_ok()).unwrap_err();
+        assert!(matches!(err, UserError::NoAnswer { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -306,12 +365,12 @@ mod tests {
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
         let nobody = Credentials { uid: 65534, gid: 65534, groups: vec![] };
-        assert_eq!(nobody.open_as_user(std::slice::from_ref(&public)).unwrap().len(), 1);
-        let err = nobody.open_as_user(&[public.clone(), private.clone()]).unwrap_err();
+        assert_eq!(nobody.open_as_user(std::slice::from_ref(&public), Duration::from_secs(60)).unwrap().len(), 1);
+        let err = nobody.open_as_user(&[public.clone(), private.clone()], Duration::from_secs(60)).unwrap_err();
         assert!(matches!(err, UserError::Denied { source: Errno::EACCES, .. }), "{err}");
         assert!(err.to_string().contains("private"), "{err}");
         let root = Credentials { uid: 0, gid: 0, groups: vec![] };
-        assert_eq!(root.open_as_user(std::slice::from_ref(&private)).unwrap().len(), 1);
+        assert_eq!(root.open_as_user(std::slice::from_ref(&private), Duration::from_secs(60)).unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

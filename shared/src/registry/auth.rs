@@ -4,9 +4,11 @@
 //! bearer-token and basic auth. The user's config is read, and their helpers run, with
 //! the user's own rights only: by the calling process when it is that user, else by a
 //! child that has become the job's user ([`JobUser`]); root never opens a path the user
-//! controls. A helper that does not answer within [`HELPER_TIMEOUT`] is killed, so it
-//! cannot hold a root pull (and the store's locks) forever. Owns reading credentials;
-//! never sends them anywhere (the client decides where).
+//! controls. A helper that does not answer within the admin's
+//! `credential_helper_timeout` is killed, and so is a child running as the user that
+//! does not answer within `user_child_timeout`, so neither can hold a root pull (and
+//! the store's locks) for long. Owns reading credentials; never sends them anywhere
+//! (the client decides where).
 
 use base64::Engine;
 use std::collections::HashMap;
@@ -17,9 +19,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a credential helper may take to answer.
-pub const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
-
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("cannot read registry credentials {path}: {source} (fix its permissions, or remove it)")]
@@ -28,6 +27,8 @@ pub enum AuthError {
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("credential helper docker-credential-{helper} failed for {registry}: {why}")]
     Helper { helper: String, registry: String, why: String },
+    #[error("cannot read the registry logins of user {uid} in {dir}: {source}")]
+    UserConfig { uid: u32, dir: PathBuf, source: crate::container::UserError },
     #[error("DOCKER_CONFIG={0} is not an absolute path: give the directory holding config.json by its full path")]
     RelativeDockerConfig(PathBuf),
     #[error(transparent)]
@@ -92,6 +93,27 @@ enum HelperEnv {
 pub struct Credentials {
     job_user: Option<JobUser>,
     sources: Vec<DockerConfig>,
+    bounds: Bounds,
+}
+
+/// How long helpers and a child running as the job user may take (the admin's
+/// `credential_helper_timeout` and `user_child_timeout`).
+#[derive(Clone, Copy)]
+struct Bounds {
+    helper: Duration,
+    child: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Bounds {
+        Bounds::of(&crate::config::Config::default())
+    }
+}
+
+impl Bounds {
+    fn of(config: &crate::config::Config) -> Bounds {
+        Bounds { helper: config.credential_helper_timeout(), child: config.user_child_timeout() }
+    }
 }
 
 impl Credentials {
@@ -100,8 +122,9 @@ impl Credentials {
         Credentials::default()
     }
 
-    /// The calling user's Docker config (if any) and the admin's credentials file (if set).
-    pub fn load(admin_file: Option<&Path>) -> Result<Credentials, AuthError> {
+    /// The calling user's Docker config (if any) and the admin's credentials file
+    /// (`credentials_file`, if set).
+    pub fn load(config: &crate::config::Config) -> Result<Credentials, AuthError> {
         let mut sources = Vec::new();
         let user_dir = std::env::var_os("DOCKER_CONFIG")
             .map(PathBuf::from)
@@ -111,36 +134,37 @@ impl Credentials {
                 sources.push(c);
             }
         }
-        sources.extend(admin_source(admin_file)?);
-        Ok(Credentials { job_user: None, sources })
+        sources.extend(admin_source(config.credentials_file.as_deref())?);
+        Ok(Credentials { job_user: None, sources, bounds: Bounds::of(config) })
     }
 
     /// A job user's Docker config, read at lookup time by a child running as that user,
     /// then the admin's credentials file (root's, read here).
-    pub fn load_for(user: JobUser, admin_file: Option<&Path>) -> Result<Credentials, AuthError> {
+    pub fn load_for(user: JobUser, config: &crate::config::Config) -> Result<Credentials, AuthError> {
         if let Some(dir) = &user.docker_config {
             if !dir.is_absolute() {
                 return Err(AuthError::RelativeDockerConfig(dir.clone()));
             }
         }
-        Ok(Credentials { job_user: Some(user), sources: admin_source(admin_file)?.into_iter().collect() })
+        let sources = admin_source(config.credentials_file.as_deref())?.into_iter().collect();
+        Ok(Credentials { job_user: Some(user), sources, bounds: Bounds::of(config) })
     }
 
     /// Parses one config.json text (for tests and for callers holding the text).
     pub fn from_json(text: &str) -> Result<Credentials, serde_json::Error> {
-        Ok(Credentials { job_user: None, sources: vec![serde_json::from_str(text)?] })
+        Ok(Credentials { job_user: None, sources: vec![serde_json::from_str(text)?], bounds: Bounds::default() })
     }
 
     /// The login for a registry name as written in references (`docker.io`, `host:5000`).
     pub fn lookup(&self, registry: &str) -> Result<Option<Login>, AuthError> {
         let keys = keys_for(registry);
         if let Some(user) = &self.job_user {
-            if let Some(login) = lookup_as(user, &keys)? {
+            if let Some(login) = lookup_as(user, &keys, self.bounds)? {
                 return Ok(Some(login));
             }
         }
         for source in &self.sources {
-            if let Some(login) = lookup_in(source, &keys, &HelperEnv::Inherited)? {
+            if let Some(login) = lookup_in(source, &keys, &HelperEnv::Inherited, self.bounds.helper)? {
                 return Ok(Some(login));
             }
         }
@@ -154,9 +178,9 @@ fn admin_source(admin_file: Option<&Path>) -> Result<Option<DockerConfig>, AuthE
 
 /// One config's login for a registry: its helper for that registry, its `auths`
 /// entry, then its default helper (`credsStore`), as Docker orders them.
-fn lookup_in(source: &DockerConfig, keys: &[String], env: &HelperEnv) -> Result<Option<Login>, AuthError> {
+fn lookup_in(source: &DockerConfig, keys: &[String], env: &HelperEnv, timeout: Duration) -> Result<Option<Login>, AuthError> {
     if let Some(helper) = keys.iter().find_map(|k| source.cred_helpers.get(k)) {
-        return run_helper(helper, &keys[0], env);
+        return run_helper(helper, &keys[0], env, timeout);
     }
     for key in keys {
         if let Some(login) = source.auths.get(key).and_then(entry_login) {
@@ -164,15 +188,16 @@ fn lookup_in(source: &DockerConfig, keys: &[String], env: &HelperEnv) -> Result<
         }
     }
     match &source.creds_store {
-        Some(store) => run_helper(store, &keys[0], env),
+        Some(store) => run_helper(store, &keys[0], env, timeout),
         None => Ok(None),
     }
 }
 
 /// Looks the login up in the job user's Docker config, in a child that has become the
 /// user: the config (and any symlink to it) is opened, and helpers run, with the
-/// user's rights only.
-fn lookup_as(user: &JobUser, keys: &[String]) -> Result<Option<Login>, AuthError> {
+/// user's rights only. A child that does not answer in time (the user stopped it, or
+/// their config is a FIFO) is killed; the helpers it runs get no more time than it has.
+fn lookup_as(user: &JobUser, keys: &[String], bounds: Bounds) -> Result<Option<Login>, AuthError> {
     let home = user.ids.home();
     let Some(dir) = user.docker_config.clone().or_else(|| home.as_ref().map(|h| h.join(".docker"))) else {
         return Ok(None);
@@ -181,13 +206,17 @@ fn lookup_as(user: &JobUser, keys: &[String]) -> Result<Option<Login>, AuthError
         home,
         path: user.path.clone().unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
     };
-    let answer = user.ids.run_as_user(|| -> Result<Option<Login>, String> {
-        let config = read_config(&dir.join("config.json")).map_err(|e| e.to_string())?;
-        match config {
-            Some(config) => lookup_in(&config, keys, &env).map_err(|e| e.to_string()),
-            None => Ok(None),
-        }
-    })?;
+    let helper = bounds.helper.min(bounds.child);
+    let answer = user
+        .ids
+        .run_as_user(bounds.child, || -> Result<Option<Login>, String> {
+            let config = read_config(&dir.join("config.json")).map_err(|e| e.to_string())?;
+            match config {
+                Some(config) => lookup_in(&config, keys, &env, helper).map_err(|e| e.to_string()),
+                None => Ok(None),
+            }
+        })
+        .map_err(|source| AuthError::UserConfig { uid: user.ids.uid, dir: dir.clone(), source })?;
     answer.map_err(|why| AuthError::AsUser(crate::container::UserError::AsUser { uid: user.ids.uid, why }))
 }
 
@@ -233,12 +262,9 @@ fn entry_login(entry: &AuthEntry) -> Option<Login> {
 }
 
 /// Runs `docker-credential-<helper> get` with the server URL on stdin, as Docker does
-/// (the docker-credential-helpers protocol: JSON `Username`/`Secret` on stdout).
-fn run_helper(helper: &str, server: &str, env: &HelperEnv) -> Result<Option<Login>, AuthError> {
-    run_helper_within(helper, server, env, HELPER_TIMEOUT)
-}
-
-fn run_helper_within(helper: &str, server: &str, env: &HelperEnv, timeout: Duration) -> Result<Option<Login>, AuthError> {
+/// (the docker-credential-helpers protocol: JSON `Username`/`Secret` on stdout); killed
+/// with its process group when it has not answered within `timeout`.
+fn run_helper(helper: &str, server: &str, env: &HelperEnv, timeout: Duration) -> Result<Option<Login>, AuthError> {
     let err = |why: String| AuthError::Helper { helper: helper.into(), registry: server.into(), why };
     if !helper.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) {
         return Err(err("the helper name is not a plain program name".into()));
@@ -434,14 +460,14 @@ mod tests {
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
         let nobody = crate::container::Credentials { uid: 65534, gid: 65534, groups: vec![] };
         let user = JobUser { ids: nobody, docker_config: Some(dir.clone()), path: None };
-        let creds = Credentials::load_for(user.clone(), None).unwrap();
+        let creds = Credentials::load_for(user.clone(), &crate::config::Config::default()).unwrap();
         let err = creds.lookup("reg.example:5000").unwrap_err().to_string();
         assert!(err.contains("cannot read registry credentials") && err.contains("Permission denied") && err.ends_with("(as user 65534)"), "{err}");
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(creds.lookup("reg.example:5000").unwrap().unwrap().username, "a");
         assert_eq!(creds.lookup("other.example").unwrap(), None);
         let relative = JobUser { docker_config: Some("rel/dir".into()), ..user };
-        assert!(matches!(Credentials::load_for(relative, None), Err(AuthError::RelativeDockerConfig(_))));
+        assert!(matches!(Credentials::load_for(relative, &crate::config::Config::default()), Err(AuthError::RelativeDockerConfig(_))));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -463,11 +489,11 @@ mod tests {
         let env = HelperEnv::Job { home: None, path: dir.clone().into_os_string() };
         for name in ["hang", "lingers"] {
             let started = Instant::now();
-            let err = run_helper_within(name, "r.example", &env, Duration::from_secs(1)).unwrap_err().to_string();
+            let err = run_helper(name, "r.example", &env, Duration::from_secs(1)).unwrap_err().to_string();
             assert!(err.contains(&format!("docker-credential-{name} failed for r.example: no answer within 1 s")), "{err}");
             assert!(started.elapsed() < Duration::from_secs(10), "{name} took {:?}", started.elapsed());
         }
-        let login = run_helper_within("answers", "r.example", &env, Duration::from_secs(10)).unwrap().unwrap();
+        let login = run_helper("answers", "r.example", &env, Duration::from_secs(10)).unwrap().unwrap();
         assert_eq!((login.username.as_str(), login.password.as_str()), ("u", "r.example"));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -514,8 +514,7 @@ impl Store {
             Access::Users(_) | Access::Unknown => {}
         }
         let denied = |source| StoreError::NoAccess { reference: record.reference.clone(), source };
-        let admin_file = self.config.credentials_file.as_deref();
-        let credentials = crate::registry::auth::Credentials::load_for(user.clone(), admin_file).map_err(|e| denied(e.into()))?;
+        let credentials = crate::registry::auth::Credentials::load_for(user.clone(), &self.config).map_err(|e| denied(e.into()))?;
         let client = crate::registry::Client::new(&self.config, r, &credentials).map_err(denied)?;
         client.manifest(&record.manifest_digest).map_err(denied)?;
         if self.writable {

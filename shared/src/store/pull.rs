@@ -23,10 +23,9 @@ const LAYER_ATTEMPTS: u32 = 3;
 pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: Progress) -> Result<StoredImage, StoreError> {
     let key = r.to_string();
     let reg = |source| StoreError::Registry { reference: key.clone(), source };
-    let admin_file = store.config.credentials_file.as_deref();
     let credentials = match &store.job_user {
-        Some(user) => Credentials::load_for(user.clone(), admin_file),
-        None => Credentials::load(admin_file),
+        Some(user) => Credentials::load_for(user.clone(), &store.config),
+        None => Credentials::load(&store.config),
     }
     .map_err(|e| reg(e.into()))?;
     let client = Client::new(&store.config, r, &credentials).map_err(reg)?;
