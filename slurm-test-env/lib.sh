@@ -29,15 +29,6 @@ MAX_NODES=4
 # Slurm 24.11 runs from a Debian trixie root (Debian 12 ships 22.05): see trixie-root.
 TRIXIE_ROOT=$CACHE/trixie
 
-# The berth binary of a cargo profile to install: the static build (no dynamic loader:
-# about 1 ms less per run, and no loader variable reaches root) when it is the newer
-# one, else the ordinary build; empty when neither exists.
-berth_build() {
-  local static=$REPO_DIR/target/x86_64-unknown-linux-gnu/$1/berth plain=$REPO_DIR/target/$1/berth
-  if [ -x "$static" ] && { [ ! -x "$plain" ] || [ "$static" -nt "$plain" ]; }; then echo "$static"
-  elif [ -x "$plain" ]; then echo "$plain"; fi
-}
-
 step() { printf 'slurm-test-env: %s\n' "$*"; }
 die() { printf 'slurm-test-env: error: %s\n' "$*" >&2; exit 1; }
 
