@@ -161,3 +161,66 @@ pub fn state_dir() -> PathBuf {
         None => "/var/lib/berth-test-env".into(),
     }
 }
+
+/// A shell word for `sh -c`.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A dir of bob's on `node` that only bob may search (`dir`, 0700), holding a
+/// searchable `proj/` with a readable `secret.txt` ("bob's secret") and a process of
+/// bob's sitting in it (`pid`): what alice must never reach through berth's root code.
+/// The process and the dir go on drop.
+pub struct BobsPrivateDir<'a> {
+    cluster: &'a Cluster,
+    node: String,
+    pub dir: String,
+    pub pid: String,
+}
+
+impl<'a> BobsPrivateDir<'a> {
+    pub fn new(cluster: &'a Cluster, node: &str, test: &str) -> BobsPrivateDir<'a> {
+        let dir = format!("/home/bob/berth-e2e-{}-{test}", std::process::id());
+        let mark = format!("berth-e2e-victim-{}-{test}", std::process::id());
+        let pid = stdout_ok(&cluster.on_node(
+            node,
+            &format!(
+                "rm -rf {dir} && install -d -o bob -g bob -m 0700 {dir} && install -d -o bob -g bob -m 0755 {dir}/proj \
+                 && echo \"bob's secret\" > {dir}/proj/secret.txt && chown bob: {dir}/proj/secret.txt && chmod 644 {dir}/proj/secret.txt \
+                 && setsid -f runuser -u bob -- bash -c 'cd {dir}/proj && exec -a {mark} sleep 600' </dev/null >/dev/null 2>&1; \
+                 for i in $(seq 50); do pgrep -f '^{mark}' && exit 0; sleep 0.1; done; exit 1"
+            ),
+        ))
+        .trim()
+        .to_string();
+        BobsPrivateDir { cluster, node: node.to_string(), dir, pid }
+    }
+}
+
+impl Drop for BobsPrivateDir<'_> {
+    fn drop(&mut self) {
+        let _ = self.cluster.on_node(&self.node, &format!("kill {}; rm -rf {}", self.pid, self.dir));
+    }
+}
+
+/// The setuid launcher `enter`, run by alice on `node` as pbs_mom runs a job's shell
+/// (argv0 `-…`, the script's path on stdin) into her running job `job`, with a program
+/// of hers that prints what it got on stdin: fed each path of `cases`, it must refuse
+/// with status 125 and one line ending in the case's reason. Returns what happened, a
+/// line per case, plus a `  ^` line after each case that was not refused so.
+pub fn launcher_script_refusals(cluster: &Cluster, node: &str, enter: &str, job: &str, cases: &[(String, String)]) -> Vec<String> {
+    let cat = format!("/home/alice/berth-e2e-{}-cat.sh", std::process::id());
+    stdout_ok(&cluster.on_node(node, &format!("printf '#!/bin/sh\\nexec cat\\n' > {cat} && chown alice: {cat} && chmod 755 {cat}")));
+    let mut seen = Vec::new();
+    for (path, why) in cases {
+        let line = format!("printf '%s\\n' {path} | bash -c 'exec -a -berth-pbs-enter {enter} --job {job} -- {cat}'");
+        let out = cluster.on_node(node, &format!("cd / && runuser -u alice -- env -i PATH=/usr/bin:/bin HOME=/home/alice sh -c {}", quote(&line)));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        seen.push(format!("{path}: status {:?}, stdout {:?}, stderr {:?}", out.status.code(), stdout.lines().take(2).collect::<Vec<_>>(), stderr.trim_end()));
+        if !(out.status.code() == Some(125) && stdout.is_empty() && stderr.trim_end() == format!("berth-pbs-enter: cannot open the job script {path} as you: {why}")) {
+            seen.push(format!("  ^ expected refusal: {why}"));
+        }
+    }
+    let _ = cluster.on_node(node, &format!("rm -f {cat}"));
+    seen
+}

@@ -512,6 +512,17 @@ fn sh(line: &str) {
     assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A fresh tag of `minimal` on the login-protected `registry`, per case and test run: a
+/// node's store already holding a tag would not ask the registry.
+fn fresh_tag(registry: &str, login: &str, case: &str) -> String {
+    let image = format!("{registry}/minimal:{case}-{}", std::process::id());
+    sh(&format!(
+        "skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --src-creds '{login}' --dest-creds '{login}' \
+         docker://{registry}/minimal:latest docker://{image}"
+    ));
+    image
+}
+
 #[test]
 fn job_pulls_log_in_as_the_job_user_with_their_own_docker_config_and_helpers() {
     let cluster = cluster();
@@ -520,15 +531,7 @@ fn job_pulls_log_in_as_the_job_user_with_their_own_docker_config_and_helpers() {
     let users = cluster.users();
     let (alice, bob) = (&users[0], &users[1]);
     let pid = std::process::id();
-    // A fresh tag per case: a node's store already holding a tag would not ask the registry.
-    let tag = |case: &str| {
-        let image = format!("{registry}/minimal:{case}-{pid}");
-        sh(&format!(
-            "skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --src-creds '{login}' --dest-creds '{login}' \
-             docker://{registry}/minimal:latest docker://{image}"
-        ));
-        image
-    };
+    let tag = |case: &str| fresh_tag(&registry, &login, case);
     let auth = String::from_utf8(Command::new("sh").args(["-c", &format!("printf %s '{login}' | base64 -w0")]).output().unwrap().stdout).unwrap();
     let config_json = format!("{{\"auths\":{{\"{registry}\":{{\"auth\":\"{auth}\"}}}}}}");
     let home = |u: &str| PathBuf::from(format!("/home/{u}"));
@@ -594,14 +597,7 @@ fn a_job_users_credential_helper_that_never_answers_fails_the_job_with_one_line_
     let (alice, bob) = (&users[0], &users[1]);
     let node = cluster.nodes()[0].clone();
     let pid = std::process::id();
-    let tag = |case: &str| {
-        let image = format!("{registry}/minimal:{case}-{pid}");
-        sh(&format!(
-            "skopeo copy -q --src-tls-verify=false --dest-tls-verify=false --src-creds '{login}' --dest-creds '{login}' \
-             docker://{registry}/minimal:latest docker://{image}"
-        ));
-        image
-    };
+    let tag = |case: &str| fresh_tag(&registry, &login, case);
     let home = |u: &str| PathBuf::from(format!("/home/{u}"));
     let (alice_dir, bob_dir) = (home(alice).join(format!("berth-helper-hang-{pid}")), home(bob).join(format!("berth-helper-hang-{pid}")));
     let _planted = Planted(vec![alice_dir.clone(), bob_dir.clone()]);

@@ -5,7 +5,7 @@
 //! a node, as any local user could. Each job test checks nothing of its job is left on
 //! any node afterwards.
 
-use berth_e2e::{cluster, state_dir, stdout_ok, Cluster};
+use berth_e2e::{cluster, launcher_script_refusals, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -31,10 +31,6 @@ fn openpbs() -> Cluster {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     cluster
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// A job's files in a directory of the user's home unique to this run and test.
@@ -459,39 +455,6 @@ fn the_launcher_ignores_a_hostile_environment() {
     drop(job);
 }
 
-/// A process of bob's on node1 whose cwd is `proj/` (holding `secret.txt`) below his
-/// 0700 dir; killed and removed when dropped.
-struct BobsPrivateDir<'a> {
-    cluster: &'a Cluster,
-    dir: String,
-    pid: String,
-}
-
-impl<'a> BobsPrivateDir<'a> {
-    fn new(cluster: &'a Cluster, test: &str) -> BobsPrivateDir<'a> {
-        let dir = format!("/home/bob/openpbs-e2e-{}-{test}", std::process::id());
-        let mark = format!("berth-e2e-victim-{}-{test}", std::process::id());
-        let pid = stdout_ok(&cluster.on_node(
-            "node1",
-            &format!(
-                "rm -rf {dir} && install -d -o bob -g bob -m 0700 {dir} && install -d -o bob -g bob -m 0755 {dir}/proj \
-                 && echo \"bob's secret\" > {dir}/proj/secret.txt && chown bob: {dir}/proj/secret.txt && chmod 644 {dir}/proj/secret.txt \
-                 && setsid -f runuser -u bob -- bash -c 'cd {dir}/proj && exec -a {mark} sleep 600' </dev/null >/dev/null 2>&1; \
-                 for i in $(seq 50); do pgrep -f '^{mark}' && exit 0; sleep 0.1; done; exit 1"
-            ),
-        ))
-        .trim()
-        .to_string();
-        BobsPrivateDir { cluster, dir, pid }
-    }
-}
-
-impl Drop for BobsPrivateDir<'_> {
-    fn drop(&mut self) {
-        let _ = self.cluster.on_node("node1", &format!("kill {}; rm -rf {}", self.pid, self.dir));
-    }
-}
-
 /// Finding 2 of the launcher's review: the script path on stdin was opened with the
 /// caller's fsuid but root's other capabilities (CAP_SYS_PTRACE opens another user's
 /// `/proc/PID/cwd` and `ns/*`, CAP_SYSLOG shows `/proc/kallsyms`' addresses). Opened by
@@ -501,11 +464,9 @@ fn the_launcher_opens_the_script_on_stdin_as_the_caller_with_no_capability() {
     let _config = shared_config();
     let job = running_job("script-caps");
     let (enter, _) = launcher();
-    let bob = BobsPrivateDir::new(&job.cluster, "script-caps");
+    let bob = BobsPrivateDir::new(&job.cluster, "node1", "script-caps");
     assert!(!as_user_on(&job.cluster, "node1", "alice", "", &format!("cat /proc/{}/cwd/secret.txt", bob.pid)).status.success(), "alice reads bob's dir by herself");
     let alices = stdout_ok(&job.cluster.on_node("node1", &format!("pgrep -f '^berth-e2e-{} '", job.id))).trim().to_string();
-    let cat = format!("/home/alice/openpbs-e2e-{}-cat.sh", std::process::id());
-    stdout_ok(&job.cluster.on_node("node1", &format!("printf '#!/bin/sh\nexec cat\n' > {cat} && chown alice: {cat} && chmod 755 {cat}")));
     let denied = "Permission denied (os error 13)";
     let cases = [
         (format!("/proc/{}/cwd/secret.txt", bob.pid), denied.to_string()),
@@ -513,17 +474,7 @@ fn the_launcher_opens_the_script_on_stdin_as_the_caller_with_no_capability() {
         (format!("/proc/{}/ns/mnt", bob.pid), denied.to_string()),
         (format!("/proc/{alices}/ns/mnt"), "not a regular file (a file of the kernel's nsfs file system)".to_string()),
     ];
-    let mut seen = Vec::new();
-    for (path, why) in &cases {
-        let out = as_user_on(&job.cluster, "node1", "alice", "", &format!("printf '%s\\n' {path} | bash -c 'exec -a -berth-pbs-enter {enter} --job {} -- {cat}'", job.id));
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        seen.push(format!("{path}: status {:?}, stdout {:?}, stderr {:?}", out.status.code(), stdout.lines().take(2).collect::<Vec<_>>(), stderr.trim_end()));
-        let refused = out.status.code() == Some(125) && stdout.is_empty() && stderr.trim_end() == format!("berth-pbs-enter: cannot open the job script {path} as you: {why}");
-        if !refused {
-            seen.push(format!("  ^ expected refusal: {why}"));
-        }
-    }
-    let _ = job.cluster.on_node("node1", &format!("rm -f {cat}"));
+    let seen = launcher_script_refusals(&job.cluster, "node1", &enter, &job.id, &cases);
     let failed: Vec<&String> = seen.iter().filter(|l| l.starts_with("  ^")).collect();
     drop(bob);
     assert!(failed.is_empty(), "{}", seen.join("\n"));
@@ -590,41 +541,18 @@ fn remap_root_runs_the_script_as_root_mapped_to_the_user_where_the_site_allows_i
     job.assert_gone();
 }
 
-/// A dir of bob's on the cluster's hosts that only bob may search, holding a
-/// searchable subdir with a readable secret; removed on drop.
-struct BobsPrivateDir {
-    cluster: Cluster,
-    path: String,
-}
-
-impl BobsPrivateDir {
-    fn new(cluster: Cluster, test: &str) -> BobsPrivateDir {
-        let path = format!("/home/bob/openpbs-e2e-{}-{test}", std::process::id());
-        stdout_ok(&cluster.on_node(
-            "node1",
-            &format!("rm -rf {path} && install -d -o bob -g bob -m 0700 {path} && install -d -o bob -g bob -m 0755 {path}/proj && echo bobs-secret >{path}/proj/secret && chown bob: {path}/proj/secret"),
-        ));
-        BobsPrivateDir { cluster, path }
-    }
-}
-
-impl Drop for BobsPrivateDir {
-    fn drop(&mut self) {
-        let _ = self.cluster.on_node("node1", &format!("rm -rf {}", self.path));
-    }
-}
-
 #[test]
 fn a_working_directory_below_another_users_private_dir_is_refused_not_entered_as_root() {
     let _config = shared_config();
-    let private = BobsPrivateDir::new(openpbs(), "workdir");
+    let cluster = openpbs();
+    let private = BobsPrivateDir::new(&cluster, "node1", "workdir");
     // alice may bind /home; she may not search bob's dir. Entered with root's rights,
     // the task would keep bob's subdir as its cwd and read the secret through it.
-    let workdir = format!("/h{}/proj", private.path.trim_start_matches("/home"));
-    let script = format!("#!/bin/bash\n#PBS -l select=1:host=node1:ncpus=1\n#PBS -l container={IMAGE};container-mounts=/home:/h;container-workdir={workdir}\npwd; cat secret\n");
+    let workdir = format!("/h{}/proj", private.dir.trim_start_matches("/home"));
+    let script = format!("#!/bin/bash\n#PBS -l select=1:host=node1:ncpus=1\n#PBS -l container={IMAGE};container-mounts=/home:/h;container-workdir={workdir}\npwd; cat secret.txt\n");
     let job = Job::submit("workdir", "", &script);
     let (out, err) = job.finish();
-    assert!(!out.contains("bobs-secret") && !out.contains("/proj"), "alice's job got into bob's dir: {out} {err}");
+    assert!(!out.contains("bob's secret") && !out.contains("/proj"), "alice's job got into bob's dir: {out} {err}");
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].contains(&format!("cannot enter the working directory {workdir}")) && lines[0].contains("Permission denied"), "{err}");

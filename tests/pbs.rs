@@ -8,7 +8,7 @@
 #[allow(dead_code)]
 mod oci_image;
 
-use berth_e2e::{cluster, repo_root, state_dir, stdout_ok, Cluster};
+use berth_e2e::{cluster, launcher_script_refusals, quote, repo_root, state_dir, stdout_ok, BobsPrivateDir, Cluster};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -43,10 +43,6 @@ fn torque() -> Cluster {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     cluster
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 impl Job {
@@ -708,23 +704,9 @@ fn the_launcher_opens_the_script_on_stdin_as_the_caller_with_no_capability() {
         assert!(start.elapsed() < Duration::from_secs(60), "job {}'s script never started on {node}", job.id);
         std::thread::sleep(Duration::from_millis(300));
     };
-    // bob's process in his 0700 dir.
-    let dir = format!("/home/bob/pbs-e2e-{}-private", std::process::id());
-    let mark = format!("berth-e2e-victim-{}", std::process::id());
-    let bobs = stdout_ok(&cluster.on_node(
-        &node,
-        &format!(
-            "rm -rf {dir} && install -d -o bob -g bob -m 0700 {dir} && install -d -o bob -g bob -m 0755 {dir}/proj \
-             && echo \"bob's secret\" > {dir}/proj/secret.txt && chown bob: {dir}/proj/secret.txt && chmod 644 {dir}/proj/secret.txt \
-             && setsid -f runuser -u bob -- bash -c 'cd {dir}/proj && exec -a {mark} sleep 600' </dev/null >/dev/null 2>&1; \
-             for i in $(seq 50); do pgrep -f '^{mark}' && exit 0; sleep 0.1; done; exit 1"
-        ),
-    ))
-    .trim()
-    .to_string();
+    let bob = BobsPrivateDir::new(&cluster, &node, "script-caps");
+    let bobs = bob.pid.clone();
     let enter = format!("{}/bin/berth-pbs-enter", state_dir().display());
-    let cat = format!("/home/alice/pbs-e2e-{}-cat.sh", std::process::id());
-    stdout_ok(&cluster.on_node(&node, &format!("printf '#!/bin/sh\\nexec cat\\n' > {cat} && chown alice: {cat} && chmod 755 {cat}")));
     let denied = "Permission denied (os error 13)";
     let cases = [
         (format!("/proc/{bobs}/cwd/secret.txt"), denied.to_string()),
@@ -732,17 +714,8 @@ fn the_launcher_opens_the_script_on_stdin_as_the_caller_with_no_capability() {
         (format!("/proc/{bobs}/ns/mnt"), denied.to_string()),
         (format!("/proc/{alices}/ns/mnt"), "not a regular file (a file of the kernel's nsfs file system)".to_string()),
     ];
-    let mut seen = Vec::new();
-    for (path, why) in &cases {
-        let line = format!("printf '%s\\n' {path} | bash -c 'exec -a -berth-pbs-enter {enter} --job {} -- {cat}'", job.id);
-        let out = cluster.on_node(&node, &format!("cd / && runuser -u alice -- env -i PATH=/usr/bin:/bin HOME=/home/alice sh -c {}", quote(&line)));
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        seen.push(format!("{path}: status {:?}, stdout {:?}, stderr {:?}", out.status.code(), stdout.lines().take(2).collect::<Vec<_>>(), stderr.trim_end()));
-        if !(out.status.code() == Some(125) && stdout.is_empty() && stderr.trim_end() == format!("berth-pbs-enter: cannot open the job script {path} as you: {why}")) {
-            seen.push(format!("  ^ expected refusal: {why}"));
-        }
-    }
-    let _ = cluster.on_node(&node, &format!("kill {bobs}; rm -rf {dir} {cat}"));
+    let seen = launcher_script_refusals(&cluster, &node, &enter, &job.id, &cases);
+    drop(bob);
     assert!(!seen.iter().any(|l| l.starts_with("  ^")), "{}", seen.join("\n"));
     drop(job);
 }

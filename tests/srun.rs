@@ -174,20 +174,16 @@ fn container_workdir_sets_where_tasks_start() {
 #[test]
 fn a_working_directory_below_another_users_private_dir_is_refused_not_entered_as_root() {
     let cluster = cluster();
-    // bob's dir that only bob may search, with a searchable subdir holding a secret.
-    let private = format!("/home/bob/srun-e2e-{}-workdir", std::process::id());
-    stdout_ok(&cluster.run_as(
-        "root",
-        &format!("rm -rf {private} && install -d -o bob -g bob -m 0700 {private} && install -d -o bob -g bob -m 0755 {private}/proj && echo bobs-secret >{private}/proj/secret && chown bob: {private}/proj/secret"),
-    ));
-    let workdir = format!("/h{}/proj", private.trim_start_matches("/home"));
-    let srun = |workdir: &str| cluster.run(&format!("srun -N1 --container={} --container-mounts=/home:/h --container-workdir={workdir} sh -c 'pwd; cat secret'", minimal(&cluster)));
+    let node = cluster.nodes()[0].clone();
+    let private = berth_e2e::BobsPrivateDir::new(&cluster, &node, "workdir");
+    let workdir = format!("/h{}/proj", private.dir.trim_start_matches("/home"));
+    let srun = |workdir: &str| cluster.run(&format!("srun -N1 -w {node} --container={} --container-mounts=/home:/h --container-workdir={workdir} sh -c 'pwd; cat secret.txt'", minimal(&cluster)));
     let out = srun(&workdir);
     // Nor does root look a path up for alice: one that is not there fails the same way.
     let missing = srun(&format!("{workdir}-missing"));
-    cluster.run_as("root", &format!("rm -rf {private}"));
+    drop(private);
     let (stdout, stderr) = text(&out);
-    assert!(!out.status.success() && !stdout.contains("bobs-secret") && !stdout.contains("/proj"), "a task got into bob's dir: {stdout} {stderr}");
+    assert!(!out.status.success() && !stdout.contains("bob's secret") && !stdout.contains("/proj"), "a task got into bob's dir: {stdout} {stderr}");
     assert!(stderr.contains(&format!("cannot enter the working directory {workdir}")) && stderr.contains("Permission denied"), "{stderr}");
     let (_, stderr) = text(&missing);
     assert!(!missing.status.success() && stderr.contains("Permission denied") && !stderr.contains("does not exist"), "{stderr}");
