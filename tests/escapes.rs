@@ -884,7 +884,7 @@ fn on_a_node_an_images_symlinks_never_carry_berths_root_writes_out_of_the_contai
         } else if out.status.success() && !(named.is_empty() && text.contains(&format!("\n{node}\n"))) {
             // Ran: then only with its hostfile in the container's own files.
             failed.push(format!("{name}: ran although berth must write through {named}: {text:?}"));
-        } else if !out.status.success() && !(lines.len() == 1 && lines[0].contains(named)) {
+        } else if !out.status.success() && (lines.len() != 1 || !lines[0].contains(named)) {
             failed.push(format!("{name}: not one berth line naming {named}: {lines:?}"));
         }
     }

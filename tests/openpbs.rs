@@ -520,9 +520,9 @@ impl Drop for RemapUser<'_> {
 fn remap_root_runs_the_script_as_root_mapped_to_the_user_where_the_site_allows_it() {
     // Alone: the config change would reach every job starting meanwhile.
     let _config = CONFIG.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let script = format!("#!/bin/bash\n#PBS -l select=1:ncpus=1\necho uid=$(id -u); touch made-by-root\n");
+    let script = "#!/bin/bash\n#PBS -l select=1:ncpus=1\necho uid=$(id -u); touch made-by-root\n";
     let resource = format!("-l {}", quote(&format!("container={IMAGE};container-remap-root")));
-    let job = Job::submit("remap-off", &resource, &script);
+    let job = Job::submit("remap-off", &resource, script);
     let (out, err) = job.finish();
     assert!(!out.contains("uid="), "the script ran: {out}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -532,7 +532,7 @@ fn remap_root_runs_the_script_as_root_mapped_to_the_user_where_the_site_allows_i
     let cluster = openpbs();
     stdout_ok(&cluster.on_node(&cluster.nodes()[0], "echo 'remap_user = true' >> /etc/berth/berth.toml"));
     let _remap = RemapUser { cluster: &cluster };
-    let job = Job::submit("remap-on", &resource, &script);
+    let job = Job::submit("remap-on", &resource, script);
     let (out, err) = job.finish();
     assert!(out.contains("uid=0"), "stdout: {out} stderr: {err}");
     assert_eq!(job.exit_status(), Some(0), "{err}");

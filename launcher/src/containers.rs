@@ -255,10 +255,10 @@ fn from_dirs(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>)
 /// up as the user (a child that became them), never as root: whether a path exists below
 /// a directory the user may not search is not theirs to learn. A path they may not reach
 /// fails the create, as their mounts do.
-fn submit_dir(user: &Credentials, dir: Option<PathBuf>) -> Result<Option<PathBuf>, container::UserError> {
+fn submit_dir(user: &Credentials, dir: Option<PathBuf>, timeout: std::time::Duration) -> Result<Option<PathBuf>, container::UserError> {
     use nix::errno::Errno;
     let Some(dir) = dir else { return Ok(None) };
-    match user.open_as_user(std::slice::from_ref(&dir)) {
+    match user.open_as_user(std::slice::from_ref(&dir), timeout) {
         Ok(fds) => Ok(fds.into_iter().next().is_some_and(|fd| std::fs::File::from(fd).metadata().is_ok_and(|m| m.is_dir())).then_some(dir)),
         Err(container::UserError::Denied { source: Errno::ENOENT | Errno::ENOTDIR, .. }) => Ok(None),
         Err(e) => Err(e),
@@ -309,7 +309,7 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 Ok(m) => m,
                 Err(e) => return fail(e),
             };
-            let submit_dir = match submit_dir(&user, args.submit_dir) {
+            let submit_dir = match submit_dir(&user, args.submit_dir, config.user_child_timeout()) {
                 Ok(dir) => dir,
                 Err(e) => return fail(e),
             };

@@ -189,7 +189,7 @@ pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
         return LaunchError::Recorded(line);
     }
     let script = match request.top_shell && stdin_is_pipe() {
-        true => match open_script() {
+        true => match open_script(&config) {
             Ok(s) => Some(s),
             Err(e) => return e,
         },
@@ -255,7 +255,7 @@ fn stdin_is_pipe() -> bool {
 /// Not with the caller's fsuid alone either: that keeps CAP_SYS_PTRACE, which opens
 /// another user's `/proc/PID/cwd/...` and `/proc/PID/ns/*`, and CAP_SYSLOG, for which
 /// `/proc/kallsyms` shows the kernel's addresses to whoever opened it.
-fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
+fn open_script(config: &Config) -> Result<(std::fs::File, Vec<String>), LaunchError> {
     let line = read_script_line().map_err(|e| LaunchError::ScriptName(e.to_string()))?;
     let words = shell_words(&String::from_utf8_lossy(&line));
     let mut words = words.into_iter();
@@ -265,7 +265,7 @@ fn open_script() -> Result<(std::fs::File, Vec<String>), LaunchError> {
     }
     .ok_or_else(|| LaunchError::ScriptName("nothing arrived".into()))?;
     let failed = |why: String| LaunchError::Script { path: path.clone(), why };
-    let opened = Credentials::current().open_as_user(&[PathBuf::from(&path)]).map_err(|e| match e {
+    let opened = Credentials::current().open_as_user(&[PathBuf::from(&path)], config.user_child_timeout()).map_err(|e| match e {
         UserError::Denied { source, .. } => failed(std::io::Error::from(source).to_string()),
         e => failed(e.to_string()),
     })?;

@@ -246,7 +246,7 @@ fn through_launcher(config: &Config, shell: &str, args: &[String], job: &Job, id
     let argv0 = format!("-{}", shell.rsplit('/').next().unwrap_or(shell));
     let mut command = std::process::Command::new(&launcher);
     command.arg0(argv0).args(["--job", id, "--", shell]).args(args).env_clear();
-    command.envs(berth_pbs::launch::with_kept(&caller.env).into_iter());
+    command.envs(berth_pbs::launch::with_kept(&caller.env));
     let source = command.exec();
     StarterError::Exec { program: launcher.display().to_string(), source }
 }

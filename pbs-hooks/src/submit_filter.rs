@@ -38,8 +38,8 @@ fn options(words: &[String]) -> Vec<(char, Option<String>)> {
     let mut words = words.iter();
     while let Some(word) = words.next() {
         let Some(flags) = word.strip_prefix('-').filter(|f| !f.is_empty()) else { continue };
-        let mut chars = flags.char_indices();
-        while let Some((at, letter)) = chars.next() {
+        let chars = flags.char_indices();
+        for (at, letter) in chars {
             let takes_value = QSUB_OPTIONS.find(letter).is_some_and(|i| QSUB_OPTIONS[i + letter.len_utf8()..].starts_with(':'));
             if !takes_value {
                 out.push((letter, None));

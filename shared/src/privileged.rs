@@ -290,6 +290,6 @@ mod tests {
         let text = String::from_utf8(out.stdout).unwrap();
         let mut lines: Vec<&str> = text.lines().collect();
         lines.sort();
-        assert_eq!(lines, [format!("HTTPS_PROXY=http://proxy:3128").as_str(), &format!("PATH={ROOT_PATH}")]);
+        assert_eq!(lines, ["HTTPS_PROXY=http://proxy:3128", &format!("PATH={ROOT_PATH}")]);
     }
 }

@@ -72,10 +72,10 @@ mod tests {
 
     #[test]
     fn only_the_jobs_own_creates_match() {
-        let cmd = b"/usr/bin/berth\0container\0create\0--job\042\0--user\01001\0";
+        let cmd = b"/usr/bin/berth\0container\0create\0--job\x0042\0--user\x001001\0";
         assert!(is_create_of(cmd, b"/usr/bin/berth", "42"));
         assert!(!is_create_of(cmd, b"/usr/bin/berth", "4"));
-        assert!(!is_create_of(b"/usr/bin/berth\0container\0destroy\0--job\042\0", b"/usr/bin/berth", "42"));
+        assert!(!is_create_of(b"/usr/bin/berth\0container\0destroy\0--job\x0042\0", b"/usr/bin/berth", "42"));
         assert!(!is_create_of(cmd, b"/opt/other/berth", "42"));
     }
 }
