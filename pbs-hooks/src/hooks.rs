@@ -296,7 +296,7 @@ fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<Stri
         return Ok(String::new());
     }
     let text: String = names.iter().map(|n| format!("{n}\n")).collect();
-    write_record(&path, text.as_bytes()).map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
+    berth_pbs::launch::write_record(&path, text.as_bytes()).map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
     Ok(String::new())
 }
 
@@ -308,7 +308,7 @@ pub fn remap_root_file(config: &Config, job: &str) -> Option<std::path::PathBuf>
 
 fn record_remap_root(config: &Config, job: &str, remap_root: bool) -> Result<String, HookError> {
     let Some(path) = remap_root_file(config, job).filter(|_| remap_root) else { return Ok(String::new()) };
-    write_record(&path, b"").map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
+    berth_pbs::launch::write_record(&path, b"").map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
     Ok(String::new())
 }
 
@@ -325,24 +325,14 @@ pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result
         berth_engine::fsmode::ensure_dir(&config.runtime_dir, 0o755)?;
         berth_engine::fsmode::create_dir(dir, 0o700)?;
     }
-    write_record(&path, format!("{line}\n").as_bytes())?;
+    berth_pbs::launch::write_record(&path, format!("{line}\n").as_bytes())?;
     // For an unprivileged job starter the setuid launcher prints it, to the job's user
     // alone: the owner of pbs_mom's copy of the job script (prologues run in mom_priv).
     if let Ok(script) = std::fs::symlink_metadata(format!("jobs/{job}.SC")) {
         use std::os::unix::fs::MetadataExt;
-        if let Some(launch_file) = berth_pbs::launch::failure_file(config, job) {
-            write_record(&launch_file, format!("{}\n{line}\n", script.uid()).as_bytes())?;
-        }
+        berth_pbs::launch::record_failure(config, job, script.uid(), line)?;
     }
     Ok(())
-}
-
-/// A hook's note in the job's root-only runtime dir: root's, 0600, whole or absent,
-/// never written through a link, whatever umask pbs_mom gave.
-fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    berth_engine::fsmode::replace(&tmp, path, bytes, 0o600)
 }
 
 /// epilogue / epilogue.parallel: nothing of the job left on this node.

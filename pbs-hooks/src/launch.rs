@@ -24,7 +24,7 @@ use berth_engine::container::{self, env, ContainerError, Credentials, UserError}
 use berth_engine::privileged::Limits;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The record a failed begin hook leaves in the job's runtime dir: the job user's uid on
 /// the first line, the line for the job's error file on the second.
@@ -348,14 +348,23 @@ pub fn failure_file(config: &Config, job: &str) -> Option<PathBuf> {
     Some(config.runtime_dir.join(job).join(FAILURE_FILE))
 }
 
-/// Records the begin hook's failure line for the launch (root's dir, 0700 as create's).
+/// Records the begin hook's failure line for the launch, in the job's runtime dir
+/// (made root's alone, as create's, when missing).
 pub fn record_failure(config: &Config, job: &str, uid: u32, line: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
     let path = failure_file(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        berth_engine::fsmode::ensure_dir(&config.runtime_dir, 0o755)?;
+        berth_engine::fsmode::create_dir(dir, 0o700)?;
     }
-    std::fs::write(path, format!("{uid}\n{}\n", line.trim_end()))
+    write_record(&path, format!("{uid}\n{}\n", line.trim_end()).as_bytes())
+}
+
+/// A hook's note in the job's root-only runtime dir: root's, 0600, whole or absent,
+/// never written through a link, whatever umask pbs_mom gave.
+pub fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    berth_engine::fsmode::replace(&tmp, path, bytes, 0o600)
 }
 
 /// The recorded failure line of `job`, only when root alone wrote it and it is `uid`'s.
