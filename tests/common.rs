@@ -224,3 +224,39 @@ pub fn launcher_script_refusals(cluster: &Cluster, node: &str, enter: &str, job:
     let _ = cluster.on_node(node, &format!("rm -f {cat}"));
     seen
 }
+
+/// A finished PBS job's output files, `out` and `err` in `dir` of `user`'s home, once
+/// both are delivered (pbs_mom copies them after the job ends); (stdout, stderr).
+pub fn pbs_job_files(cluster: &Cluster, user: &str, dir: &str, job: &str) -> (String, String) {
+    let start = Instant::now();
+    loop {
+        let out = cluster.run_as(user, &format!("cd {dir} && test -e out && test -e err && cat out && echo '#--err--' && cat err"));
+        if out.status.success() {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (o, e) = text.split_once("#--err--\n").unwrap_or((&text, ""));
+            return (o.to_string(), e.to_string());
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "job {job}'s output files never arrived");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Nothing of PBS job `job` on any node: no runtime dir, no mount, no process marked
+/// `berth-e2e-JOB`. The epilogue runs after the job is reported done: waits up to 30 s.
+pub fn assert_pbs_job_gone(cluster: &Cluster, job: &str) {
+    for node in cluster.nodes() {
+        let check = format!(
+            "test ! -e /run/berth/{job} || echo dir left; grep -q '/run/berth/{job}/' /proc/self/mountinfo && echo mount left; \
+             pgrep -f '[b]erth-e2e-{job}' && echo process left; true"
+        );
+        let start = Instant::now();
+        loop {
+            let left = stdout_ok(&cluster.on_node(&node, &check)).trim().to_string();
+            if left.is_empty() {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "job {job} left on {node}: {left}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}

@@ -8,7 +8,7 @@
 #[allow(dead_code)]
 mod oci_image;
 
-use berth_e2e::{cluster, launcher_script_refusals, quote, repo_root, state_dir, stdout_ok, BobsPrivateDir, Cluster};
+use berth_e2e::{assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, repo_root, state_dir, stdout_ok, BobsPrivateDir, Cluster};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -100,17 +100,7 @@ impl Job {
     /// Waits until the job is done and its files are delivered; (stdout, stderr).
     fn finish(&self) -> (String, String) {
         self.wait_for("C", Duration::from_secs(300));
-        let start = Instant::now();
-        loop {
-            let out = self.cluster.run_as(&self.user, &format!("cd {} && test -e out && test -e err && cat out && echo '#--err--' && cat err", self.dir));
-            if out.status.success() {
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                let (o, e) = text.split_once("#--err--\n").unwrap_or((&text, ""));
-                return (o.to_string(), e.to_string());
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "job {}'s output files never arrived", self.id);
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        pbs_job_files(&self.cluster, &self.user, &self.dir, &self.id)
     }
 
     fn exit_status(&self) -> Option<i64> {
@@ -120,23 +110,7 @@ impl Job {
 
     /// Nothing of the job on any node: no runtime dir, no mount, no process.
     fn assert_gone(&self) {
-        for node in self.cluster.nodes() {
-            let check = format!(
-                "test ! -e /run/berth/{j} || echo dir left; grep -q '/run/berth/{j}/' /proc/self/mountinfo && echo mount left; \
-                 pgrep -f '[b]erth-e2e-{j}' && echo process left; true",
-                j = self.id
-            );
-            // The epilogue runs after the job is reported done: give it a moment.
-            let start = Instant::now();
-            loop {
-                let left = stdout_ok(&self.cluster.on_node(&node, &check)).trim().to_string();
-                if left.is_empty() {
-                    break;
-                }
-                assert!(start.elapsed() < Duration::from_secs(30), "job {} left on {node}: {left}", self.id);
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
+        assert_pbs_job_gone(&self.cluster, &self.id)
     }
 }
 
