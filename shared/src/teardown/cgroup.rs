@@ -229,20 +229,29 @@ mod tests {
         assert_eq!(unescape(r"/odd\x"), r"/odd\x");
     }
 
-    #[test]
-    fn a_child_forked_into_the_cgroup_starts_there_and_dies_with_it() {
+    /// A runtime dir holding a container dir `c` with its cgroup made; `None` (the test
+    /// skipped) where berth makes none: not root, or cgroup v2 carries controllers.
+    fn container_with_cgroup(test: &str) -> Option<(PathBuf, PathBuf)> {
         if !rustix::process::geteuid().is_root() {
             eprintln!("skipped: making a cgroup needs root");
-            return;
+            return None;
         }
-        let runtime = std::env::temp_dir().join(format!("berth-cgroup-fork-{}", std::process::id()));
+        let runtime = std::env::temp_dir().join(format!("berth-cgroup-{test}-{}", std::process::id()));
         let dir = runtime.join("c");
         std::fs::create_dir_all(&dir).unwrap();
         create(&dir, &runtime).unwrap();
-        let Some(path) = recorded(&dir).unwrap() else {
+        if recorded(&dir).unwrap().is_none() {
             eprintln!("skipped: this node's cgroup v2 carries controllers, so berth makes no cgroup");
-            return std::fs::remove_dir_all(&runtime).unwrap();
-        };
+            std::fs::remove_dir_all(&runtime).unwrap();
+            return None;
+        }
+        Some((runtime, dir))
+    }
+
+    #[test]
+    fn a_child_forked_into_the_cgroup_starts_there_and_dies_with_it() {
+        let Some((runtime, dir)) = container_with_cgroup("fork") else { return };
+        let path = recorded(&dir).unwrap().unwrap();
         let child = match crate::container::fork_in_cgroup(&dir, "fork a test child").unwrap() {
             // Nothing that allocates: the test harness has other threads.
             crate::container::sys::Forked::Child => loop {
@@ -270,19 +279,9 @@ mod tests {
 
     #[test]
     fn a_cgroup_opened_before_teardown_cannot_be_joined_after_it() {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("skipped: making a cgroup needs root");
-            return;
-        }
-        let runtime = std::env::temp_dir().join(format!("berth-cgroup-late-{}", std::process::id()));
-        let dir = runtime.join("c");
-        std::fs::create_dir_all(&dir).unwrap();
-        create(&dir, &runtime).unwrap();
+        let Some((runtime, dir)) = container_with_cgroup("late") else { return };
         // A launcher stopped between opening the cgroup and joining it, while the job ends.
-        let Some(cgroup) = open(&dir).unwrap() else {
-            eprintln!("skipped: this node's cgroup v2 carries controllers, so berth makes no cgroup");
-            return std::fs::remove_dir_all(&runtime).unwrap();
-        };
+        let cgroup = open(&dir).unwrap().unwrap();
         assert_eq!(kill(&dir, Duration::from_secs(10)).unwrap(), 0);
         assert!(cgroup.join_self().is_err(), "joined a removed cgroup");
         assert!(!cgroup.path.exists());
