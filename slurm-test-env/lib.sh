@@ -59,4 +59,19 @@ in_host() {
 # The Slurm version the running cluster was brought up with (22.05 or 24.11).
 cluster_slurm() { cat "$STATE/slurm-version" 2>/dev/null || echo 22.05; }
 
+# The machine's cgroup v2 hierarchy (its first cgroup2 mount), if it has one.
+cgroup2_root() { findmnt -n -t cgroup2 -o TARGET 2>/dev/null | head -1; }
+# This cluster's cgroups, one per daemon that asks (removed by down).
+DAEMON_CGROUPS=berth-test-$CLUSTER
+
+# Makes the cgroup v2 group for daemon $1 of this cluster and prints its path; prints
+# nothing where the machine has no cgroup v2 hierarchy.
+daemon_cgroup() {
+  local root
+  root=$(cgroup2_root)
+  [ -n "$root" ] || return 0
+  mkdir -p "$root/$DAEMON_CGROUPS/$1"
+  echo "$root/$DAEMON_CGROUPS/$1"
+}
+
 is_up() { [ -f "$STATE/nodes" ] && anchor_pid head >/dev/null; }
