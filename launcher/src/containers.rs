@@ -6,6 +6,7 @@
 use berth_engine::config::Config;
 use berth_engine::registry::auth::JobUser;
 use berth_engine::container::{self, Credentials, Image, ImageConfig, Spec, UserMount};
+use berth_engine::teardown::cgroup::Tracking;
 use clap::{Args, Subcommand};
 use berth_engine::store::{Held, Progress, PullPolicy, Store};
 use std::path::{Path, PathBuf};
@@ -121,6 +122,10 @@ pub struct CreateArgs {
     /// Give the container its own IPC namespace.
     #[arg(long)]
     ipc: bool,
+    /// Where cgroup v2 carries controllers, the scheduler's own cgroups track the job's
+    /// processes (Slurm's proctrack/cgroup): berth makes no cgroup of its own there.
+    #[arg(long)]
+    scheduler_cgroups: bool,
 }
 
 #[derive(Args)]
@@ -337,6 +342,7 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
                 read_only: args.contents.readonly,
                 hostname: args.hostname,
                 ipc: args.ipc,
+                tracking: if args.scheduler_cgroups { Tracking::Scheduler } else { Tracking::Berth },
             };
             match container::create(config, &spec) {
                 Ok(created) => {
@@ -455,6 +461,7 @@ pub fn run(config: &Config, args: RunArgs) -> ExitCode {
         read_only: args.contents.readonly,
         hostname: None,
         ipc: false,
+        tracking: Tracking::Berth,
     };
     not_started(container::run(config, &spec, &argv, &args.contents.env, args.remap_root))
 }

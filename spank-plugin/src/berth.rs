@@ -41,6 +41,9 @@ pub fn create_args(req: &CreateRequest<'_>) -> Vec<String> {
         req.uid.to_string(),
         "--gid".into(),
         req.gid.to_string(),
+        // A step's cgroup ends with the step, before the job's container; where cgroup
+        // v2 carries controllers Slurm's proctrack/cgroup tracks the job (docs/admin.md).
+        "--scheduler-cgroups".into(),
     ];
     if !req.groups.is_empty() {
         argv.push("--groups".into());
@@ -166,14 +169,14 @@ mod tests {
         };
         assert_eq!(
             create_args(&req).join(" "),
-            "container create --job 42 --user 1001 --gid 1001 --groups 1001,27 --image localhost:5000/minimal --rank 3 \
+            "container create --job 42 --user 1001 --gid 1001 --scheduler-cgroups --groups 1001,27 --image localhost:5000/minimal --rank 3 \
              --pull never --submit-dir /home/alice/run --mount /data:/in:ro \
              --mount /var/spool/slurmd/job00042:/var/spool/slurmd/job00042:ro --no-home --readonly --docker-config /home/alice/.dc"
         );
         let per_node = CreateRequest { rank: None, submit_dir: None, args: &Args::default(), extra_mounts: &[], docker_config: None, ..req };
         assert_eq!(
             create_args(&per_node).join(" "),
-            "container create --job 42 --user 1001 --gid 1001 --groups 1001,27 --image localhost:5000/minimal"
+            "container create --job 42 --user 1001 --gid 1001 --scheduler-cgroups --groups 1001,27 --image localhost:5000/minimal"
         );
     }
 

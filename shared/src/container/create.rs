@@ -257,7 +257,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     let layout = open_sources(config, spec)?;
     crate::fsmode::ensure_dir(dir, 0o700).map_err(io("create", dir))?;
     // Before any process of the container exists: teardown finds them all through it.
-    teardown::cgroup::create(dir, &config.runtime_dir).map_err(|e| match e {
+    teardown::cgroup::create(dir, &config.runtime_dir, spec.tracking).map_err(|e| match e {
         teardown::cgroup::CgroupError::Io { action, path, source } => io(action, &path)(source),
         e => teardown::TeardownError::from(e).into(),
     })?;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// Forks a child that starts in the cgroup of the container at `dir` (when it has one),
 /// so that it and all it forks are found at teardown; `action` names the fork in errors.
 pub fn fork_in_cgroup(dir: &Path, action: &'static str) -> Result<sys::Forked> {
-    match teardown::cgroup::open(dir).map_err(TeardownError::from)? {
+    match teardown::cgroup::open(dir).map_err(TeardownError::from)?.filter(|cgroup| cgroup.takes_caller) {
         Some(cgroup) => sys::fork_into_cgroup(cgroup.dir.as_fd(), cgroup.procs.as_fd()).map_err(sys_err(action)),
         None => sys::fork().map_err(sys_err(action)),
     }

@@ -108,6 +108,8 @@ pub struct Spec {
     pub hostname: Option<String>,
     /// A new IPC namespace.
     pub ipc: bool,
+    /// Who tracks the job's processes by cgroup where cgroup v2 carries controllers.
+    pub tracking: crate::teardown::cgroup::Tracking,
 }
 
 #[cfg(test)]

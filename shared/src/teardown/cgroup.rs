@@ -7,17 +7,25 @@
 //! pidfd) and removes it.
 //!
 //! The cgroup lives in the cgroup v2 hierarchy (found in `/proc/self/mountinfo`; when
-//! the node mounts none, berth mounts one at `<runtime_dir>/.cgroup2`), and only while
-//! that hierarchy enables no controller at its root: then it only tracks processes, as
-//! on hybrid nodes whose controllers are all v1's. Where v2 carries controllers, the
-//! scheduler's or systemd's cgroups give the job its limits, and moving tasks out of
-//! them would lift those limits: berth leaves tasks where they are and relies on the
-//! scheduler's cgroup tracking (Slurm's `proctrack/cgroup`) plus the mount-namespace
-//! scan of [`super`].
+//! the node mounts none, berth mounts one at `<runtime_dir>/.cgroup2`). Where that
+//! hierarchy enables no controller at its root (hybrid nodes, whose controllers are
+//! all v1's), a cgroup only tracks processes, and the container's is
+//! `<cgroup2>/berth/<id>`. Where v2 carries the controllers (the systemd default), a
+//! cgroup also sets limits, and moving a task out of the one the scheduler or systemd
+//! gave it would lift them. There:
+//! - with a scheduler whose own cgroups track the job's processes (Slurm's
+//!   `proctrack/cgroup`; [`Tracking::Scheduler`]) berth makes none and relies on them
+//!   plus the mount-namespace scan of [`super`] (a Slurm step's cgroup also ends with
+//!   the step, before the job's container);
+//! - else (Torque, whose tracking is the job's session; OpenPBS)
+//!   the container's cgroup is a leaf `berth-<id>` below the cgroup of the process that
+//!   creates it (pbs_mom's, through its hooks), so what the mom's cgroup limits still
+//!   limits the job. A process enters it only from that same cgroup: one the scheduler
+//!   placed elsewhere (OpenPBS's cgroups hook) stays there, tracked and limited by it.
 //!
-//! Owns `<cgroup2>/berth/<id>` and the container dir's `cgroup` file naming it; never
-//! writes to any other cgroup, never signals a process it has not pinned by pidfd and
-//! seen in its cgroup.
+//! Owns `<cgroup2>/berth/<id>` and `<creator's cgroup>/berth-<id>`, and the container
+//! dir's `cgroup` file naming it; never writes to any other cgroup, never signals a
+//! process it has not pinned by pidfd and seen in its cgroup.
 
 use rustix::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
@@ -75,9 +83,9 @@ fn unescape(field: &str) -> String {
     out + rest
 }
 
-/// The cgroup2 hierarchy berth may put containers in, mounting one under
-/// `runtime_dir` when the node has none; `None` when the hierarchy carries controllers.
-fn hierarchy(runtime_dir: &Path) -> Result<Option<PathBuf>> {
+/// The cgroup2 hierarchy berth puts containers in, mounting one under `runtime_dir`
+/// when the node has none, and whether it carries controllers.
+fn hierarchy(runtime_dir: &Path) -> Result<(PathBuf, bool)> {
     let root = match mounted_hierarchy() {
         Some(root) => root,
         None => {
@@ -90,32 +98,72 @@ fn hierarchy(runtime_dir: &Path) -> Result<Option<PathBuf>> {
     };
     let controllers = root.join("cgroup.subtree_control");
     let enabled = std::fs::read_to_string(&controllers).map_err(io("read", &controllers))?;
-    Ok(enabled.trim().is_empty().then_some(root))
+    Ok((root, !enabled.trim().is_empty()))
+}
+
+/// The calling process's cgroup v2 path relative to the hierarchy's root (`/` for the
+/// root), from `/proc/self/cgroup`.
+fn own_cgroup() -> Result<String> {
+    let path = Path::new("/proc/self/cgroup");
+    let text = std::fs::read_to_string(path).map_err(io("read", path))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|rel| rel.trim().to_string())
+        .ok_or_else(|| io("read", path)(std::io::Error::new(std::io::ErrorKind::InvalidData, "no cgroup v2 entry")))
+}
+
+/// Who tracks a job's processes by cgroup where cgroup v2 carries controllers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracking {
+    /// The scheduler's own cgroups (Slurm's `proctrack/cgroup`): berth makes none there.
+    Scheduler,
+    /// Nobody but berth (Torque, OpenPBS): a leaf below the creator's cgroup.
+    Berth,
 }
 
 /// Makes the cgroup of the container at `dir` (under `runtime_dir`) and records it in
-/// the dir; nothing when the node's cgroup v2 carries controllers.
-pub fn create(dir: &Path, runtime_dir: &Path) -> Result<()> {
-    let Some(root) = hierarchy(runtime_dir)? else { return Ok(()) };
+/// the dir; nothing where cgroup v2 carries controllers and `tracking` is the scheduler's.
+pub fn create(dir: &Path, runtime_dir: &Path, tracking: Tracking) -> Result<()> {
+    let (root, controllers) = hierarchy(runtime_dir)?;
     // Unique on the node while the container dir lives, whatever the job ids (also
     // across test clusters sharing one kernel).
     let meta = std::fs::metadata(dir).map_err(io("inspect", dir))?;
-    let path = root.join("berth").join(format!("{}-{}", meta.dev(), meta.ino()));
+    let id = format!("{}-{}", meta.dev(), meta.ino());
+    let mut record = Vec::new();
+    let path = match (controllers, tracking) {
+        (false, _) => root.join("berth").join(id),
+        (true, Tracking::Scheduler) => return Ok(()),
+        (true, Tracking::Berth) => {
+            let parent = own_cgroup()?;
+            record = format!("\n{BELOW}{parent}").into_bytes();
+            root.join(parent.trim_start_matches('/')).join(format!("berth-{id}"))
+        }
+    };
     std::fs::create_dir_all(&path).map_err(io("create", &path))?;
-    let record = dir.join(RECORD);
-    std::fs::write(&record, path.as_os_str().as_encoded_bytes()).map_err(io("record", &record))
+    let file = dir.join(RECORD);
+    let contents = [path.as_os_str().as_encoded_bytes(), &record].concat();
+    std::fs::write(&file, contents).map_err(io("record", &file))
 }
 
-/// The cgroup recorded for the container at `dir`, if it has one.
-fn recorded(dir: &Path) -> Result<Option<PathBuf>> {
+/// The record's second line, when the cgroup is a leaf below its creator's cgroup.
+const BELOW: &str = "below ";
+
+/// The cgroup recorded for the container at `dir`, if it has one, and the cgroup
+/// (relative to the hierarchy's root) it is a leaf below, if it is one.
+fn recorded(dir: &Path) -> Result<Option<(PathBuf, Option<String>)>> {
     let record = dir.join(RECORD);
     match std::fs::read_to_string(&record) {
-        Ok(path) => Ok(Some(PathBuf::from(path))),
+        Ok(text) => {
+            let (path, below) = match text.split_once('\n') {
+                Some((path, rest)) => (path, rest.strip_prefix(BELOW).map(String::from)),
+                None => (text.as_str(), None),
+            };
+            Ok(Some((PathBuf::from(path), below)))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io("read", &record)(e)),
     }
 }
-
 
 /// The container's cgroup, open: the directory (for clone3's `CLONE_INTO_CGROUP`,
 /// see [`crate::container::sys::fork_into_cgroup`]) and its `cgroup.procs`.
@@ -123,14 +171,22 @@ pub struct Cgroup {
     pub path: PathBuf,
     pub dir: OwnedFd,
     pub procs: OwnedFd,
+    /// Whether the process that opened it goes in: always, unless the cgroup is a leaf
+    /// below its creator's cgroup and the process is in another one (one the scheduler
+    /// placed it in, whose limits it keeps there).
+    pub takes_caller: bool,
 }
 
 impl Cgroup {
-    /// Moves the calling process (and so all it forks from now on) into the cgroup.
-    /// Call before the process enters the container. Fails once teardown has removed
-    /// the cgroup, however long ago it was opened. Costs an RCU grace period on most
-    /// kernels: a process berth forks itself starts in the cgroup instead.
+    /// Moves the calling process (and so all it forks from now on) into the cgroup,
+    /// where it [takes the caller](Cgroup::takes_caller). Call before the process
+    /// enters the container. Fails once teardown has removed the cgroup, however long
+    /// ago it was opened. Costs an RCU grace period on most kernels: a process berth
+    /// forks itself starts in the cgroup instead.
     pub fn join_self(&self) -> Result<()> {
+        if !self.takes_caller {
+            return Ok(());
+        }
         rustix::io::write(&self.procs, b"0").map(drop).map_err(|e| io("enter", &self.path)(e.into()))
     }
 }
@@ -138,16 +194,20 @@ impl Cgroup {
 /// Opens the cgroup recorded for the container at `dir`, if it has one.
 pub fn open(dir: &Path) -> Result<Option<Cgroup>> {
     use rustix::fs::{Mode, OFlags};
-    let Some(path) = recorded(dir)? else { return Ok(None) };
+    let Some((path, below)) = recorded(dir)? else { return Ok(None) };
     let cgroup = rustix::fs::open(&path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
     let procs = rustix::fs::openat(&cgroup, "cgroup.procs", OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
-    Ok(Some(Cgroup { path, dir: cgroup, procs }))
+    let takes_caller = match below {
+        None => true,
+        Some(parent) => own_cgroup()? == parent,
+    };
+    Ok(Some(Cgroup { path, dir: cgroup, procs, takes_caller }))
 }
 
 /// Kills every process in the container's cgroup and removes it; returns how many
 /// processes were signalled.
 pub fn kill(dir: &Path, timeout: Duration) -> Result<usize> {
-    let Some(path) = recorded(dir)? else { return Ok(0) };
+    let Some((path, _)) = recorded(dir)? else { return Ok(0) };
     if !path.is_dir() {
         return Ok(0);
     }
@@ -239,7 +299,7 @@ mod tests {
         let runtime = std::env::temp_dir().join(format!("berth-cgroup-{test}-{}", std::process::id()));
         let dir = runtime.join("c");
         std::fs::create_dir_all(&dir).unwrap();
-        create(&dir, &runtime).unwrap();
+        create(&dir, &runtime, Tracking::Scheduler).unwrap();
         if recorded(&dir).unwrap().is_none() {
             eprintln!("skipped: this node's cgroup v2 carries controllers, so berth makes no cgroup");
             std::fs::remove_dir_all(&runtime).unwrap();
@@ -251,7 +311,7 @@ mod tests {
     #[test]
     fn a_child_forked_into_the_cgroup_starts_there_and_dies_with_it() {
         let Some((runtime, dir)) = container_with_cgroup("fork") else { return };
-        let path = recorded(&dir).unwrap().unwrap();
+        let (path, _) = recorded(&dir).unwrap().unwrap();
         let child = match crate::container::fork_in_cgroup(&dir, "fork a test child").unwrap() {
             // Nothing that allocates: the test harness has other threads.
             crate::container::sys::Forked::Child => loop {
@@ -286,6 +346,20 @@ mod tests {
         assert!(cgroup.join_self().is_err(), "joined a removed cgroup");
         assert!(!cgroup.path.exists());
         std::fs::remove_dir_all(&runtime).unwrap();
+    }
+
+    #[test]
+    fn a_leaf_below_its_creators_cgroup_is_recorded_with_that_cgroup() {
+        let dir = std::env::temp_dir().join(format!("berth-cgroup-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(RECORD), "/sys/fs/cgroup/system.slice/pbs_mom.service/berth-1-2\nbelow /system.slice/pbs_mom.service").unwrap();
+        let (path, below) = recorded(&dir).unwrap().unwrap();
+        assert_eq!(path, Path::new("/sys/fs/cgroup/system.slice/pbs_mom.service/berth-1-2"));
+        assert_eq!(below.as_deref(), Some("/system.slice/pbs_mom.service"));
+        // Records of containers made before leaves existed: one line, entered by all.
+        std::fs::write(dir.join(RECORD), "/sys/fs/cgroup/berth/1-2").unwrap();
+        assert_eq!(recorded(&dir).unwrap().unwrap(), (PathBuf::from("/sys/fs/cgroup/berth/1-2"), None));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
