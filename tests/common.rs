@@ -260,3 +260,87 @@ pub fn assert_pbs_job_gone(cluster: &Cluster, job: &str) {
         }
     }
 }
+
+/// The machine's cgroup v2 hierarchy (its first cgroup2 mount), as the test cluster's
+/// hosts see it too.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let point = left.split(' ').nth(4)?;
+        (right.split(' ').next()? == "cgroup2").then(|| PathBuf::from(point))
+    })
+}
+
+/// Whether the machine's cgroup v2 root enables controllers (the systemd default).
+pub fn cgroup2_carries_controllers() -> bool {
+    cgroup2_root().and_then(|r| std::fs::read_to_string(r.join("cgroup.subtree_control")).ok()).is_some_and(|c| !c.trim().is_empty())
+}
+
+/// A controller enabled at the cgroup v2 root while this lives (machine-wide), so
+/// that berth sees a node whose v2 hierarchy carries controllers, as under systemd's
+/// default. `None` where the root already carries some (the node is such a node
+/// already) or has none to enable (all are cgroup v1's).
+pub struct ControllerAtRoot {
+    subtree_control: PathBuf,
+    controller: String,
+}
+
+impl ControllerAtRoot {
+    pub fn enable() -> Option<ControllerAtRoot> {
+        let root = cgroup2_root()?;
+        let subtree_control = root.join("cgroup.subtree_control");
+        if cgroup2_carries_controllers() {
+            return None;
+        }
+        let available = std::fs::read_to_string(root.join("cgroup.controllers")).ok()?;
+        let controller = available.split_whitespace().next()?.to_string();
+        std::fs::write(&subtree_control, format!("+{controller}")).unwrap_or_else(|e| panic!("cannot enable {controller} at {}: {e}", root.display()));
+        Some(ControllerAtRoot { subtree_control, controller })
+    }
+}
+
+impl Drop for ControllerAtRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.subtree_control, format!("-{}", self.controller));
+    }
+}
+
+/// A PBS job script's body that leaves the container's mount namespace (`unshare
+/// -Urm`: a user namespace of its own, which any user may make), its session
+/// (`setsid`), and both, each a process marked `berth-e2e-$PBS_JOBID`; then prints
+/// the host and the script's cgroup.
+pub const ESCAPING_JOB: &str = "m=berth-e2e-$PBS_JOBID\n\
+    unshare -Urm sh -c \"sleep 1000; : $m\" </dev/null >/dev/null 2>&1 &\n\
+    setsid sh -c \"sleep 1001; : $m\" </dev/null >/dev/null 2>&1 &\n\
+    setsid unshare -Urm sh -c \"sleep 1002; : $m\" </dev/null >/dev/null 2>&1 &\n\
+    sleep 1\necho \"host=$(hostname) cgroup=$(sed -n 's/^0:://p' /proc/self/cgroup)\"\n";
+
+/// After an [`ESCAPING_JOB`] ended: nothing of it on any node; and where cgroup v2
+/// carries controllers, its script ran in a cgroup of its own below its pbs_mom's
+/// (torque-up and pbs-up give each mom one, as systemd does), whose limits it kept.
+pub fn assert_escaping_job_left_nothing(cluster: &Cluster, job: &str, out: &str, err: &str) {
+    let (host, cgroup) = out
+        .lines()
+        .find_map(|l| l.strip_prefix("host=")?.split_once(" cgroup="))
+        .unwrap_or_else(|| panic!("no host= line: {out} {err}"));
+    assert_pbs_job_gone(cluster, job);
+    if cgroup2_carries_controllers() {
+        let k = std::env::var("BERTH_TEST_CLUSTER").unwrap_or_else(|_| "0".into());
+        let mom = format!("/berth-test-{k}/{host}-pbs_mom/");
+        assert!(cgroup.starts_with(&mom) && cgroup.len() > mom.len(), "the job's script runs in {cgroup}, not in a cgroup of its own below pbs_mom's {mom}");
+    }
+}
+
+/// Kills every process marked `berth-e2e-JOB` on the cluster's nodes when dropped:
+/// whatever a test's outcome, no sleeper of an escaping job stays.
+pub struct SweepMarked(pub String);
+
+impl Drop for SweepMarked {
+    fn drop(&mut self) {
+        let cluster = cluster();
+        for node in cluster.nodes() {
+            let _ = cluster.on_node(&node, &format!("pkill -KILL -f '[b]erth-e2e-{}'", self.0));
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! a node, as any local user could. Each job test checks nothing of its job is left on
 //! any node afterwards.
 
-use berth_e2e::{assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster};
+use berth_e2e::{assert_escaping_job_left_nothing, assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster, ControllerAtRoot, SweepMarked, ESCAPING_JOB};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -533,4 +533,27 @@ fn a_working_directory_below_another_users_private_dir_is_refused_not_entered_as
     assert!(lines[0].contains(&format!("cannot enter the working directory {workdir}")) && lines[0].contains("Permission denied"), "{err}");
     assert_ne!(job.exit_status(), Some(0));
     job.assert_gone();
+}
+
+/// A job that leaves the container's mount namespace, its session and both
+/// ([`ESCAPING_JOB`]): pbs_mom tracks a job by its session, so only berth's cgroup
+/// finds the last of these, also where cgroup v2 carries controllers.
+fn a_job_that_escapes_leaves_nothing() {
+    let script = format!("#!/bin/bash\n#PBS -l container={IMAGE}\n#PBS -l select=1:ncpus=1\n{ESCAPING_JOB}");
+    let job = Job::submit("escape", "", &script);
+    let _sweep = SweepMarked(job.id.clone());
+    let (out, err) = job.finish();
+    assert_eq!(job.exit_status(), Some(0), "stdout: {out} stderr: {err}");
+    assert_escaping_job_left_nothing(&job.cluster, &job.id, &out, &err);
+}
+
+#[test]
+fn processes_that_leave_the_containers_namespaces_or_its_session_do_not_outlive_the_job_with_or_without_cgroup_v2_controllers() {
+    // Alone: the controller it enables is machine-wide.
+    let _config = CONFIG.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    a_job_that_escapes_leaves_nothing();
+    match ControllerAtRoot::enable() {
+        Some(_on) => a_job_that_escapes_leaves_nothing(),
+        None => eprintln!("this machine's cgroup v2 root carries controllers already, or has none to enable: the first job was the only case"),
+    }
 }

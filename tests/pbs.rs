@@ -8,7 +8,7 @@
 #[allow(dead_code)]
 mod oci_image;
 
-use berth_e2e::{assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, repo_root, state_dir, stdout_ok, BobsPrivateDir, Cluster};
+use berth_e2e::{assert_escaping_job_left_nothing, assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, repo_root, state_dir, stdout_ok, BobsPrivateDir, Cluster, ControllerAtRoot, SweepMarked, ESCAPING_JOB};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -736,83 +736,16 @@ fn a_submit_dir_below_another_users_private_dir_tells_nothing_of_what_is_there()
     assert_eq!(ends[0], ends[1], "bob's dir has an 'exists' and no 'missing', and alice's jobs tell them apart");
 }
 
-/// The cgroup v2 hierarchy of this machine (the first cgroup2 mount), as the test
-/// cluster's hosts see it too.
-fn cgroup2_root() -> Option<std::path::PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let point = left.split(' ').nth(4)?;
-        (right.split(' ').next()? == "cgroup2").then(|| std::path::PathBuf::from(point))
-    })
-}
-
-/// A controller enabled at the cgroup v2 root while this lives (machine-wide), so
-/// that berth sees a node whose v2 hierarchy carries controllers, as under systemd's
-/// default. `None` where the root already carries some (the node is such a node
-/// already) or has none to enable (all are cgroup v1's).
-struct ControllerAtRoot {
-    subtree_control: std::path::PathBuf,
-    controller: String,
-}
-
-impl ControllerAtRoot {
-    fn enable() -> Option<ControllerAtRoot> {
-        let root = cgroup2_root()?;
-        let subtree_control = root.join("cgroup.subtree_control");
-        if !std::fs::read_to_string(&subtree_control).ok()?.trim().is_empty() {
-            return None;
-        }
-        let available = std::fs::read_to_string(root.join("cgroup.controllers")).ok()?;
-        let controller = available.split_whitespace().next()?.to_string();
-        std::fs::write(&subtree_control, format!("+{controller}")).unwrap_or_else(|e| panic!("cannot enable {controller} at {}: {e}", root.display()));
-        Some(ControllerAtRoot { subtree_control, controller })
-    }
-}
-
-impl Drop for ControllerAtRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.subtree_control, format!("-{}", self.controller));
-    }
-}
-
-/// A job whose script leaves the container's mount namespace (`unshare -Urm`: a user
-/// namespace of its own, which any user may make), its session (`setsid`), and both;
-/// Torque tracks a job by its session, so the last of these outlived the job where
-/// berth made no cgroup of its own: on nodes whose cgroup v2 carries controllers (the
-/// systemd default). Where it does, the job's processes must also stay below
-/// pbs_mom's cgroup (torque-up gives each mom one, as systemd does), whose limits
-/// they keep.
+/// A job that leaves the container's mount namespace, its session and both
+/// ([`ESCAPING_JOB`]); Torque tracks a job by its session, so the last of these
+/// outlived the job where berth made no cgroup of its own: on nodes whose cgroup v2
+/// carries controllers (the systemd default).
 fn a_job_that_escapes_leaves_nothing() {
-    let controllers = cgroup2_root().and_then(|r| std::fs::read_to_string(r.join("cgroup.subtree_control")).ok()).is_some_and(|c| !c.trim().is_empty());
-    let script = "#!/bin/bash\nm=berth-e2e-$PBS_JOBID\n\
-        unshare -Urm sh -c \"sleep 1000; : $m\" </dev/null >/dev/null 2>&1 &\n\
-        setsid sh -c \"sleep 1001; : $m\" </dev/null >/dev/null 2>&1 &\n\
-        setsid unshare -Urm sh -c \"sleep 1002; : $m\" </dev/null >/dev/null 2>&1 &\n\
-        sleep 1\necho \"host=$(hostname) cgroup=$(sed -n 's/^0:://p' /proc/self/cgroup)\"\n";
-    let job = Job::submit("escape", &format!("nodes=1:ppn=1,other=container={IMAGE}"), script);
-    // Whatever the outcome, no sleeper stays for 1000 s.
-    struct Sweep(Cluster, String);
-    impl Drop for Sweep {
-        fn drop(&mut self) {
-            for node in self.0.nodes() {
-                let _ = self.0.on_node(&node, &format!("pkill -KILL -f '[b]erth-e2e-{}'", self.1));
-            }
-        }
-    }
-    let _sweep = Sweep(cluster(), job.id.clone());
+    let job = Job::submit("escape", &format!("nodes=1:ppn=1,other=container={IMAGE}"), &format!("#!/bin/bash\n{ESCAPING_JOB}"));
+    let _sweep = SweepMarked(job.id.clone());
     let (out, err) = job.finish();
     assert_eq!(job.exit_status(), Some(0), "stdout: {out} stderr: {err}");
-    let (host, cgroup) = out
-        .lines()
-        .find_map(|l| l.strip_prefix("host=")?.split_once(" cgroup="))
-        .unwrap_or_else(|| panic!("no host= line: {out} {err}"));
-    job.assert_gone();
-    if controllers {
-        let k = std::env::var("BERTH_TEST_CLUSTER").unwrap_or_else(|_| "0".into());
-        let mom = format!("/berth-test-{k}/{host}-pbs_mom/");
-        assert!(cgroup.starts_with(&mom) && cgroup.len() > mom.len(), "the job's script runs in {cgroup}, not in a cgroup of its own below pbs_mom's {mom}");
-    }
+    assert_escaping_job_left_nothing(&job.cluster, &job.id, &out, &err);
 }
 
 #[test]
