@@ -5,7 +5,8 @@
 
 use berth_engine::config::Config;
 use berth_engine::registry::auth::JobUser;
-use berth_engine::container::{self, Credentials, Image, ImageConfig, Spec, UserMount};
+use berth_engine::container::{self, Image, ImageConfig, Spec, UserMount};
+use berth_engine::identity::{Credentials, UserError};
 use berth_engine::teardown::cgroup::Tracking;
 use clap::{Args, Subcommand};
 use berth_engine::store::{Held, Progress, PullPolicy, Store};
@@ -260,12 +261,12 @@ fn from_dirs(reference: String, args: &ImageArgs, extra_lowest: Option<PathBuf>)
 /// up as the user (a child that became them), never as root: whether a path exists below
 /// a directory the user may not search is not theirs to learn. A path they may not reach
 /// fails the create, as their mounts do.
-fn submit_dir(user: &Credentials, dir: Option<PathBuf>, timeout: std::time::Duration) -> Result<Option<PathBuf>, container::UserError> {
+fn submit_dir(user: &Credentials, dir: Option<PathBuf>, timeout: std::time::Duration) -> Result<Option<PathBuf>, UserError> {
     use nix::errno::Errno;
     let Some(dir) = dir else { return Ok(None) };
     match user.open_as_user(std::slice::from_ref(&dir), timeout) {
         Ok(fds) => Ok(fds.into_iter().next().is_some_and(|fd| std::fs::File::from(fd).metadata().is_ok_and(|m| m.is_dir())).then_some(dir)),
-        Err(container::UserError::Denied { source: Errno::ENOENT | Errno::ENOTDIR, .. }) => Ok(None),
+        Err(UserError::Denied { source: Errno::ENOENT | Errno::ENOTDIR, .. }) => Ok(None),
         Err(e) => Err(e),
     }
 }

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             berth_engine::privileged::Limits::for_root();
         }
         // Whatever the starter left open stays out of what berth runs.
-        let _ = berth_engine::container::sys::cloexec_from(3);
+        let _ = berth_engine::sys::cloexec_from(3);
     }
     let loaded = if cli.config_stdin { Config::from_stdin() } else { Config::load() };
     let store = match &cli.store {

@@ -106,6 +106,6 @@ fn read_stash(fd: i32) -> Result<Caller, EntryError> {
     let file = std::fs::File::open(format!("/proc/self/fd/{fd}")).map_err(read_err)?;
     let bytes = std::fs::read(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(read_err)?;
     // The inherited one closes on the next exec; the reopened one is what we hand on.
-    let _ = berth_engine::container::sys::cloexec_from(3);
+    let _ = berth_engine::sys::cloexec_from(3);
     Ok(Caller::new(env::decode(&bytes), Some(OwnedFd::from(file))))
 }

@@ -20,7 +20,8 @@
 //! Owns the launch and the begin hook's failure record; never creates, destroys or pulls.
 
 use berth_engine::config::Config;
-use berth_engine::container::{self, env, ContainerError, Credentials, UserError};
+use berth_engine::container::{self, env, ContainerError};
+use berth_engine::identity::{Credentials, UserError};
 use berth_engine::privileged::Limits;
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
@@ -173,7 +174,7 @@ pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
     }
     let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let limits = Limits::for_root();
-    if let Err(e) = container::sys::cloexec_from(3).map_err(setup("close inherited descriptors")) {
+    if let Err(e) = berth_engine::sys::cloexec_from(3).map_err(setup("close inherited descriptors")) {
         return e;
     }
     let vars = restore_kept(vars);

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod container;
 pub mod fsmode;
+pub mod identity;
 pub mod privileged;
 pub mod rootfs;
 pub mod teardown;
@@ -14,4 +15,5 @@ pub mod wiring;
 pub mod reference;
 pub mod registry;
 pub mod store;
+pub mod sys;
 pub mod unpack;

@@ -21,7 +21,7 @@
 
 use crate::ffi::NodeSettings;
 use berth_engine::container::inroot;
-use berth_engine::container::sys::{attach_tree, clone_tree_of, restrict_tree, MountRestrictions};
+use berth_engine::sys::{attach_tree, clone_tree_of, restrict_tree, MountRestrictions};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};

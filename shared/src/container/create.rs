@@ -5,8 +5,10 @@
 //! container's files and reading `state.json` back; never enters a finished container
 //! (join does) and never removes one (teardown does).
 
+use crate::sys;
 use super::mounts::{self, Bind, Layout, MountError};
-use super::{container_dir, env, enter_workdir, fork_in_cgroup, io, ns_flag, open_fd, require_root, sys, sys_err, ContainerError, Credentials, Image, Result, Spec};
+use super::{container_dir, env, enter_workdir, fork_in_cgroup, io, ns_flag, open_fd, require_root, sys_err, ContainerError, Image, Result, Spec};
+use crate::identity::Credentials;
 use crate::config::Config;
 use crate::rootfs::Overlay;
 use crate::store::lock;

@@ -11,7 +11,7 @@
 //! or the job user controls any other way, and never create anything on a mount
 //! bound from the host.
 
-use super::sys::open_beneath;
+use crate::sys::open_beneath;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, SFlag};

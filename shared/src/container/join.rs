@@ -4,7 +4,8 @@
 //! these steps; never creates or changes a container, and never resolves the working
 //! directory or a program as root.
 
-use super::{container_dir, env, io, ns_flag, open_fd, read_state, remap, sys, sys_err, ContainerError, Result, State};
+use crate::sys;
+use super::{container_dir, env, io, ns_flag, open_fd, read_state, remap, sys_err, ContainerError, Result, State};
 use crate::config::Config;
 use crate::teardown::{self, TeardownError};
 use nix::errno::Errno;

@@ -23,8 +23,6 @@ pub mod env;
 pub mod inroot;
 pub mod mounts;
 pub mod remap;
-pub mod sys;
-pub mod user;
 
 mod create;
 mod join;
@@ -33,6 +31,7 @@ mod run;
 mod spec;
 
 use crate::config::Config;
+use crate::identity::UserError;
 use crate::rootfs::RootfsError;
 use crate::teardown::{self, TeardownError};
 use mounts::MountError;
@@ -46,7 +45,6 @@ pub use join::{enter_workdir, exec_joined, fork_in_cgroup, join, join_own, Joine
 pub use list::{layers_in_use, list, Listed};
 pub use run::{command_line, run};
 pub use spec::{Image, ImageConfig, Spec, UserMount};
-pub use user::{Credentials, UserError};
 
 /// The container name of per-node mode (all tasks of the job on the node share it).
 pub const PER_NODE: &str = "node";

@@ -12,7 +12,7 @@
 //! Every mount is `nosuid,nodev`, except the bind mounts of device nodes and `devpts`,
 //! which must allow device access to work at all (they are `nosuid,noexec`).
 
-use super::sys::{open_beneath, open_in_root};
+use crate::sys::{open_beneath, open_in_root};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::MsFlags;
@@ -221,13 +221,13 @@ fn bind(
     })?;
     if recursive {
         // Submounts keep their own flags under a remount: restrict the whole tree.
-        let restrictions = super::sys::MountRestrictions {
+        let restrictions = crate::sys::MountRestrictions {
             read_only: flags.contains(MsFlags::MS_RDONLY),
             nosuid: flags.contains(MsFlags::MS_NOSUID),
             nodev: flags.contains(MsFlags::MS_NODEV),
             noexec: flags.contains(MsFlags::MS_NOEXEC),
         };
-        match super::sys::restrict_tree(mounted.as_fd(), &restrictions) {
+        match crate::sys::restrict_tree(mounted.as_fd(), &restrictions) {
             Err(Errno::ENOSYS) => {}
             other => {
                 return other.map_err(|source| MountError::Mount { what: what.to_string(), target: target.to_path_buf(), source })

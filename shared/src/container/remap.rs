@@ -10,7 +10,7 @@
 //! (owned by the host's user namespace) keeps every mount locked.
 
 use super::inroot;
-use super::user::Credentials;
+use crate::identity::Credentials;
 use crate::config::Config;
 use nix::errno::Errno;
 use nix::sched::CloneFlags;

@@ -3,9 +3,11 @@
 //! entered with join's exec. Owns the command line (Entrypoint + command or Cmd) and
 //! the scratch tmpfs; never pins, never writes to the runtime dir.
 
+use crate::sys;
 use super::create::{env_and_workdir, finish_root, make_rprivate, open_sources, reopen_sources};
 use super::join::{exec_as, Privileges};
-use super::{env, exec_joined, io, sys, sys_err, ContainerError, Credentials, ImageConfig, Joined, Result, Spec, State};
+use super::{env, exec_joined, io, sys_err, ContainerError, ImageConfig, Joined, Result, Spec, State};
+use crate::identity::Credentials;
 use crate::config::Config;
 use crate::rootfs::Overlay;
 use nix::errno::Errno;

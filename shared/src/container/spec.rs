@@ -3,7 +3,8 @@
 //! command line, and the [`Spec`] that carries them. Owns parsing these; never opens,
 //! mounts or checks a path (create does, with the user's rights).
 
-use super::{ContainerError, Credentials, Result};
+use super::{ContainerError, Result};
+use crate::identity::Credentials;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -28,11 +28,11 @@ pub enum AuthError {
     #[error("credential helper docker-credential-{helper} failed for {registry}: {why}")]
     Helper { helper: String, registry: String, why: String },
     #[error("cannot read the registry logins of user {uid} in {dir}: {source}")]
-    UserConfig { uid: u32, dir: PathBuf, source: crate::container::UserError },
+    UserConfig { uid: u32, dir: PathBuf, source: crate::identity::UserError },
     #[error("DOCKER_CONFIG={0} is not an absolute path: give the directory holding config.json by its full path")]
     RelativeDockerConfig(PathBuf),
     #[error(transparent)]
-    AsUser(#[from] crate::container::UserError),
+    AsUser(#[from] crate::identity::UserError),
 }
 
 /// A user name and password (or identity token) for one registry.
@@ -74,7 +74,7 @@ struct AuthEntry {
 /// is read, as them, and where their credential helpers are found.
 #[derive(Debug, Clone)]
 pub struct JobUser {
-    pub ids: crate::container::Credentials,
+    pub ids: crate::identity::Credentials,
     /// The job's `DOCKER_CONFIG`; else `~/.docker` of the user's passwd home.
     pub docker_config: Option<PathBuf>,
     /// The job's `PATH`, where `docker-credential-*` helpers are looked up; else a
@@ -217,7 +217,7 @@ fn lookup_as(user: &JobUser, keys: &[String], bounds: Bounds) -> Result<Option<L
             }
         })
         .map_err(|source| AuthError::UserConfig { uid: user.ids.uid, dir: dir.clone(), source })?;
-    answer.map_err(|why| AuthError::AsUser(crate::container::UserError::AsUser { uid: user.ids.uid, why }))
+    answer.map_err(|why| AuthError::AsUser(crate::identity::UserError::AsUser { uid: user.ids.uid, why }))
 }
 
 fn read_config(path: &Path) -> Result<Option<DockerConfig>, AuthError> {
@@ -458,7 +458,7 @@ mod tests {
         let config = dir.join("config.json");
         std::fs::write(&config, r#"{"auths":{"reg.example:5000":{"username":"a","password":"b"}}}"#).unwrap();
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let nobody = crate::container::Credentials { uid: 65534, gid: 65534, groups: vec![] };
+        let nobody = crate::identity::Credentials { uid: 65534, gid: 65534, groups: vec![] };
         let user = JobUser { ids: nobody, docker_config: Some(dir.clone()), path: None };
         let creds = Credentials::load_for(user.clone(), &crate::config::Config::default()).unwrap();
         let err = creds.lookup("reg.example:5000").unwrap_err().to_string();

@@ -166,7 +166,7 @@ fn recorded(dir: &Path) -> Result<Option<(PathBuf, Option<String>)>> {
 }
 
 /// The container's cgroup, open: the directory (for clone3's `CLONE_INTO_CGROUP`,
-/// see [`crate::container::sys::fork_into_cgroup`]) and its `cgroup.procs`.
+/// see [`crate::sys::fork_into_cgroup`]) and its `cgroup.procs`.
 pub struct Cgroup {
     pub path: PathBuf,
     pub dir: OwnedFd,
@@ -314,10 +314,10 @@ mod tests {
         let (path, _) = recorded(&dir).unwrap().unwrap();
         let child = match crate::container::fork_in_cgroup(&dir, "fork a test child").unwrap() {
             // Nothing that allocates: the test harness has other threads.
-            crate::container::sys::Forked::Child => loop {
+            crate::sys::Forked::Child => loop {
                 nix::unistd::pause();
             },
-            crate::container::sys::Forked::Parent(pid) => pid,
+            crate::sys::Forked::Parent(pid) => pid,
         };
         // A failed assertion must not leave the child paused forever.
         struct KillOnDrop(nix::unistd::Pid);

@@ -10,8 +10,8 @@
 
 use super::files::{self, Node};
 use crate::container::inroot;
-use crate::container::sys::{self, open_in_root};
-use crate::container::Credentials;
+use crate::sys::{self, open_in_root};
+use crate::identity::Credentials;
 use nix::errno::Errno;
 use nix::mount::MsFlags;
 use nix::sys::statvfs::FsFlags;

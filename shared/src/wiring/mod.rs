@@ -265,7 +265,7 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
 }
 
 /// Fills the wiring dir (root's, 0755; the private keys the user's, 0600).
-fn stage(dir: &Path, request: &Request, nodes: &[Node], keys: &secrets::JobSecrets, env: &[(String, String)], user: &container::Credentials) -> Result<()> {
+fn stage(dir: &Path, request: &Request, nodes: &[Node], keys: &secrets::JobSecrets, env: &[(String, String)], user: &crate::identity::Credentials) -> Result<()> {
     crate::fsmode::create_dir(dir, 0o755).map_err(io("create", dir))?;
     let loader = openssh::stage(&dir.join("openssh"))?;
     let bin = dir.join("bin");
@@ -288,7 +288,7 @@ fn stage(dir: &Path, request: &Request, nodes: &[Node], keys: &secrets::JobSecre
 /// Forks a child that enters the container and starts sshd there (see [`inside`]);
 /// returns sshd's pid.
 #[allow(clippy::too_many_arguments)]
-fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &container::Credentials, loader: &str, log: std::os::fd::BorrowedFd<'_>, job: &str) -> Result<i32> {
+fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &crate::identity::Credentials, loader: &str, log: std::os::fd::BorrowedFd<'_>, job: &str) -> Result<i32> {
     let (user_name, group_name, home, shell) = host_identity(user.uid, user.gid);
     let tree = inside::detached_read_only(staged).map_err(|source| WiringError::Sys { action: "make a read-only copy of the wiring dir's mount", source })?;
     let ns = std::fs::File::open(mnt).map_err(io("open", mnt))?;
@@ -297,7 +297,7 @@ fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &container
     let inside_err = |why: String| WiringError::Inside { job: job.to_string(), why };
     // sshd and every session it starts stay in the container's cgroup.
     match container::fork_in_cgroup(dir, "start the wiring's sshd")? {
-        container::sys::Forked::Child => {
+        crate::sys::Forked::Child => {
             drop(read_end);
             let report = match nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string()) {
                 Err(e) => format!("err cannot join the container: {e}"),
@@ -307,9 +307,9 @@ fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &container
                 },
             };
             let _ = nix::unistd::write(&write_end, report.as_bytes());
-            container::sys::exit_now(0)
+            crate::sys::exit_now(0)
         }
-        container::sys::Forked::Parent(child) => {
+        crate::sys::Forked::Parent(child) => {
             drop(write_end);
             let mut report = String::new();
             let read = std::fs::File::from(read_end).read_to_string(&mut report);

@@ -3,7 +3,7 @@
 //! dropping to the user before exec (groups, ids, no capabilities, no_new_privs).
 //! Must never decide what gets mounted or exec'd: it only checks and drops.
 
-use super::sys::{self, Forked};
+use crate::sys::{self, Forked};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
