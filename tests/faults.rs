@@ -1252,6 +1252,7 @@ fn a_held_runtime_dir_lock_holds_up_no_create_on_a_node_whose_slurmd_just_starte
         took.as_secs(),
         out.status
     );
+    eprintln!("bob's job started and ended in {:.1} s with the runtime dir's lock held", took.as_secs_f64());
     assert!(own_namespace, "slurmd on {node} runs in a mount namespace of its own, not the node's");
     let optional: Vec<&str> = mount.split(' ').skip(6).take_while(|f| *f != "-").collect();
     assert!(
