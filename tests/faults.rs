@@ -1162,3 +1162,102 @@ fn a_held_runtime_dir_lock_holds_up_no_create_once_the_runtime_dir_is_private() 
     assert!(took < Duration::from_secs(30), "bob's job took {} s with the runtime dir's lock held", took.as_secs());
     assert_nodes_clean(&cluster, &berth_e2e::job_of(&text));
 }
+
+/// Runs its closure when dropped: a test's cleanup, also when the test fails.
+struct AtEnd<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for AtEnd<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// Restarts slurmd on `node` (no job of which may be running) as `slurm-test-env/up`
+/// starts it, its runtime dir made a mount that propagates first, as on a node just
+/// booted (systemd makes `/run` shared; no create has bound the dir on itself yet).
+/// Returns, once slurmd has started, whether slurmd runs in the node's own mount
+/// namespace and its `/proc/PID/mountinfo` line of the runtime dir.
+fn restart_slurmd_with_a_shared_runtime_dir(cluster: &berth_e2e::Cluster, node: &str) -> (bool, String) {
+    let log = berth_e2e::state_dir().join("log").join(node).join("slurmd.log");
+    let starts = || std::fs::read_to_string(&log).unwrap_or_default().matches("slurmd started on").count();
+    let before = starts();
+    stdout_ok(&cluster.on_node(
+        node,
+        "pid=$(cat /run/slurm/slurmd.pid) && kill $pid && for i in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; \
+         ! kill -0 $pid 2>/dev/null || { echo \"slurmd $pid did not stop\" >&2; exit 1; }; \
+         mount --make-shared /run/berth && slurmd </dev/null >/dev/null 2>&1",
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while starts() == before {
+        assert!(Instant::now() < deadline, "slurmd did not start again on {node}: see {}", log.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen = stdout_ok(&cluster.on_node(
+        node,
+        "pid=$(cat /run/slurm/slurmd.pid); [ \"$(readlink /proc/$pid/ns/mnt)\" = \"$(readlink /proc/self/ns/mnt)\" ] && echo same-namespace; \
+         awk '$5 == \"/run/berth\"' /proc/$pid/mountinfo | tail -1",
+    ));
+    let mut lines = seen.lines();
+    let first = lines.next().unwrap_or_default();
+    if first == "same-namespace" {
+        (true, lines.next().unwrap_or_default().to_string())
+    } else {
+        (false, first.to_string())
+    }
+}
+
+/// The same lock held on a node where slurmd has just started and no job has run
+/// since, whose runtime dir was not private before (as after boot). slurmd makes the
+/// dir private as it starts (berth.so's `slurm_spank_init` in slurmd), before any job
+/// can run there, so not even the node's first create takes the lock: bob's job starts
+/// at once instead of failing after the 3 min a job lock is waited for. The node is
+/// reserved for bob meanwhile, so that no other test's job sees slurmd restart.
+#[test]
+fn a_held_runtime_dir_lock_holds_up_no_create_on_a_node_whose_slurmd_just_started() {
+    let cluster = cluster();
+    let node = cluster.nodes().last().expect("a compute host").clone();
+    let image = format!("{}/minimal:latest", cluster.registry());
+    let bob = &cluster.users()[1];
+    let resv = format!("berth-fresh-slurmd-{}", std::process::id());
+    // Refused while a job runs on the node: wait for it to be free.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let create = format!("scontrol create reservation ReservationName={resv} Users={bob} Nodes={node} StartTime=now Duration=30");
+        let out = cluster.run_as("root", &create);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cannot reserve {node}: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let _reserved = AtEnd(|| {
+        let _ = cluster.run_as("root", &format!("scontrol delete ReservationName={resv}"));
+    });
+    let _restored = AtEnd(|| {
+        let _ = cluster.on_node(&node, "mount --make-private /run/berth; kill -0 $(cat /run/slurm/slurmd.pid) 2>/dev/null || slurmd </dev/null >/dev/null 2>&1");
+    });
+    let (own_namespace, mount) = restart_slurmd_with_a_shared_runtime_dir(&cluster, &node);
+    let holder = stdout_ok(&cluster.on_node(&node, "setsid flock -x /run/berth/.lock sleep 300 </dev/null >/dev/null 2>&1 & echo $!")).trim().to_string();
+    let held = AtEnd(|| {
+        let _ = cluster.on_node(&node, &format!("pkill -KILL -P {holder}; kill -KILL {holder}"));
+    });
+    let start = Instant::now();
+    let out = cluster.run_as(bob, &format!("timeout 200 srun -N1 -w {node} --reservation={resv} --container={image} sh -c 'echo JOB=$SLURM_JOB_ID'"));
+    let took = start.elapsed();
+    drop(held);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && took < Duration::from_secs(30),
+        "bob's job took {} s with the runtime dir's lock held ({}): {stdout} {stderr}",
+        took.as_secs(),
+        out.status
+    );
+    eprintln!("bob's job started and ended in {:.1} s with the runtime dir's lock held", took.as_secs_f64());
+    assert!(own_namespace, "slurmd on {node} runs in a mount namespace of its own, not the node's");
+    let optional: Vec<&str> = mount.split(' ').skip(6).take_while(|f| *f != "-").collect();
+    assert!(
+        !mount.is_empty() && !optional.iter().any(|f| f.starts_with("shared:") || f.starts_with("master:")),
+        "the runtime dir is not a private mount right after slurmd started: {mount:?}"
+    );
+    assert_nodes_clean(&cluster, &berth_e2e::job_of(&stdout));
+}

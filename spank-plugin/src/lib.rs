@@ -4,7 +4,8 @@
 //! Slurm loads the plugin into several programs; each has its own file, as in pyxis:
 //! - `srun.rs`: srun / sbatch / salloc on the submit host (local, allocator context)
 //! - `slurmstepd.rs`: slurmstepd on the compute node (remote context): create and join
-//! - `slurmd.rs`: slurmd's job epilog: teardown
+//! - `slurmd.rs`: slurmd itself (as it starts: the runtime dir) and its job epilog
+//!   (teardown)
 //!
 //! `args.rs` holds the user's options, `config.rs` the admin's plugstack.conf keys,
 //! `slurm_client.rs` makes `srun` and friends work inside containers,
@@ -97,8 +98,13 @@ unsafe extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote:
 #[no_mangle]
 pub extern "C" fn slurm_spank_init(sp: spank_t, ac: c_int, av: *mut *mut c_char) -> c_int {
     guard("slurm_spank_init", || {
-        config(ac, av)?;
+        let config = config(ac, av)?;
         let context = ffi::context();
+        if context == Context::Slurmd {
+            // slurmd does not start when its slurm_spank_init fails: an error (or a
+            // panic) is only the guard's one line in its log, and creates take over.
+            guard("slurm_spank_init in slurmd", || slurmd::init(config));
+        }
         if matches!(context, Context::Local | Context::Remote | Context::Allocator) {
             let sp = Spank::new(sp);
             for spec in args::OPTIONS {

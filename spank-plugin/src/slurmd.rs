@@ -1,6 +1,14 @@
-//! slurmd context: the job epilog, run as root on every node of the job when the job
-//! ends there, also when its slurmstepd was killed. Owns teardown: `berth container
-//! destroy --job J` removes every container of the job on the node (idempotent).
+//! slurmd context: slurmd starting, and the job epilog.
+//!
+//! As slurmd starts (`slurm_spank_init`, context slurmd), before any job can run on the
+//! node, the runtime dir is made a private mount, in slurmd's mount namespace, which
+//! its slurmstepds and their `berth container create`s inherit: no create then takes
+//! the node-wide lock that one stopped by its user (`scancel -s STOP`) would hold for
+//! everyone. A failure there is one line in slurmd's log, never a failed start.
+//!
+//! The job epilog runs as root on every node of the job when the job ends there, also
+//! when its slurmstepd was killed. Owns teardown: `berth container destroy --job J`
+//! removes every container of the job on the node (idempotent).
 //!
 //! First it stops any `berth container create` of the job still running on the node:
 //! a task whose slurmstepd was killed while berth pulled the image is orphaned, and its
@@ -15,6 +23,24 @@ use crate::berth;
 use crate::ffi::{self, Spank};
 use crate::sys;
 use berth_engine::config::Config;
+use berth_engine::container;
+use std::time::Duration;
+
+/// How long slurmd, starting, waits for a create holding the runtime dir's lock (one
+/// that outlived a restart of slurmd, on a node whose dir was not private yet): a job's
+/// process may be stopped, and slurmd's start must not wait on it.
+const RUNTIME_DIR_WAIT: Duration = Duration::from_secs(5);
+
+/// slurmd starting: makes the runtime dir a private mount (root's, 0755), as `berth
+/// container create` would first do, under the same lock.
+pub fn init(config: &Config) -> Result<(), String> {
+    let dir = config.runtime_dir.display();
+    container::prepare_runtime_dir(config, RUNTIME_DIR_WAIT).map_err(|err| {
+        format!("berth: cannot make the runtime dir {dir} a private mount as slurmd starts ({err}); each container create will make it private itself")
+    })?;
+    ffi::log_info(&format!("berth: the runtime dir {dir} is a private mount"));
+    Ok(())
+}
 
 pub fn job_epilog(sp: &Spank, config: &Config) -> Result<(), String> {
     let job = sp.job_id().map_err(|e| e.to_string())?;

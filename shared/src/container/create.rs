@@ -1,7 +1,8 @@
 //! Create: builds a container (its cgroup, its overlay, new namespaces with the root
 //! pivoted into the image), pins its namespaces in the runtime dir, with an anchor
 //! process where the kernel refuses the bind, and records `env`, `workdir` and
-//! `state.json`; makes the runtime dir a private mount first. Owns writing a
+//! `state.json`; prepares the runtime dir first (root's, 0755, a private mount), the
+//! same step slurmd takes as it starts ([`prepare_runtime_dir`]). Owns writing a
 //! container's files and reading `state.json` back; never enters a finished container
 //! (join does) and never removes one (teardown does).
 
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// What `state.json` records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,18 +84,29 @@ fn mount_state(dir: &Path) -> Result<(PathBuf, Option<bool>)> {
     Ok((canonical, propagates))
 }
 
+/// Makes the runtime dir what every container in it needs: root's dir of mode 0755
+/// (exactly, whatever the caller's umask, which this leaves alone: in slurmd it is
+/// slurmd's) and a private mount. `create` runs it first; berth.so runs it in slurmd as
+/// slurmd starts, before any job can run on the node, so that no create needs the
+/// node-wide lock this may take. Waits at most `wait` for another holder of that lock.
+pub fn prepare_runtime_dir(config: &Config, wait: Duration) -> Result<()> {
+    crate::fsmode::ensure_dir(&config.runtime_dir, 0o755).map_err(io("create", &config.runtime_dir))?;
+    make_runtime_dir_private(config, wait)
+}
+
 /// Makes the runtime dir a private mount unless it is one. The node-wide lock this
-/// takes is only for the node's first creates: a create its job stops (`scancel -s
-/// STOP`) can hold up no other user's once the runtime dir is private, and a waiter
-/// re-checks between short waits, so a holder stopped after its mount holds up nobody.
-fn make_runtime_dir_private(config: &Config) -> Result<()> {
+/// takes is only for a node whose slurmd did not make the dir private (another
+/// scheduler, or slurmd failed to): a create its job stops (`scancel -s STOP`) can hold
+/// up no other user's once the runtime dir is private, and a waiter re-checks between
+/// short waits, so a holder stopped after its mount holds up nobody.
+fn make_runtime_dir_private(config: &Config, wait: Duration) -> Result<()> {
     let path = config.runtime_dir.join(".lock");
     let start = std::time::Instant::now();
     while !is_private_mount(&config.runtime_dir)? {
         let what = "the runtime dir's mount, held by another create";
-        match lock::acquire(&path, true, std::time::Duration::from_millis(250), what) {
+        match lock::acquire(&path, true, Duration::from_millis(250), what) {
             Ok(_runtime_lock) => return make_private(&config.runtime_dir),
-            Err(lock::LockError::TimedOut { .. }) if start.elapsed() < lock::JOB_WAIT => {}
+            Err(lock::LockError::TimedOut { .. }) if start.elapsed() < wait => {}
             Err(lock::LockError::TimedOut { path, what, .. }) => {
                 return Err(teardown::TeardownError::from(lock::LockError::TimedOut { path, what, waited: start.elapsed() }).into())
             }
@@ -132,8 +145,7 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     require_root()?;
     let dir = container_dir(config, &spec.job, &spec.name)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    crate::fsmode::ensure_dir(&config.runtime_dir, 0o755).map_err(io("create", &config.runtime_dir))?;
-    make_runtime_dir_private(config)?;
+    prepare_runtime_dir(config, lock::JOB_WAIT)?;
     let job_dir = config.runtime_dir.join(&spec.job);
     let _lock = teardown::lock_job(&job_dir, true)?;
     if let Some(state) = live_state(&dir) {

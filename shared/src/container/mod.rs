@@ -40,7 +40,7 @@ use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-pub use create::{create, read_state, Created, State};
+pub use create::{create, prepare_runtime_dir, read_state, Created, State};
 pub use join::{enter_workdir, exec_joined, fork_in_cgroup, join, join_own, Joined};
 pub use list::{layers_in_use, list, Listed};
 pub use run::{command_line, run};
