@@ -2,7 +2,7 @@
 //! store's (oci-spec, at pull) and `--image-config FILE`'s, never panic.
 #![no_main]
 
-use berth_engine::container::ImageConfig;
+use berth_engine::image::ImageConfig;
 use libfuzzer_sys::fuzz_target;
 use oci_spec::image::ImageConfiguration;
 

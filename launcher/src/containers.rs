@@ -5,7 +5,8 @@
 
 use berth_engine::config::Config;
 use berth_engine::registry::auth::JobUser;
-use berth_engine::container::{self, Image, ImageConfig, Spec, UserMount};
+use berth_engine::container::{self, Spec};
+use berth_engine::image::{Image, ImageConfig, UserMount};
 use berth_engine::identity::{Credentials, UserError};
 use berth_engine::teardown::cgroup::Tracking;
 use clap::{Args, Subcommand};

@@ -29,7 +29,7 @@
 
 use crate::entry::Caller;
 use crate::request::{Pelog, Request, RequestError};
-use berth_engine::container::UserMount;
+use berth_engine::image::UserMount;
 use berth_engine::config::{Config, ConfigError};
 use berth_engine::privileged;
 use std::path::Path;

@@ -19,7 +19,7 @@
 //! `container=...` as a resource of its own (PBS Professional, OpenPBS, where the
 //! server defines it) works the same. Owns parsing only; never touches the node.
 
-use berth_engine::container::UserMount;
+use berth_engine::image::UserMount;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod container;
 pub mod fsmode;
 pub mod identity;
+pub mod image;
 pub mod privileged;
 pub mod rootfs;
 pub mod teardown;

@@ -8,7 +8,8 @@
 
 use crate::sys;
 use super::mounts::{self, Bind, Layout, MountError};
-use super::{container_dir, env, enter_workdir, fork_in_cgroup, io, ns_flag, open_fd, require_root, sys_err, ContainerError, Image, Result, Spec};
+use super::{container_dir, env, enter_workdir, fork_in_cgroup, io, ns_flag, open_fd, require_root, sys_err, ContainerError, Result, Spec};
+use crate::image::Image;
 use crate::identity::Credentials;
 use crate::config::Config;
 use crate::rootfs::Overlay;

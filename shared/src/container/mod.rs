@@ -44,7 +44,7 @@ pub use create::{create, prepare_runtime_dir, read_state, Created, State};
 pub use join::{enter_workdir, exec_joined, fork_in_cgroup, join, join_own, Joined};
 pub use list::{layers_in_use, list, Listed};
 pub use run::{command_line, run};
-pub use spec::{Image, ImageConfig, Spec, UserMount};
+pub use spec::Spec;
 
 /// The container name of per-node mode (all tasks of the job on the node share it).
 pub const PER_NODE: &str = "node";
@@ -76,8 +76,8 @@ pub enum ContainerError {
     Sys { action: &'static str, source: Errno },
     #[error("bad environment entry '{entry}': expected KEY=VALUE")]
     BadEnv { entry: String },
-    #[error("bad image config {path}: {why}")]
-    ImageConfig { path: PathBuf, why: String },
+    #[error(transparent)]
+    ImageConfig(#[from] crate::image::ImageConfigError),
     #[error("cannot enter the working directory {dir} in the container as the job's user: {source} (pick one the user can enter, with --container-workdir or container-workdir=)")]
     Workdir { dir: String, source: Errno },
     #[error("the working directory {dir} resolves through a /proc link to a descriptor (or a symlink loop), which could lead out of the container; pick a directory of the image")]

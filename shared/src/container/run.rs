@@ -6,7 +6,8 @@
 use crate::sys;
 use super::create::{env_and_workdir, finish_root, make_rprivate, open_sources, reopen_sources};
 use super::join::{exec_as, Privileges};
-use super::{env, exec_joined, io, sys_err, ContainerError, ImageConfig, Joined, Result, Spec, State};
+use super::{env, exec_joined, io, sys_err, ContainerError, Joined, Result, Spec, State};
+use crate::image::ImageConfig;
 use crate::identity::Credentials;
 use crate::config::Config;
 use crate::rootfs::Overlay;

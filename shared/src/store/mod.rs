@@ -53,6 +53,7 @@ pub use verify::VerifyReport;
 pub use progress::{human_bytes, short, Progress};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::image::{Image, ImageConfig};
 use crate::reference::{Reference, ReferenceError};
 use crate::registry::manifest::{ManifestError, Platform};
 use crate::registry::RegistryError;
@@ -135,16 +136,6 @@ impl std::str::FromStr for PullPolicy {
     }
 }
 
-/// The parts of an image config a container needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    pub env: Vec<String>,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub working_dir: Option<String>,
-    pub user: Option<String>,
-}
-
 /// An image ready to mount.
 #[derive(Debug, Clone)]
 pub struct StoredImage {
@@ -160,6 +151,12 @@ pub struct StoredImage {
     /// The layers mark opaque dirs with `user.overlay.*`: mount with the `userxattr`
     /// option (from a user namespace). False for stores written by root.
     pub userxattr: bool,
+}
+
+impl From<StoredImage> for Image {
+    fn from(image: StoredImage) -> Image {
+        Image { reference: image.reference, layer_dirs: image.layer_dirs, config: image.config, userxattr: image.userxattr }
+    }
 }
 
 /// One line of `berth images`.
@@ -590,7 +587,7 @@ impl Store {
             reference: record.reference.clone(),
             manifest_digest: record.manifest_digest.clone(),
             layer_dirs,
-            config: pull::image_config_of(&image_config),
+            config: ImageConfig::from_oci(image_config.config().as_ref()),
             userxattr: self.opts.userxattr,
         };
         Ok(Some((image, record)))

@@ -158,7 +158,7 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
         rels[i] = rel;
     }
 
-    let config = image_config_of(&image_config);
+    let config = crate::image::ImageConfig::from_oci(image_config.config().as_ref());
     let record = Record {
         reference: key.clone(),
         manifest_digest: manifest_digest.clone(),
@@ -180,17 +180,6 @@ pub(super) fn pull(store: &Store, r: &Reference, platform: &Platform, progress: 
 }
 
 /// The parts of a (verified) image config a container needs.
-pub(super) fn image_config_of(image_config: &ImageConfiguration) -> super::ImageConfig {
-    let c = image_config.config().as_ref();
-    super::ImageConfig {
-        env: c.and_then(|c| c.env().clone()).unwrap_or_default(),
-        entrypoint: c.and_then(|c| c.entrypoint().clone()).unwrap_or_default(),
-        cmd: c.and_then(|c| c.cmd().clone()).unwrap_or_default(),
-        working_dir: c.and_then(|c| c.working_dir().clone()).filter(|w| !w.is_empty()),
-        user: c.and_then(|c| c.user().clone()).filter(|u| !u.is_empty()),
-    }
-}
-
 /// Who may reuse what this pull stores: everyone when no login was at hand (the pull
 /// itself was anonymous) or when the registry also serves the manifest anonymously;
 /// else the puller alone, until others show their access (`Store::check_access`).
