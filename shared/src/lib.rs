@@ -9,6 +9,7 @@ pub mod container;
 pub mod fsmode;
 pub mod identity;
 pub mod image;
+pub mod lock;
 pub mod privileged;
 pub mod rootfs;
 pub mod teardown;

@@ -32,7 +32,7 @@ pub enum TeardownError {
     #[error("processes {pids:?} in container {dir} survived SIGKILL for {secs} s (stuck in the kernel?)")]
     Stuck { dir: PathBuf, pids: Vec<i32>, secs: u64 },
     #[error(transparent)]
-    Lock(#[from] crate::store::lock::LockError),
+    Lock(#[from] crate::lock::LockError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
 }
@@ -50,11 +50,11 @@ pub fn is_pinned(path: &Path) -> bool {
 }
 
 /// Takes the job's lock (`<job dir>/.lock`, root's alone, waited for at most
-/// [`JOB_WAIT`](crate::store::lock::JOB_WAIT)), creating the job dir when `create`; `None`
+/// [`JOB_WAIT`](crate::lock::JOB_WAIT)), creating the job dir when `create`; `None`
 /// when the job dir does not exist and `create` is false. Retries when the dir was
 /// removed by a destroy while we waited, so the lock always guards the live dir.
-pub fn lock_job(job_dir: &Path, create: bool) -> Result<Option<crate::store::lock::Lock>, TeardownError> {
-    use crate::store::lock;
+pub fn lock_job(job_dir: &Path, create: bool) -> Result<Option<crate::lock::Lock>, TeardownError> {
+    use crate::lock;
     use std::os::unix::fs::DirBuilderExt;
     let path = job_dir.join(".lock");
     loop {

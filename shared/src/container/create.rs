@@ -13,7 +13,7 @@ use crate::image::Image;
 use crate::identity::Credentials;
 use crate::config::Config;
 use crate::rootfs::Overlay;
-use crate::store::lock;
+use crate::lock;
 use crate::teardown;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;

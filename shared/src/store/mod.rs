@@ -39,7 +39,7 @@
 //! without one, which counts as not public: the next user proves possession again.
 
 mod gc;
-pub mod lock;
+
 mod progress;
 mod pull;
 #[cfg(test)]
@@ -54,6 +54,7 @@ pub use progress::{human_bytes, short, Progress};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::image::{Image, ImageConfig};
+use crate::lock;
 use crate::reference::{Reference, ReferenceError};
 use crate::registry::manifest::{ManifestError, Platform};
 use crate::registry::RegistryError;

@@ -6,7 +6,8 @@
 //! pulled with a login unless this user downloaded its bytes too (`Store::may_reuse`).
 
 use super::progress::{LayerBar, Reporter};
-use super::{lock, Access, Progress, Record, Store, StoreError, StoredImage};
+use super::{Access, Progress, Record, Store, StoreError, StoredImage};
+use crate::lock;
 use crate::reference::{is_sha256_digest, Reference};
 use crate::registry::auth::Credentials;
 use crate::registry::manifest::{self, Compression, Fetched, Platform};
