@@ -281,6 +281,7 @@ pub(super) fn pidfd(pid: i32) -> Option<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn mountinfo_escapes_are_read() {
@@ -312,7 +313,8 @@ mod tests {
     fn a_child_forked_into_the_cgroup_starts_there_and_dies_with_it() {
         let Some((runtime, dir)) = container_with_cgroup("fork") else { return };
         let (path, _) = recorded(&dir).unwrap().unwrap();
-        let child = match crate::container::fork_in_cgroup(&dir, "fork a test child").unwrap() {
+        let cgroup = open(&dir).unwrap().unwrap();
+        let child = match crate::sys::fork_into_cgroup(cgroup.dir.as_fd(), cgroup.procs.as_fd()).unwrap() {
             // Nothing that allocates: the test harness has other threads.
             crate::sys::Forked::Child => loop {
                 nix::unistd::pause();
