@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the effective admin configuration as TOML-like lines.
+    /// Print the effective admin configuration as TOML (berth.toml's form).
     Config,
     /// The node-side container actions of the scheduler adapters (root only).
     #[command(subcommand)]
@@ -82,7 +82,7 @@ fn main() -> ExitCode {
     config.store_dir = store.unwrap_or_else(|| berth_engine::store::default_store_dir(&config));
     match cli.command {
         Command::Config => {
-            println!("{config:#?}");
+            print!("{}", config.to_toml());
             ExitCode::SUCCESS
         }
         Command::Container(command) => containers::container(&config, command),

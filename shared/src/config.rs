@@ -221,6 +221,13 @@ impl Config {
         Ok(config)
     }
 
+    /// The settings as a TOML file an admin can paste back (`berth config`): every
+    /// key, defaults included; an unset `credentials_file` is left out.
+    pub fn to_toml(&self) -> String {
+        // Cannot fail: every field is a string, number, bool, path or table of them.
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the settings as TOML: {e}\n"))
+    }
+
     /// Applies one `key=value` setting, as the Slurm plugin receives them from
     /// `plugstack.conf`. Lists are comma-separated; a site mount is `SRC:DST[:ro]`.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
@@ -432,6 +439,18 @@ mod tests {
         assert_eq!(config.store_dir, Path::new("/var/lib/berth"));
         assert_eq!(config.runtime_dir, Path::new("/run/berth"));
         assert!(config.mount_home);
+    }
+
+    #[test]
+    fn printed_settings_read_back_as_the_same_settings() {
+        let mut config = Config::default();
+        assert_eq!(Config::from_toml(&config.to_toml()).unwrap(), config);
+        config.set("site_mounts", "/scratch:/scratch:ro,/opt/site:/site").unwrap();
+        config.set("insecure_registries", "10.0.0.1:5000").unwrap();
+        config.credentials_file = Some("/etc/berth/logins.json".into());
+        let text = config.to_toml();
+        assert!(text.contains("store_dir = \"/var/lib/berth\"") && text.contains("[[site_mounts]]"), "{text}");
+        assert_eq!(Config::from_toml(&text).unwrap(), config, "{text}");
     }
 
     #[test]
