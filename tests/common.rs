@@ -5,6 +5,7 @@
 //! Tests never bring the cluster up themselves: `tests/run-all` does, once, and tears
 //! it down even when a test fails. A test run without it fails with a line saying so.
 
+use berth_testkit::{tar_of, Entry, Image};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -89,6 +90,39 @@ impl Cluster {
 pub fn image_layout(name: &str) -> PathBuf {
     let root = std::env::var_os("BERTH_TEST_IMAGES").map(PathBuf::from).unwrap_or_else(|| "/var/cache/berth-test-env/images".into());
     root.join(name)
+}
+
+/// The layer every runnable test image starts with: the host's static busybox as
+/// `/bin/busybox`, with `sh`, `true`, `cat` and `sleep` linked to it, and `/stamp`.
+pub fn busybox_layer(stamp: &str) -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is installed");
+    tar_of(&[
+        Entry::Dir("bin", 0o755),
+        Entry::File("bin/busybox", &busybox, 0o755),
+        Entry::Symlink("bin/sh", "busybox"),
+        Entry::Symlink("bin/true", "busybox"),
+        Entry::Symlink("bin/cat", "busybox"),
+        Entry::Symlink("bin/sleep", "busybox"),
+        Entry::File("stamp", stamp.as_bytes(), 0o644),
+    ])
+}
+
+/// An image of gzip layers of these tar streams, running `cmd` with `PATH=/bin`.
+pub fn image(tars: &[Vec<u8>], cmd: &[&str]) -> Image {
+    Image::gzip(tars, serde_json::json!({ "Cmd": cmd, "Env": ["PATH=/bin"] }))
+}
+
+/// Pushes the image to the cluster's registry as `NAME:TAG` (through an OCI layout for
+/// `slurm-test-env/push`, removed after); returns its reference there.
+pub fn push_image(image: &Image, name_tag: &str) -> String {
+    let (_, tag) = name_tag.rsplit_once(':').expect("NAME:TAG");
+    let layout = std::env::temp_dir().join(format!("berth-push-{}-{}", name_tag.replace([':', '/'], "-"), std::process::id()));
+    let _ = std::fs::remove_dir_all(&layout);
+    image.write_layout(&layout, tag);
+    let out = Command::new(repo_root().join("slurm-test-env/push")).arg(format!("{}:{tag}", layout.display())).arg(name_tag).output().unwrap();
+    let _ = std::fs::remove_dir_all(&layout);
+    stdout_ok(&out);
+    format!("{}/{name_tag}", cluster().registry())
 }
 
 /// A command's stdout, split into lines; panics with its stderr when it failed.

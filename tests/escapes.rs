@@ -6,92 +6,13 @@
 //! namespace, which reaches the registry directly; tests named `on_a_node_` use the
 //! cluster's compute hosts. docs/security.md says which boundary each one guards.
 
-use berth_e2e::{berth_binary, cluster, repo_root, stdout_ok};
-use sha2::{Digest, Sha256};
-use std::io::Write;
+use berth_e2e::{berth_binary, cluster, push_image, stdout_ok};
+use berth_testkit::{digest, tar_of, Entry as E, Image};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const NOBODY: &str = "65534";
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One tar entry of a hand-made layer; written raw so hostile names reach berth unchanged.
-enum E<'a> {
-    File(&'a str, &'a [u8], u32),
-    Dir(&'a str, u32),
-    Sym(&'a str, &'a str),
-    Hard(&'a str, &'a str),
-    /// A device node (kind, major, minor).
-    Dev(&'a str, tar::EntryType, u32, u32),
-    /// A file with extended attributes, as PAX `SCHILY.xattr.*` records.
-    WithXattr(&'a str, &'a [u8], u32, &'a str, &'a [u8]),
-    /// A file with a name longer than a ustar header holds (GNU long name).
-    Long(String, &'a [u8]),
-}
-
-fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1_700_000_000);
-    h
-}
-
-/// A PAX extended header record: "LEN key=value\n", LEN counting itself.
-fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
-    let body = key.len() + value.len() + 3;
-    let mut len = body + body.to_string().len();
-    if len.to_string().len() != body.to_string().len() {
-        len += 1;
-    }
-    let mut out = format!("{len} {key}=").into_bytes();
-    out.extend_from_slice(value);
-    out.push(b'\n');
-    out
-}
-
-fn layer(entries: &[E]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let raw = |b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, path: &str, link: Option<&str>, data: &[u8]| {
-        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
-        if let Some(t) = link {
-            h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
-        }
-        h.set_cksum();
-        b.append(&h, data).unwrap();
-    };
-    for e in entries {
-        match e {
-            E::File(p, d, m) => raw(&mut b, header(tar::EntryType::Regular, *m, d.len() as u64), p, None, d),
-            E::Dir(p, m) => raw(&mut b, header(tar::EntryType::Directory, *m, 0), p, None, b""),
-            E::Sym(p, t) => raw(&mut b, header(tar::EntryType::Symlink, 0o777, 0), p, Some(t), b""),
-            E::Hard(p, t) => raw(&mut b, header(tar::EntryType::Link, 0o644, 0), p, Some(t), b""),
-            E::Dev(p, kind, major, minor) => {
-                let mut h = header(*kind, 0o666, 0);
-                h.set_device_major(*major).unwrap();
-                h.set_device_minor(*minor).unwrap();
-                raw(&mut b, h, p, None, b"");
-            }
-            E::WithXattr(p, d, m, key, value) => {
-                let pax = pax_record(&format!("SCHILY.xattr.{key}"), value);
-                raw(&mut b, header(tar::EntryType::XHeader, 0o644, pax.len() as u64), "PaxHeaders/x", None, &pax);
-                raw(&mut b, header(tar::EntryType::Regular, *m, d.len() as u64), p, None, d);
-            }
-            E::Long(p, d) => {
-                let mut h = header(tar::EntryType::Regular, 0o644, d.len() as u64);
-                b.append_data(&mut h, p, *d).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
-}
 
 /// busybox-static with the applets the tests use, /etc/passwd with root only, and
 /// /tmp and /var/tmp world-writable as in most distributions' images.
@@ -103,9 +24,9 @@ fn busybox_layer() -> Vec<u8> {
     let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
     let mut entries = vec![E::Dir("bin/", 0o755), E::Dir("etc/", 0o755), E::Dir("work/", 0o755), E::Dir("var/", 0o755), E::Dir("var/tmp/", 0o1777)];
     entries.push(E::File("bin/busybox", &busybox, 0o755));
-    entries.extend(links.iter().map(|l| E::Sym(l, "busybox")));
+    entries.extend(links.iter().map(|l| E::Symlink(l, "busybox")));
     entries.push(E::File("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644));
-    layer(&entries)
+    tar_of(&entries)
 }
 
 /// A scratch dir with a store, a runtime dir, an admin config naming the cluster's
@@ -151,52 +72,10 @@ impl Lab {
         Command::new(berth_binary()).args(args).env("BERTH_CONFIG", self.dir.join("berth.toml")).output().expect("run berth")
     }
 
-    /// Writes an OCI layout of `layers` (gzip-compressed) and `config`, pushes it as
-    /// `escapes-<name>-<pid>:latest` and returns the reference.
+    /// Pushes an image of `layers` (gzip-compressed) whose config runs with `config` as
+    /// `escapes-<name>-<pid>:latest`; returns the reference.
     fn push(&self, name: &str, layers: &[Vec<u8>], config: serde_json::Value) -> String {
-        let layout = self.dir.join(format!("layout-{name}"));
-        let blobs = layout.join("blobs/sha256");
-        std::fs::create_dir_all(&blobs).unwrap();
-        let blob = |bytes: &[u8]| -> (String, usize) {
-            let hex = sha256_hex(bytes);
-            std::fs::write(blobs.join(&hex), bytes).unwrap();
-            (format!("sha256:{hex}"), bytes.len())
-        };
-        let mut diff_ids = Vec::new();
-        let mut descriptors = Vec::new();
-        for l in layers {
-            diff_ids.push(format!("sha256:{}", sha256_hex(l)));
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            gz.write_all(l).unwrap();
-            let (digest, size) = blob(&gz.finish().unwrap());
-            descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
-        }
-        let config = serde_json::json!({
-            "architecture": "amd64", "os": "linux", "config": config,
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        });
-        let (config_digest, config_size) = blob(&serde_json::to_vec(&config).unwrap());
-        let manifest = serde_json::json!({
-            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-            "layers": descriptors,
-        });
-        let (manifest_digest, manifest_size) = blob(&serde_json::to_vec(&manifest).unwrap());
-        std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size,
-                           "annotations": {"org.opencontainers.image.ref.name": "latest"}}],
-        });
-        std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-        let repo = format!("escapes-{name}-{}", std::process::id());
-        let out = Command::new(repo_root().join("slurm-test-env/push"))
-            .arg(format!("{}:latest", layout.display()))
-            .arg(format!("{repo}:latest"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "push {repo}: {}", String::from_utf8_lossy(&out.stderr));
-        format!("{}/{repo}:latest", self.registry)
+        push_image(&Image::gzip(layers, config), &format!("escapes-{name}-{}:latest", std::process::id()))
     }
 
     /// `container create` of this lab's job as nobody (groups 100), with `extra` flags.
@@ -257,14 +136,14 @@ fn pulled_layers_that_reach_outside_their_dir_are_refused_and_write_nothing() {
     // The layer is unpacked in <store>/tmp/<dir>/: three levels up is the lab's dir.
     let shadow_links = std::fs::metadata("/etc/shadow").unwrap().nlink();
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("dotdot", layer(&[E::File("../../../outside/dotdot", b"x", 0o644)])),
-        ("absolute", layer(&[E::File(&abs, b"x", 0o644)])),
-        ("write-through-symlink", layer(&[E::Sym("l", outside.to_str().unwrap()), E::File("l/through", b"x", 0o644)])),
-        ("dir-through-symlink", layer(&[E::Sym("l", "../../../outside"), E::Dir("l/made/", 0o755)])),
-        ("hardlink-to-host-file", layer(&[E::Hard("shadow", "/etc/shadow")])),
-        ("hardlink-dotdot", layer(&[E::Hard("shadow", "../../../../../../etc/shadow")])),
-        ("hardlink-through-symlink", layer(&[E::Sym("etc", "/etc"), E::Hard("shadow", "etc/shadow")])),
-        ("whiteout-through-symlink", layer(&[E::Sym("l", outside.to_str().unwrap()), E::File("l/.wh.victim", b"", 0o644)])),
+        ("dotdot", tar_of(&[E::File("../../../outside/dotdot", b"x", 0o644)])),
+        ("absolute", tar_of(&[E::File(&abs, b"x", 0o644)])),
+        ("write-through-symlink", tar_of(&[E::Symlink("l", outside.to_str().unwrap()), E::File("l/through", b"x", 0o644)])),
+        ("dir-through-symlink", tar_of(&[E::Symlink("l", "../../../outside"), E::Dir("l/made/", 0o755)])),
+        ("hardlink-to-host-file", tar_of(&[E::HardLink("shadow", "/etc/shadow")])),
+        ("hardlink-dotdot", tar_of(&[E::HardLink("shadow", "../../../../../../etc/shadow")])),
+        ("hardlink-through-symlink", tar_of(&[E::Symlink("etc", "/etc"), E::HardLink("shadow", "etc/shadow")])),
+        ("whiteout-through-symlink", tar_of(&[E::Symlink("l", outside.to_str().unwrap()), E::File("l/.wh.victim", b"", 0o644)])),
     ];
     for (name, tar) in cases {
         let image = lab.push(name, &[busybox_layer(), tar], serde_json::json!({}));
@@ -277,7 +156,7 @@ fn pulled_layers_that_reach_outside_their_dir_are_refused_and_write_nothing() {
     }
     // Across layers: a symlink in one layer, a write "through" it in the next lands in
     // the upper layer's own dir, in the store and in an export alike.
-    let image = lab.push("two-layers", &[busybox_layer(), layer(&[E::Sym("l", outside.to_str().unwrap())]), layer(&[E::Dir("l/", 0o755), E::File("l/x", b"in", 0o644)])], serde_json::json!({}));
+    let image = lab.push("two-layers", &[busybox_layer(), tar_of(&[E::Symlink("l", outside.to_str().unwrap())]), tar_of(&[E::Dir("l/", 0o755), E::File("l/x", b"in", 0o644)])], serde_json::json!({}));
     stdout_ok(&lab.berth(&["pull", "--quiet", &image]));
     let export = lab.dir.join("export");
     stdout_ok(&lab.berth(&["export", &image, export.to_str().unwrap()]));
@@ -290,12 +169,12 @@ fn pulled_layers_that_reach_outside_their_dir_are_refused_and_write_nothing() {
 fn pulled_device_nodes_are_dropped_and_very_long_paths_stay_inside() {
     let lab = Lab::new("devices");
     let deep: String = (0..70).map(|i| format!("{i:0>60}/")).collect();
-    let tar = layer(&[
-        E::Dev("mem", tar::EntryType::Char, 1, 1),
-        E::Dev("sda", tar::EntryType::Block, 8, 0),
+    let tar = tar_of(&[
+        E::Char("mem", 1, 1),
+        E::Block("sda", 8, 0),
         E::Dir("dev/", 0o755),
-        E::Dev("dev/kmsg", tar::EntryType::Char, 1, 11),
-        E::Long(format!("{deep}leaf"), b"deep"),
+        E::Char("dev/kmsg", 1, 11),
+        E::File(&format!("{deep}leaf"), b"deep", 0o644),
     ]);
     let image = lab.push("devices", &[busybox_layer(), tar], serde_json::json!({}));
     stdout_ok(&lab.berth(&["pull", "--quiet", &image]));
@@ -307,7 +186,7 @@ fn pulled_device_nodes_are_dropped_and_very_long_paths_stay_inside() {
     let found = stdout_ok(&out);
     assert_eq!(found.lines().count(), 1, "only the deep file, no device: {found}");
     assert!(found.trim_end().ends_with(&format!("{deep}leaf")) && found.starts_with(dir.to_str().unwrap()), "{found}");
-    let err = one_error_line(&lab.berth(&["pull", "--quiet", &lab.push("longname", &[layer(&[E::Long("n".repeat(300), b"")])], serde_json::json!({}))]));
+    let err = one_error_line(&lab.berth(&["pull", "--quiet", &lab.push("longname", &[tar_of(&[E::File(&"n".repeat(300), b"", 0o644)])], serde_json::json!({}))]));
     assert!(err.contains("File name too long"), "{err}");
     lab.assert_outside_untouched();
 }
@@ -333,14 +212,15 @@ fn setuid_setgid_file_capabilities_and_the_images_root_user_gain_nothing() {
     let status = std::fs::read(&program).unwrap();
     // cap_dac_override (1), cap_setuid (7), cap_sys_admin (21).
     let caps = file_capability((1 << 1) | (1 << 7) | (1 << 21));
-    let tar = layer(&[
+    let tar = tar_of(&[
         E::Dir("priv/", 0o755),
         E::Dir("priv/suid/", 0o755),
         E::Dir("priv/sgid/", 0o755),
         E::Dir("priv/caps/", 0o755),
         E::File("priv/suid/status", &status, 0o4755),
         E::File("priv/sgid/status", &status, 0o2755),
-        E::WithXattr("priv/caps/status", &status, 0o755, "security.capability", &caps),
+        E::Pax(&[("SCHILY.xattr.security.capability", &caps)]),
+        E::File("priv/caps/status", &status, 0o755),
     ]);
     let image = lab.push("privs", &[busybox_layer(), tar], serde_json::json!({"User": "0:0", "WorkingDir": "/work"}));
     stdout_ok(&lab.create(&image, &[]));
@@ -381,13 +261,13 @@ fn mount_targets_that_are_symlinks_in_the_image_stay_inside_the_container() {
     let o = outside.to_str().unwrap();
     let inside_copy = format!("{}/", o.trim_start_matches('/'));
     let up = format!("../../../../../../../..{o}");
-    let tar = layer(&[
+    let tar = tar_of(&[
         E::Dir(&inside_copy, 0o755),
-        E::Sym("data", o),
-        E::Sym("rel", &up),
+        E::Symlink("data", o),
+        E::Symlink("rel", &up),
         E::Dir("opt/", 0o755),
-        E::Sym("opt/site", o),
-        E::Sym("wd", o),
+        E::Symlink("opt/site", o),
+        E::Symlink("wd", o),
     ]);
     let image = lab.push("targets", &[busybox_layer(), tar], serde_json::json!({}));
     let src = lab.dir.join("src");
@@ -724,16 +604,16 @@ __attribute__((constructor)) static void evil(void) {
     libs.push(("evil.so".into(), std::fs::read(&evil_so).unwrap()));
     let mut entries = vec![E::Dir("lib/", 0o755), E::Dir("lib64/", 0o755), E::Dir("lib/x86_64-linux-gnu/", 0o755)];
     entries.extend(libs.iter().map(|(p, d)| E::File(p, d, 0o755)));
-    let image = lab.push("selfexe", &[busybox_layer(), layer(&entries)], serde_json::json!({}));
+    let image = lab.push("selfexe", &[busybox_layer(), tar_of(&entries)], serde_json::json!({}));
     stdout_ok(&lab.create(&image, &[]));
-    let before = sha256_hex(&std::fs::read(berth_binary()).unwrap());
+    let before = digest(&std::fs::read(berth_binary()).unwrap());
     let out = lab.berth(&["container", "exec", "--job", &lab.job, "--env", "LD_PRELOAD=/evil.so", "--", "/proc/self/exe"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("direct: "), "the preloaded code ran in berth's binary: {text} {}", String::from_utf8_lossy(&out.stderr));
     assert!(!text.contains("opened"), "{text}");
     // As root (an image's User honoured) this reopen would succeed: the CVE's write.
     assert!(text.contains("after exit: Permission denied"), "{text}");
-    assert_eq!(sha256_hex(&std::fs::read(berth_binary()).unwrap()), before);
+    assert_eq!(digest(&std::fs::read(berth_binary()).unwrap()), before);
 }
 
 /// Runs a shell line as root on `node` and returns its stdout (panics on failure).
@@ -860,18 +740,18 @@ fn on_a_node_an_images_symlinks_never_carry_berths_root_writes_out_of_the_contai
     let to_host_file = format!("{to_host}/hostfile");
     let cases: Vec<(&str, Vec<E>, &str)> = vec![
         // The Slurm hostfile, /.berth/slurm/hostfile.
-        ("hostfile-dir-to-host", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/slurm", &to_host)], "/.berth/slurm"),
-        ("hostfile-dir-to-cwd", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/slurm", "/proc/self/cwd")], "/.berth/slurm"),
-        ("hostfile-dir-relative", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/slurm", &up)], "/.berth/slurm"),
-        ("hostfile-itself-to-host", vec![E::Dir(".berth/", 0o755), E::Dir(".berth/slurm/", 0o755), E::Sym(".berth/slurm/hostfile", &to_host_file)], ""),
-        ("berth-dir-to-host", vec![E::Sym(".berth", &to_host)], "/.berth"),
+        ("hostfile-dir-to-host", vec![E::Dir(".berth/", 0o755), E::Symlink(".berth/slurm", &to_host)], "/.berth/slurm"),
+        ("hostfile-dir-to-cwd", vec![E::Dir(".berth/", 0o755), E::Symlink(".berth/slurm", "/proc/self/cwd")], "/.berth/slurm"),
+        ("hostfile-dir-relative", vec![E::Dir(".berth/", 0o755), E::Symlink(".berth/slurm", &up)], "/.berth/slurm"),
+        ("hostfile-itself-to-host", vec![E::Dir(".berth/", 0o755), E::Dir(".berth/slurm/", 0o755), E::Symlink(".berth/slurm/hostfile", &to_host_file)], ""),
+        ("berth-dir-to-host", vec![E::Symlink(".berth", &to_host)], "/.berth"),
         ("berth-dir-a-file", vec![E::File(".berth", b"x", 0o644)], "/.berth"),
         // The mount point of the step's PMIx server dir, <SlurmdSpoolDir>/pmix.J.S.
-        ("pmix-spool-to-host", vec![E::Dir("var/spool/", 0o755), E::Sym("var/spool/slurmd", &to_host)], "/var/spool/slurmd"),
+        ("pmix-spool-to-host", vec![E::Dir("var/spool/", 0o755), E::Symlink("var/spool/slurmd", &to_host)], "/var/spool/slurmd"),
     ];
     let mut failed = Vec::new();
     for (name, entries, named) in cases {
-        let image = lab.push(name, &[busybox_layer(), layer(&entries)], serde_json::json!({}));
+        let image = lab.push(name, &[busybox_layer(), tar_of(&entries)], serde_json::json!({}));
         let mpi = if name.starts_with("pmix") { "--mpi=pmix" } else { "" };
         let out = c.run_as(&alice, &format!("cd {submit} && srun -N1 -w {node} {mpi} --container-image={image} sh -c 'echo JOB=$SLURM_JOB_ID; cat $BERTH_HOSTFILE'"));
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -951,23 +831,23 @@ fn on_a_node_wiring_adds_to_the_images_own_files_only() {
     let to_host = format!("/proc/1/root{}", canary.path());
     let to_host_passwd = format!("{to_host}/passwd");
     let cases: Vec<(&str, Vec<E>, &str)> = vec![
-        ("hosts-to-proc", vec![E::Sym("etc/hosts", "/proc/sys/kernel/domainname")], "/etc/hosts"),
-        ("passwd-to-proc", vec![E::Sym("etc/passwd", "../proc/sys/kernel/domainname")], "/etc/passwd"),
-        ("passwd-to-host", vec![E::Sym("etc/passwd", &to_host_passwd)], "/etc/passwd"),
-        ("etc-to-host", vec![E::Sym("etc", &to_host)], "/etc"),
-        ("passwd-a-fifo", vec![E::Dev("etc/passwd", tar::EntryType::Fifo, 0, 0)], "/etc/passwd"),
-        ("passwd-to-dev-zero", vec![E::Sym("etc/passwd", "/dev/zero")], "/etc/passwd"),
-        ("wiring-dir-to-tmp", vec![E::Dir(".berth/", 0o755), E::Sym(".berth/wiring", "/tmp")], "/.berth/wiring"),
-        ("etc-to-a-bound-host-dir", vec![E::Sym("etc", "/data")], "/etc"),
+        ("hosts-to-proc", vec![E::Symlink("etc/hosts", "/proc/sys/kernel/domainname")], "/etc/hosts"),
+        ("passwd-to-proc", vec![E::Symlink("etc/passwd", "../proc/sys/kernel/domainname")], "/etc/passwd"),
+        ("passwd-to-host", vec![E::Symlink("etc/passwd", &to_host_passwd)], "/etc/passwd"),
+        ("etc-to-host", vec![E::Symlink("etc", &to_host)], "/etc"),
+        ("passwd-a-fifo", vec![E::Fifo("etc/passwd", 0o666)], "/etc/passwd"),
+        ("passwd-to-dev-zero", vec![E::Symlink("etc/passwd", "/dev/zero")], "/etc/passwd"),
+        ("wiring-dir-to-tmp", vec![E::Dir(".berth/", 0o755), E::Symlink(".berth/wiring", "/tmp")], "/.berth/wiring"),
+        ("etc-to-a-bound-host-dir", vec![E::Symlink("etc", "/data")], "/etc"),
     ];
     let mut failed = Vec::new();
     for (name, entries, named) in cases {
         // Without the busybox layer's /etc/passwd where the case replaces it.
         let mut base = busybox_layer();
         if name.starts_with("etc-") {
-            base = layer(&[E::Dir("bin/", 0o755)]);
+            base = tar_of(&[E::Dir("bin/", 0o755)]);
         }
-        let image = lab.push(name, &[base, layer(&entries)], serde_json::json!({}));
+        let image = lab.push(name, &[base, tar_of(&entries)], serde_json::json!({}));
         // alice binds a dir she may read (root's canary dir) at /data, where the image's
         // /etc leads in one case: root would add to the host's files there.
         on(&node, &format!("{b} container create --job {job} --user {alice} --image {image} --no-home --mount {}:/data >/dev/null", canary.path()));

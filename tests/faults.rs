@@ -3,7 +3,7 @@
 //! Every fault must give one clear line where the user looks, fail the job or command
 //! cleanly, leave nothing mounted or running, and leave a store `berth verify` accepts.
 //!
-//! The broken registry is this file's own small HTTP server, serving one image per
+//! The broken registry is berth-testkit's fake registry serving one image per
 //! repository, each broken in one way; it listens on loopback (for `berth` run here)
 //! or on the loopback of a compute host's network namespace (for `srun` jobs there:
 //! `localhost` registries are spoken to over plain HTTP). Unit tests of the engine
@@ -11,13 +11,8 @@
 //! unknown tags and a full store on the engine's side; here are the user's side and
 //! the cases they do not have.
 
-// Each test file uses its own part of the helpers.
-#[allow(dead_code)]
-#[path = "oci_image.rs"]
-mod oci_image;
-
-use berth_e2e::{assert_nodes_clean, berth_binary, cluster, stdout_ok};
-use oci_image::{busybox_layer, image, manifest_for, noise, Blob, Image};
+use berth_e2e::{assert_nodes_clean, berth_binary, busybox_layer, cluster, image, push_image, stdout_ok};
+use berth_testkit::{noise, tar_of, Auth, Blob, Compression, Entry, EntryType, Fault, Image, Layer, Registry, MANIFEST};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -89,22 +84,12 @@ const REPOS: &[(&str, Breakage)] = &[
 /// The login the `login-*` repositories want.
 const LOGIN: (&str, &str) = ("berth-faults", "s3cret");
 
-/// The broken registry; its threads live as long as the test process.
+/// The broken registry on 127.0.0.1, and its second port ("another host", on every
+/// address of its host): a blob store and a token service that take anyone and log
+/// every request.
 struct BrokenRegistry {
-    addr: String,
-    served: Arc<Served>,
-}
-
-struct Served {
-    addr: String,
-    /// The registry's second port ("another host"), on every address of its host.
-    other_port: u16,
-    /// The address other hosts reach the registry's host by.
-    public_host: String,
-    images: Vec<(String, Breakage, Image)>,
-    blob_gets: AtomicUsize,
-    /// `Authorization` headers that reached the second port.
-    leaked: std::sync::Mutex<Vec<String>>,
+    registry: Registry,
+    elsewhere: Registry,
 }
 
 impl BrokenRegistry {
@@ -117,278 +102,113 @@ impl BrokenRegistry {
     /// As `start`, with the host's address as other hosts reach it (for the realm of
     /// `login-realm-elsewhere`).
     fn start_on(netns: Option<PathBuf>, public_host: &str) -> BrokenRegistry {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let public_host = public_host.to_string();
-        std::thread::spawn(move || {
-            if let Some(ns) = netns {
-                // Only this thread (and the threads it starts) moves: the listener and
-                // every accepted connection are the host's.
-                let fd = std::fs::File::open(&ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
-                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the host's network namespace");
-            }
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let other = TcpListener::bind("0.0.0.0:0").unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
-            let images = REPOS.iter().map(|(name, b)| (name.to_string(), *b, image_for(name))).collect();
-            let served = Arc::new(Served {
-                addr: addr.clone(),
-                other_port: other.local_addr().unwrap().port(),
-                public_host,
-                images,
-                blob_gets: AtomicUsize::new(0),
-                leaked: std::sync::Mutex::new(Vec::new()),
-            });
-            tx.send(served.clone()).unwrap();
-            let elsewhere = served.clone();
-            std::thread::spawn(move || {
-                for conn in other.incoming() {
-                    let Ok(conn) = conn else { continue };
-                    let served = elsewhere.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve_elsewhere(conn, &served);
-                    });
+        let registry = Registry::start_on("127.0.0.1", netns.as_deref());
+        let elsewhere = Registry::start_on("0.0.0.0", netns.as_deref());
+        let other = elsewhere.port();
+        for (repo, breakage) in REPOS {
+            let img = image_for(repo);
+            registry.publish(repo, "1", &img);
+            let mut st = registry.lock();
+            let (repo, layer, config) = (repo.to_string(), img.layers[0].blob.digest.clone(), img.config.digest.clone());
+            let answer = |content_type: &str, body: &[u8]| Fault::Answer { status: "200 OK".into(), content_type: Some(content_type.into()), body: body.to_vec() };
+            match breakage {
+                Breakage::Healthy | Breakage::LongNameBomb | Breakage::PaxBomb | Breakage::ManyFiles => {}
+                Breakage::BadJson => {
+                    st.manifest_faults.insert(repo, answer(MANIFEST, br#"{"schemaVersion":2,"layers":["#));
                 }
-            });
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let served = served.clone();
-                std::thread::spawn(move || {
-                    let _ = serve(conn, &served);
-                });
+                Breakage::WrongMediaType => {
+                    let schema1 = br#"{"schemaVersion":1,"name":"media-type","tag":"1","fsLayers":[]}"#;
+                    st.manifest_faults.insert(repo, answer("application/vnd.docker.distribution.manifest.v1+prettyjws", schema1));
+                }
+                Breakage::MissingBlob => {
+                    st.blobs.remove(&layer);
+                }
+                Breakage::DigestMismatch => {
+                    st.faults.insert(layer, Fault::Corrupt);
+                }
+                Breakage::EndlessManifest => {
+                    st.manifest_faults.insert(repo, Fault::Endless);
+                }
+                Breakage::EndlessBlob => {
+                    st.faults.insert(layer, Fault::Endless);
+                }
+                Breakage::LongerBlob => {
+                    st.faults.insert(layer, Fault::Longer);
+                }
+                Breakage::DiesMidBlob => {
+                    st.faults.insert(layer, Fault::Truncate { times: u32::MAX });
+                }
+                Breakage::Denied => {
+                    st.auth.insert(repo, Auth::Bearer("nobody".into(), "has this".into()));
+                }
+                Breakage::LoginRedirectsAway => {
+                    st.auth.insert(repo.clone(), Auth::Basic(LOGIN.0.into(), LOGIN.1.into()));
+                    st.redirect_blobs.insert(repo, format!("http://127.0.0.1:{other}\\@{}", registry.addr));
+                }
+                Breakage::LoginRealmElsewhere => {
+                    st.auth.insert(repo, Auth::BearerFrom(format!("http://{public_host}:{other}/token")));
+                }
+                Breakage::HugeConfig => {
+                    st.faults.insert(config, Fault::Endless);
+                }
             }
-        });
-        let served = rx.recv_timeout(Duration::from_secs(300)).expect("the broken registry started");
-        BrokenRegistry { addr: served.addr.clone(), served }
+        }
+        registry.share_blobs_with(&elsewhere);
+        BrokenRegistry { registry, elsewhere }
+    }
+
+    fn addr(&self) -> &str {
+        &self.registry.addr
     }
 
     /// The `Authorization` headers that reached the registry's other port.
     fn leaked(&self) -> Vec<String> {
-        self.served.leaked.lock().unwrap().clone()
+        self.elsewhere.lock().requests.iter().filter_map(|(path, a)| a.as_ref().map(|a| format!("{path}: {a}"))).collect()
     }
 
     fn image(&self, repo: &str) -> String {
-        format!("{}/{repo}:1", self.addr)
+        format!("{}/{repo}:1", self.addr())
     }
 }
 
 /// A small runnable image per repository; `bomb`'s one layer is 64 MiB of zeros that
-/// compress to some 64 KiB.
+/// compress to some 64 KiB; `huge-config`'s manifest says its config is 1 GiB.
 fn image_for(repo: &str) -> Image {
-    if repo == "bomb" {
-        let zeros = vec![0u8; 64 << 20];
-        return image(&[oci_image::tar(&[oci_image::Entry::File("bomb", &zeros, 0o644)])], &["/bin/true"]);
+    match repo {
+        "bomb" => image(&[tar_of(&[Entry::File("bomb", &vec![0u8; 64 << 20], 0o644)])], &["/bin/true"]),
+        "many-files" => {
+            let names: Vec<String> = (0..3000).map(|i| format!("f{i}")).collect();
+            let entries: Vec<Entry> = names.iter().map(|n| Entry::File(n, b"", 0o644)).collect();
+            image(&[tar_of(&entries)], &["/bin/true"])
+        }
+        "long-name-bomb" => header_bomb(EntryType::GNULongName).clone(),
+        "pax-bomb" => header_bomb(EntryType::XHeader).clone(),
+        "huge-config" => {
+            let mut img = image(&[busybox_layer(repo)], &["/bin/true"]);
+            let mut manifest: serde_json::Value = serde_json::from_slice(&img.manifest.bytes).unwrap();
+            manifest["config"]["size"] = serde_json::json!(1u64 << 30);
+            img.manifest = Blob::of(serde_json::to_vec(&manifest).unwrap());
+            img
+        }
+        _ => image(&[busybox_layer(repo)], &["/bin/true"]),
     }
-    if repo == "many-files" {
-        let names: Vec<String> = (0..3000).map(|i| format!("f{i}")).collect();
-        let entries: Vec<oci_image::Entry> = names.iter().map(|n| oci_image::Entry::File(n, b"", 0o644)).collect();
-        return image(&[oci_image::tar(&entries)], &["/bin/true"]);
-    }
-    if let Some(kind) = match repo {
-        "long-name-bomb" => Some(tar::EntryType::GNULongName),
-        "pax-bomb" => Some(tar::EntryType::XHeader),
-        _ => None,
-    } {
-        let bomb = header_bomb(kind);
-        return Image { layers: bomb.layers.clone(), config: bomb.config.clone(), manifest: bomb.manifest.clone() };
-    }
-    let base = busybox_layer(repo);
-    let mut img = image(&[base], &["/bin/true"]);
-    if repo == "missing-blob" {
-        let absent = Blob::of(noise(1000, 7));
-        img.manifest = manifest_for(&img.config, &[(absent.digest.clone(), 1000)]);
-    }
-    img
 }
 
 /// An image whose one layer starts with an extension record (GNU long name or PAX) of
 /// 512 MiB of zeros, which gzip makes some 512 KiB; built once per test process.
-fn header_bomb(kind: tar::EntryType) -> &'static Image {
+fn header_bomb(kind: EntryType) -> &'static Image {
     static BOMBS: std::sync::OnceLock<(Image, Image)> = std::sync::OnceLock::new();
     let (long_name, pax) = BOMBS.get_or_init(|| {
-        let make = |kind: tar::EntryType| {
-            use sha2::Digest;
-            const SIZE: u64 = 512 << 20;
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            let mut diff = sha2::Sha256::new();
-            let mut put = |bytes: &[u8]| {
-                gz.write_all(bytes).unwrap();
-                diff.update(bytes);
-            };
-            let mut h = tar::Header::new_gnu();
-            h.set_path("././@LongLink").unwrap();
-            h.set_entry_type(kind);
-            h.set_mode(0o644);
-            h.set_size(SIZE);
-            h.set_cksum();
-            put(h.as_bytes());
-            let chunk = vec![0u8; 1 << 20];
-            for _ in 0..SIZE / chunk.len() as u64 {
-                put(&chunk);
-            }
-            put(&oci_image::tar(&[oci_image::Entry::File("after", b"x", 0o644)]));
-            let diff_id = format!("sha256:{:x}", diff.finalize());
-            let layer = Blob::of(gz.finish().unwrap());
-            let mut img = image(&[busybox_layer("bomb")], &["/bin/true"]);
-            let config = serde_json::json!({
-                "architecture": "amd64", "os": "linux", "config": { "Cmd": ["/bin/true"] },
-                "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-            });
-            img.config = Blob::of(serde_json::to_vec(&config).unwrap());
-            img.manifest = manifest_for(&img.config, &[(layer.digest.clone(), layer.bytes.len() as u64)]);
-            img.layers = vec![layer];
-            img
+        let make = |kind: EntryType| {
+            let layer = Layer::streamed(&[Entry::Record(kind, 512 << 20, b""), Entry::File("after", b"x", 0o644)], Compression::Gzip);
+            Image::new(vec![layer], serde_json::json!({ "Cmd": ["/bin/true"] }))
         };
-        (make(tar::EntryType::GNULongName), make(tar::EntryType::XHeader))
+        (make(EntryType::GNULongName), make(EntryType::XHeader))
     });
-    if kind == tar::EntryType::XHeader {
+    if kind == EntryType::XHeader {
         pax
     } else {
         long_name
-    }
-}
-
-fn respond(conn: &mut TcpStream, status: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    conn.write_all(head.as_bytes())?;
-    conn.write_all(body)
-}
-
-/// Sends headers without a length, then `chunk` until the client goes away.
-fn endless(conn: &mut TcpStream, content_type: &str, first: &[u8], chunk: &[u8]) -> std::io::Result<()> {
-    conn.write_all(format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {content_type}\r\n\r\n").as_bytes())?;
-    conn.write_all(first)?;
-    loop {
-        conn.write_all(chunk)?;
-    }
-}
-
-/// The request's path and its `Authorization` header.
-fn read_request(conn: &TcpStream) -> std::io::Result<(String, Option<String>)> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let mut authorization = None;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("authorization") {
-                authorization = Some(v.trim().to_string());
-            }
-        }
-    }
-    Ok((path, authorization))
-}
-
-/// The registry's other port: a blob store and a token service that take anyone, and
-/// write down every `Authorization` header that reaches them.
-fn serve_elsewhere(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
-    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
-    let (path, authorization) = read_request(&conn)?;
-    if let Some(a) = authorization {
-        served.leaked.lock().unwrap().push(format!("{path}: {a}"));
-    }
-    if path.starts_with("/token") {
-        return respond(&mut conn, "200 OK", &[("Content-Type", "application/json")], br#"{"token":"elsewhere-token"}"#);
-    }
-    let digest = path.rsplit('/').next().unwrap_or("");
-    let blob = served.images.iter().flat_map(|(_, _, img)| img.layers.iter().chain([&img.config])).find(|b| b.digest == digest);
-    match blob {
-        Some(b) => respond(&mut conn, "200 OK", &[], &b.bytes.clone()),
-        None => respond(&mut conn, "404 Not Found", &[], b""),
-    }
-}
-
-fn serve(mut conn: TcpStream, served: &Served) -> std::io::Result<()> {
-    conn.set_write_timeout(Some(Duration::from_secs(60)))?;
-    let (path, authorization) = read_request(&conn)?;
-    if path == "/v2/" {
-        return respond(&mut conn, "200 OK", &[], b"{}");
-    }
-    if path.starts_with("/token") {
-        return respond(&mut conn, "401 Unauthorized", &[], b"{}");
-    }
-    let parts: Vec<&str> = path.trim_start_matches("/v2/").split('/').collect();
-    let [repo, kind, reference] = parts[..] else { return respond(&mut conn, "404 Not Found", &[], b"") };
-    let Some((_, breakage, img)) = served.images.iter().find(|(name, _, _)| name == repo) else {
-        return respond(&mut conn, "404 Not Found", &[], br#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#);
-    };
-    if *breakage == Breakage::Denied {
-        let challenge = format!(r#"Bearer realm="http://{}/token",service="broken""#, served.addr);
-        return respond(&mut conn, "401 Unauthorized", &[("WWW-Authenticate", &challenge)], br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
-    }
-    let basic = format!("Basic {}", base64(&format!("{}:{}", LOGIN.0, LOGIN.1)));
-    if *breakage == Breakage::LoginRedirectsAway && authorization.as_deref() != Some(basic.as_str()) {
-        return respond(&mut conn, "401 Unauthorized", &[("WWW-Authenticate", r#"Basic realm="broken""#)], b"");
-    }
-    if *breakage == Breakage::LoginRealmElsewhere && authorization.as_deref() != Some("Bearer elsewhere-token") {
-        let challenge = format!(r#"Bearer realm="http://{}:{}/token",service="broken""#, served.public_host, served.other_port);
-        return respond(&mut conn, "401 Unauthorized", &[("WWW-Authenticate", &challenge)], br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
-    }
-    match kind {
-        "manifests" => match breakage {
-            Breakage::BadJson => respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], br#"{"schemaVersion":2,"layers":["#),
-            Breakage::WrongMediaType => respond(
-                &mut conn,
-                "200 OK",
-                &[("Content-Type", "application/vnd.docker.distribution.manifest.v1+prettyjws")],
-                br#"{"schemaVersion":1,"name":"media-type","tag":"1","fsLayers":[]}"#,
-            ),
-            Breakage::EndlessManifest => endless(&mut conn, oci_image::MANIFEST, br#"{"schemaVersion":2,"pad":""#, &[b'a'; 65536]),
-            Breakage::HugeConfig => {
-                let mut manifest: serde_json::Value = serde_json::from_slice(&img.manifest.bytes).unwrap();
-                manifest["config"]["size"] = serde_json::json!(1u64 << 30);
-                respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], &serde_json::to_vec(&manifest).unwrap())
-            }
-            _ if reference == "1" || reference == img.manifest.digest => {
-                respond(&mut conn, "200 OK", &[("Content-Type", oci_image::MANIFEST)], &img.manifest.bytes)
-            }
-            _ => respond(&mut conn, "404 Not Found", &[], br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#),
-        },
-        "blobs" => {
-            served.blob_gets.fetch_add(1, Ordering::SeqCst);
-            if *breakage == Breakage::LoginRedirectsAway {
-                let away = format!("http://127.0.0.1:{}\\@{}/storage/{reference}", served.other_port, served.addr);
-                return respond(&mut conn, "307 Temporary Redirect", &[("Location", &away)], b"");
-            }
-            if *breakage == Breakage::HugeConfig && reference == img.config.digest {
-                return endless(&mut conn, "application/octet-stream", b"{", &[b' '; 65536]);
-            }
-            if reference == img.config.digest {
-                return respond(&mut conn, "200 OK", &[], &img.config.bytes);
-            }
-            let Some(layer) = img.layers.iter().find(|l| l.digest == reference).filter(|_| *breakage != Breakage::MissingBlob) else {
-                return respond(&mut conn, "404 Not Found", &[], br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#);
-            };
-            let mut body = layer.bytes.clone();
-            match breakage {
-                Breakage::DigestMismatch => {
-                    let mid = body.len() / 2;
-                    body[mid] ^= 0xff;
-                    respond(&mut conn, "200 OK", &[], &body)
-                }
-                Breakage::EndlessBlob => endless(&mut conn, "application/octet-stream", &body, &noise(65536, 3)),
-                Breakage::LongerBlob => {
-                    body.extend(noise(1 << 20, 5));
-                    respond(&mut conn, "200 OK", &[], &body)
-                }
-                Breakage::DiesMidBlob => {
-                    let head = format!("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len());
-                    conn.write_all(head.as_bytes())?;
-                    conn.write_all(&body[..body.len() / 2])?;
-                    conn.shutdown(std::net::Shutdown::Both)
-                }
-                _ => respond(&mut conn, "200 OK", &[], &body),
-            }
-        }
-        _ => respond(&mut conn, "404 Not Found", &[], b""),
     }
 }
 
@@ -615,7 +435,7 @@ fn a_jobs_registry_login_never_reaches_another_port_by_redirect_or_a_plain_http_
     let auth = base64(&format!("{}:{}", LOGIN.0, LOGIN.1));
     stdout_ok(&cluster.run_as(
         alice,
-        &format!("mkdir -p {dir} && printf '{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}' >{dir}/config.json && chmod 600 {dir}/config.json", reg.addr),
+        &format!("mkdir -p {dir} && printf '{{\"auths\":{{\"{}\":{{\"auth\":\"{auth}\"}}}}}}' >{dir}/config.json && chmod 600 {dir}/config.json", reg.addr()),
     ));
     let (away, realm) = (reg.image("login-redirects-away"), reg.image("login-realm-elsewhere"));
     // One job per image (a job's container has one image).
@@ -954,17 +774,9 @@ fn on_a_node_create_and_destroy_killed_at_random_moments_leave_no_anchor_mount_o
 /// bytes of noise, both unique to this run) as `REPO:1` to the cluster's registry;
 /// returns its reference there.
 fn push_unique_image(repo: &str, noise_len: usize) -> String {
-    let cluster = cluster();
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let noise = noise(noise_len, seed);
-    let image = image(&[busybox_layer(&format!("{repo} {seed}")), oci_image::tar(&[oci_image::Entry::File("noise", &noise, 0o644)])], &["/bin/true"]);
-    let layout = std::env::temp_dir().join(format!("berth-faults-{repo}"));
-    let _ = std::fs::remove_dir_all(&layout);
-    image.write_layout(&layout, "1");
-    let out = Command::new(berth_e2e::repo_root().join("slurm-test-env/push")).arg(format!("{}:1", layout.display())).arg(format!("{repo}:1")).output().unwrap();
-    stdout_ok(&out);
-    let _ = std::fs::remove_dir_all(&layout);
-    format!("{}/{repo}:1", cluster.registry())
+    push_image(&image(&[busybox_layer(&format!("{repo} {seed}")), tar_of(&[Entry::File("noise", &noise, 0o644)])], &["/bin/true"]), &format!("{repo}:1"))
 }
 
 /// A registry that trickles: a proxy to the cluster's registry, on 127.0.0.1 of a

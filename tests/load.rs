@@ -3,38 +3,21 @@
 //! downloads (from the registry's access log), mounts, processes, namespaces, files
 //! under the runtime dir and bytes in the store; never time.
 
-// Each test file uses its own part of the helpers.
-#[allow(dead_code)]
-#[path = "oci_image.rs"]
-mod oci_image;
-
-use berth_e2e::{assert_nodes_clean, berth_binary, cluster, repo_root, stdout_ok, Cluster};
+use berth_e2e::{assert_nodes_clean, berth_binary, busybox_layer, cluster, push_image, stdout_ok, Cluster};
+use berth_testkit::{noise, tar_of, Entry};
 use std::time::{Duration, Instant};
 
 
 /// Pushes an image no node has seen (a busybox layer and 24 MiB of noise, both
 /// unique to this run) as `REPO:1`; returns its reference and its blobs' digests.
-fn push_unique_image(cluster: &Cluster, repo: &str) -> (String, Vec<String>) {
+fn push_unique_image(repo: &str) -> (String, Vec<String>) {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    let stamp = format!("{repo} {seed}");
-    let noise = oci_image::noise(24 << 20, seed);
-    let image = oci_image::image(
-        &[oci_image::busybox_layer(&stamp), oci_image::tar(&[oci_image::Entry::File("noise", &noise, 0o644)])],
-        &["/bin/true"],
-    );
-    let layout = std::env::temp_dir().join(format!("berth-load-{repo}"));
-    let _ = std::fs::remove_dir_all(&layout);
-    image.write_layout(&layout, "1");
-    let out = std::process::Command::new(repo_root().join("slurm-test-env/push"))
-        .arg(format!("{}:1", layout.display()))
-        .arg(format!("{repo}:1"))
-        .output()
-        .unwrap();
-    stdout_ok(&out);
-    let _ = std::fs::remove_dir_all(&layout);
-    let mut blobs: Vec<String> = image.layers.iter().map(|l| l.digest.clone()).collect();
+    let noise = noise(24 << 20, seed);
+    let image = berth_e2e::image(&[busybox_layer(&format!("{repo} {seed}")), tar_of(&[Entry::File("noise", &noise, 0o644)])], &["/bin/true"]);
+    let reference = push_image(&image, &format!("{repo}:1"));
+    let mut blobs: Vec<String> = image.layers.iter().map(|l| l.blob.digest.clone()).collect();
     blobs.push(image.config.digest.clone());
-    (format!("{}/{repo}:1", cluster.registry()), blobs)
+    (reference, blobs)
 }
 
 /// The registry's access log lines for GETs of `path_prefix...` made since `from` (a byte offset).
@@ -53,7 +36,7 @@ fn twenty_jobs_asking_at_once_for_one_uncached_image_download_each_blob_once_and
     let cluster = cluster();
     let node = cluster.nodes()[0].clone();
     let repo = format!("load-once-{}", std::process::id());
-    let (image, blobs) = push_unique_image(&cluster, &repo);
+    let (image, blobs) = push_unique_image(&repo);
     let from = log_size();
     // Let 20 jobs share the node's 4 cores, for this test only.
     stdout_ok(&cluster.run_as("root", "scontrol update PartitionName=debug OverSubscribe=FORCE:20"));

@@ -4,11 +4,8 @@
 //! epilogue.parallel (all `berth-pbs`). Each test checks that nothing of its job is
 //! left on any node afterwards.
 
-#[path = "oci_image.rs"]
-#[allow(dead_code)]
-mod oci_image;
-
-use berth_e2e::{assert_escaping_job_left_nothing, assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, repo_root, state_dir, stdout_ok, BobsPrivateDir, Cluster, ControllerAtRoot, SweepMarked, ESCAPING_JOB};
+use berth_e2e::{assert_escaping_job_left_nothing, assert_pbs_job_gone, busybox_layer, cluster, launcher_script_refusals, pbs_job_files, push_image, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster, ControllerAtRoot, SweepMarked, ESCAPING_JOB};
+use berth_testkit::{tar_of, Entry};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -593,17 +590,12 @@ fn a_berth_config_inside_a_pulled_image_never_configures_the_root_job_starter() 
     let test = "image-config";
     let dir = format!("/home/alice/pbs-e2e-{}-{test}", std::process::id());
     let toml = format!("berth_binary = \"{dir}/evil.sh\"\n");
-    let layer = oci_image::tar(&[oci_image::Entry::File("berth.toml", toml.as_bytes(), 0o644)]);
-    let diff_id = berth_engine::registry::sha256_digest(&layer);
-    let image = oci_image::image(&[oci_image::busybox_layer(test), layer], &["/bin/sh"]);
-    let layout = std::env::temp_dir().join(format!("berth-pbs-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&layout);
-    image.write_layout(&layout, "1");
+    let layer = tar_of(&[Entry::File("berth.toml", toml.as_bytes(), 0o644)]);
+    let image = berth_e2e::image(&[busybox_layer(test), layer], &["/bin/sh"]);
     let repo = format!("pbs-{test}-{}", std::process::id());
-    stdout_ok(&std::process::Command::new(repo_root().join("slurm-test-env/push")).arg(format!("{}:1", layout.display())).arg(format!("{repo}:1")).output().unwrap());
-    let _ = std::fs::remove_dir_all(&layout);
+    push_image(&image, &format!("{repo}:1"));
     let store = "/var/lib/berth";
-    let config = format!("{store}/layers/sha256/{}/berth.toml", diff_id.trim_start_matches("sha256:"));
+    let config = format!("{store}/layers/sha256/{}/berth.toml", image.layers[1].diff_id.trim_start_matches("sha256:"));
     let job = Job::submit_as(
         "alice",
         test,

@@ -5,6 +5,7 @@
 //! docs/security.md says which boundary each one guards.
 
 use berth_e2e::{cluster, job_of, repo_root, stdout_ok, Cluster};
+use berth_testkit::{digest, tar_of, Compression, Entry, Image, Layer};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -278,61 +279,22 @@ fn another_user_cannot_reuse_a_private_image_without_access_and_reuse_costs_no_r
     assert_eq!(gets_since("registry.log", from, "/v2/minimal/manifests/latest"), 0, "bob's warm start of a public image asked the registry");
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("{:x}", sha2::Sha256::digest(bytes))
-}
-
-/// An uncompressed tar layer holding one file `path` (mode 0644) with `content`.
-fn one_file_layer(path: &str, content: &str) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_entry_type(tar::EntryType::Regular);
-    b.append_data(&mut h, path, content.as_bytes()).unwrap();
-    b.into_inner().unwrap()
-}
-
 /// Pushes `minimal:latest`'s layers plus `extra` (uncompressed tars) as `registry/name`.
 /// Each extra layer's diff_id in the config is its own, or the one given: a config may
 /// claim any diff_id, and `skopeo copy` pushes it as it is.
 fn push_with_layers(dir: &std::path::Path, registry: &str, login: Option<&str>, name: &str, extra: &[(Vec<u8>, Option<String>)]) -> String {
-    let base = berth_e2e::image_layout("minimal");
-    let read_json = |p: std::path::PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap() };
-    let blob_of = |digest: &str| base.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
-    let index = read_json(base.join("index.json"));
-    let latest = index["manifests"].as_array().unwrap().iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "latest").unwrap();
-    let mut manifest = read_json(blob_of(latest["digest"].as_str().unwrap()));
-    let mut config = read_json(blob_of(manifest["config"]["digest"].as_str().unwrap()));
-
+    let layers = extra
+        .iter()
+        .map(|(tar, diff_id)| {
+            let layer = Layer::new(tar, Compression::None);
+            match diff_id {
+                Some(claimed) => layer.claiming(claimed),
+                None => layer,
+            }
+        })
+        .collect();
     let layout = dir.join(name.replace([':', '/'], "-"));
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let hex = sha256_hex(bytes);
-        std::fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    for l in manifest["layers"].as_array().unwrap() {
-        put(&std::fs::read(blob_of(l["digest"].as_str().unwrap())).unwrap());
-    }
-    for (tar, diff_id) in extra {
-        let (digest, size) = put(tar);
-        manifest["layers"].as_array_mut().unwrap().push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}));
-        config["rootfs"]["diff_ids"].as_array_mut().unwrap().push(diff_id.clone().unwrap_or(digest).into());
-    }
-    let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
-    manifest["config"]["digest"] = config_digest.into();
-    manifest["config"]["size"] = config_size.into();
-    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": manifest_digest, "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    Image::from_layout(&berth_e2e::image_layout("minimal"), "latest").add_layers(layers).write_layout(&layout, "latest");
     let image = format!("{registry}/{name}");
     let creds = login.map(|l| format!("--dest-creds '{l}'")).unwrap_or_default();
     sh(&format!("skopeo copy -q --dest-tls-verify=false {creds} oci:{}:latest docker://{image}", layout.display()));
@@ -362,7 +324,7 @@ fn alices_private_image_on(cluster: &Cluster, node: &str, case: &str) -> (String
     let (registry, login) = auth_registry();
     let pid = std::process::id();
     let secret = format!("alice-private-{case}-{pid}");
-    let secret_tar = one_file_layer("berth-secret.txt", &secret);
+    let secret_tar = tar_of(&[Entry::File("berth-secret.txt", secret.as_bytes(), 0o644)]);
     let work = std::env::temp_dir().join(format!("berth-store-boundary-{case}-{pid}"));
     let image = push_with_layers(&work, &registry, Some(&login), &format!("berth-private:{case}-{pid}"), &[(secret_tar.clone(), None)]);
     let _ = std::fs::remove_dir_all(&work);
@@ -380,13 +342,13 @@ fn bob_cannot_mount_alices_private_layer_by_naming_its_diff_id_but_can_with_its_
     let node = cluster.nodes()[0].clone();
     let bob = &cluster.users()[1];
     let (secret, secret_tar, _) = alices_private_image_on(&cluster, &node, "leak");
-    let secret_diff_id = format!("sha256:{}", sha256_hex(&secret_tar));
+    let secret_diff_id = digest(&secret_tar);
     let pid = std::process::id();
     let work = std::env::temp_dir().join(format!("berth-store-boundary-steal-{pid}"));
     let run = |image: &str| cluster.run_as(bob, &format!("srun -w {node} --container-image={image} sh -c 'echo JOB=$SLURM_JOB_ID; cat /berth-secret.txt; ls /bob-was-here'"));
 
     // bob's image, in a registry with no login, claims the diff_id; its blob is his own bytes.
-    let bobs_tar = one_file_layer("bob-was-here", "bob");
+    let bobs_tar = tar_of(&[Entry::File("bob-was-here", b"bob", 0o644)]);
     let steal = push_with_layers(&work, &cluster.registry(), None, &format!("berth-steal:steal-{pid}"), &[(bobs_tar, Some(secret_diff_id.clone()))]);
     let out = run(&steal);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -413,7 +375,7 @@ fn another_user_cannot_read_the_record_of_a_private_image() {
     let node = cluster.nodes()[0].clone();
     let bob = &cluster.users()[1];
     let (_, secret_tar, image) = alices_private_image_on(&cluster, &node, "record");
-    let hex = sha256_hex(&secret_tar);
+    let hex = digest(&secret_tar).replace("sha256:", "");
     // bob, on the node outside any container, looks for the private record's diff_id.
     let out = cluster.run_as(bob, &format!("srun -w {node} sh -c 'cat {STORE}/refs/*.json 2>/dev/null | grep -c {hex}; true'"));
     assert_eq!(stdout_ok(&out).trim(), "0", "bob read the record of alice's private image {image}");

@@ -44,8 +44,6 @@ mod progress;
 mod pull;
 #[cfg(test)]
 mod pull_tests;
-#[cfg(test)]
-mod testreg;
 mod verify;
 
 pub use gc::GcReport;

@@ -1,11 +1,23 @@
-//! The store's pull path against a real HTTP registry on loopback (see `testreg`):
+//! The store's pull path against a real HTTP registry on loopback (berth-testkit's):
 //! verification, faults, auth, redirects, concurrency and a full disk, each ending in
 //! one clear error and a consistent store.
 
-use super::testreg::{tar_files, Auth, Fault, TestRegistry};
 use super::*;
+use berth_testkit::{tar_of, Auth, Compression, Entry, Fault, Image, Layer, Registry};
 
-fn store_at(name: &str, reg: &TestRegistry) -> (Store, PathBuf) {
+/// A layer of one file, mode 0644.
+fn file(name: &str, data: &[u8]) -> Vec<u8> {
+    tar_of(&[Entry::File(name, data, 0o644)])
+}
+
+/// Publishes gzip layers of these tar streams as `repo:1`, with workdir `/w` and env `A=1`.
+fn publish(reg: &Registry, repo: &str, tars: &[Vec<u8>]) -> Image {
+    let image = Image::gzip(tars, serde_json::json!({ "Env": ["A=1"], "Cmd": ["/bin/sh"], "WorkingDir": "/w" }));
+    reg.publish(repo, "1", &image);
+    image
+}
+
+fn store_at(name: &str, reg: &Registry) -> (Store, PathBuf) {
     let dir = std::env::temp_dir().join(format!("berth-pull-{name}-{}", std::process::id()));
     let _ = gc::remove_tree(&dir);
     let config = Config { store_dir: dir.clone(), insecure_registries: vec![reg.addr.clone()], ..Config::default() };
@@ -34,8 +46,8 @@ fn tmp_is_empty(dir: &Path) -> bool {
 
 #[test]
 fn pulls_verify_publish_and_reuse_layers() {
-    let reg = TestRegistry::start();
-    reg.image("app", "1", &[tar_files(&[("a", b"one")]), tar_files(&[("b", b"two")])]);
+    let reg = Registry::start();
+    publish(&reg, "app", &[file("a", b"one"), file("b", b"two")]);
     let (store, dir) = store_at("reuse", &reg);
     let image = store.resolve(&format!("{}/app:1", reg.addr), PullPolicy::Missing, Progress::Silent).unwrap();
     assert_eq!(image.layer_dirs.len(), 2);
@@ -51,9 +63,24 @@ fn pulls_verify_publish_and_reuse_layers() {
 }
 
 #[test]
+fn plain_gzip_and_zstd_layers_are_pulled_alike() {
+    let reg = Registry::start();
+    let kinds = [Compression::None, Compression::Gzip, Compression::Zstd];
+    let layers = kinds.iter().map(|c| Layer::new(&file(&format!("{c:?}"), b"same"), *c)).collect();
+    reg.publish("app", "1", &Image::new(layers, serde_json::json!({})));
+    let (store, dir) = store_at("compressions", &reg);
+    let image = store.resolve(&format!("{}/app:1", reg.addr), PullPolicy::Missing, Progress::Silent).unwrap();
+    for (layer, kind) in image.layer_dirs.iter().zip(kinds) {
+        assert_eq!(std::fs::read(layer.join(format!("{kind:?}"))).unwrap(), b"same", "{kind:?}");
+    }
+    assert!(tmp_is_empty(&dir));
+    gc::remove_tree(&dir).unwrap();
+}
+
+#[test]
 fn unknown_repository_or_tag_is_one_clear_line() {
-    let reg = TestRegistry::start();
-    reg.image("app", "1", &[tar_files(&[("a", b"one")])]);
+    let reg = Registry::start();
+    publish(&reg, "app", &[file("a", b"one")]);
     let (store, dir) = store_at("unknown", &reg);
     for r in [format!("{}/app:2", reg.addr), format!("{}/nothing:1", reg.addr)] {
         let err = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
@@ -64,9 +91,9 @@ fn unknown_repository_or_tag_is_one_clear_line() {
 
 #[test]
 fn corrupted_blob_is_refused_and_nothing_is_published() {
-    let reg = TestRegistry::start();
-    let layers = reg.image("app", "1", &[tar_files(&[("a", &[7u8; 5000])])]);
-    reg.lock().faults.insert(layers[0].clone(), Fault::Corrupt);
+    let reg = Registry::start();
+    let image = publish(&reg, "app", &[file("a", &[7u8; 5000])]);
+    reg.lock().faults.insert(image.layers[0].blob.digest.clone(), Fault::Corrupt);
     let (store, dir) = store_at("corrupt", &reg);
     let err = store.resolve(&format!("{}/app:1", reg.addr), PullPolicy::Missing, Progress::Silent).unwrap_err();
     assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
@@ -78,15 +105,15 @@ fn corrupted_blob_is_refused_and_nothing_is_published() {
 
 #[test]
 fn truncated_downloads_are_retried_then_reported() {
-    let reg = TestRegistry::start();
-    let layers = reg.image("app", "1", &[tar_files(&[("a", &[1u8; 20000])])]);
+    let reg = Registry::start();
+    let image = publish(&reg, "app", &[file("a", &[1u8; 20000])]);
     let (store, dir) = store_at("truncated", &reg);
     let r = format!("{}/app:1", reg.addr);
-    reg.lock().faults.insert(layers[0].clone(), Fault::Truncate { times: 1 });
+    reg.lock().faults.insert(image.layers[0].blob.digest.clone(), Fault::Truncate { times: 1 });
     store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap();
     store.remove(&r).unwrap();
     store.gc().unwrap();
-    reg.lock().faults.insert(layers[0].clone(), Fault::Truncate { times: 100 });
+    reg.lock().faults.insert(image.layers[0].blob.digest.clone(), Fault::Truncate { times: 100 });
     let err = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
     assert!(err.contains("the download broke off after") && err.ends_with("try again"), "{err}");
     assert_eq!(published_layers(&dir), 0);
@@ -97,9 +124,9 @@ fn truncated_downloads_are_retried_then_reported() {
 #[test]
 fn bearer_and_basic_auth_with_right_and_wrong_credentials() {
     for auth in [Auth::Bearer("u".into(), "p".into()), Auth::Basic("u".into(), "p".into())] {
-        let reg = TestRegistry::start();
-        reg.image("private", "1", &[tar_files(&[("a", b"secret")])]);
-        reg.lock().auth = Some(auth);
+        let reg = Registry::start();
+        publish(&reg, "private", &[file("a", b"secret")]);
+        reg.lock().auth.insert("private".into(), auth);
         let (store, dir) = store_at("auth", &reg);
         let r = format!("{}/private:1", reg.addr);
         let anonymous = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
@@ -115,41 +142,41 @@ fn bearer_and_basic_auth_with_right_and_wrong_credentials() {
 
 #[test]
 fn redirects_to_blob_storage_never_carry_credentials() {
-    let reg = TestRegistry::start();
-    let storage = TestRegistry::start();
-    reg.image("private", "1", &[tar_files(&[("a", b"x")])]);
+    let reg = Registry::start();
+    let storage = Registry::start();
+    publish(&reg, "private", &[file("a", b"x")]);
     reg.share_blobs_with(&storage);
-    reg.lock().auth = Some(Auth::Basic("u".into(), "p".into()));
-    reg.lock().redirect_blobs_to = Some(format!("http://{}", storage.addr));
+    reg.lock().auth.insert("private".into(), Auth::Basic("u".into(), "p".into()));
+    reg.lock().redirect_blobs.insert("private".into(), format!("http://{}", storage.addr));
     let (store, dir) = store_at("redirect", &reg);
     let store = with_credentials(store, &dir, "u", "p");
     store.resolve(&format!("{}/private:1", reg.addr), PullPolicy::Missing, Progress::Silent).unwrap();
-    let seen = storage.lock().seen_auth.clone();
+    let seen = storage.lock().requests.clone();
     assert!(!seen.is_empty() && seen.iter().all(|(_, a)| a.is_none()), "{seen:?}");
     gc::remove_tree(&dir).unwrap();
 }
 
 #[test]
 fn a_redirect_written_to_look_like_the_registry_never_carries_credentials() {
-    let reg = TestRegistry::start();
-    let storage = TestRegistry::start();
-    reg.image("private", "1", &[tar_files(&[("a", b"x")])]);
+    let reg = Registry::start();
+    let storage = Registry::start();
+    publish(&reg, "private", &[file("a", b"x")]);
     reg.share_blobs_with(&storage);
-    reg.lock().auth = Some(Auth::Basic("u".into(), "p".into()));
+    reg.lock().auth.insert("private".into(), Auth::Basic("u".into(), "p".into()));
     // For the HTTP client a backslash ends the authority: this is the storage host.
-    reg.lock().redirect_blobs_to = Some(format!("http://{}\\@{}", storage.addr, reg.addr));
+    reg.lock().redirect_blobs.insert("private".into(), format!("http://{}\\@{}", storage.addr, reg.addr));
     let (store, dir) = store_at("redirect-backslash", &reg);
     let store = with_credentials(store, &dir, "u", "p");
     store.resolve(&format!("{}/private:1", reg.addr), PullPolicy::Missing, Progress::Silent).unwrap();
-    let seen = storage.lock().seen_auth.clone();
+    let seen = storage.lock().requests.clone();
     assert!(!seen.is_empty() && seen.iter().all(|(_, a)| a.is_none()), "{seen:?}");
     gc::remove_tree(&dir).unwrap();
 }
 
 #[test]
 fn hostile_layer_from_a_registry_fails_cleanly() {
-    let reg = TestRegistry::start();
-    reg.image("evil", "1", &[tar_files(&[("../../escape", b"x")])]);
+    let reg = Registry::start();
+    publish(&reg, "evil", &[file("../../escape", b"x")]);
     let (store, dir) = store_at("hostile", &reg);
     let err = store.resolve(&format!("{}/evil:1", reg.addr), PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
     assert!(err.contains("hostile layer: entry '../../escape' contains '..'"), "{err}");
@@ -160,9 +187,9 @@ fn hostile_layer_from_a_registry_fails_cleanly() {
 
 #[test]
 fn concurrent_pulls_fetch_each_layer_once() {
-    let reg = TestRegistry::start();
-    let tars: Vec<Vec<u8>> = (0..4u8).map(|i| tar_files(&[("f", &vec![i; 100_000])])).collect();
-    reg.image("app", "1", &tars);
+    let reg = Registry::start();
+    let tars: Vec<Vec<u8>> = (0..4u8).map(|i| file("f", &vec![i; 100_000])).collect();
+    publish(&reg, "app", &tars);
     let (store, dir) = store_at("concurrent", &reg);
     let r = format!("{}/app:1", reg.addr);
     let results: Vec<_> = std::thread::scope(|s| {
@@ -189,7 +216,7 @@ fn a_full_disk_is_reported_and_leaves_the_store_consistent() {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;
     }
-    let reg = TestRegistry::start();
+    let reg = Registry::start();
     // Incompressible content, larger than the file system.
     let mut data = vec![0u8; 3 << 20];
     let mut x: u32 = 12345;
@@ -197,7 +224,7 @@ fn a_full_disk_is_reported_and_leaves_the_store_consistent() {
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
         *b = (x >> 16) as u8;
     }
-    reg.image("big", "1", &[tar_files(&[("big", &data)])]);
+    publish(&reg, "big", &[file("big", &data)]);
     let dir = std::env::temp_dir().join(format!("berth-pull-full-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&dir).status().unwrap();
@@ -216,15 +243,17 @@ fn a_full_disk_is_reported_and_leaves_the_store_consistent() {
 
 #[test]
 fn rate_limits_say_what_to_do_and_server_errors_are_retried_then_reported() {
-    let reg = TestRegistry::start();
+    let reg = Registry::start();
     let (store, dir) = store_at("ratelimit", &reg);
     let r = format!("{}/app:1", reg.addr);
-    reg.lock().manifest_answer = Some(("429 Too Many Requests".into(), r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"toomanyrequests: You have reached your pull rate limit"}]}"#.into()));
+    let answer = |status: &str, body: &str| Fault::Answer { status: status.into(), content_type: None, body: body.into() };
+    let limited = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"toomanyrequests: You have reached your pull rate limit"}]}"#;
+    reg.lock().manifest_faults.insert("app".into(), answer("429 Too Many Requests", limited));
     let err = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
     assert!(err.contains("pull rate limit is reached") && err.contains("docker login"), "{err}");
-    reg.lock().manifest_answer = Some(("503 Service Unavailable".into(), "down for maintenance".into()));
+    reg.lock().manifest_faults.insert("app".into(), answer("503 Service Unavailable", "down for maintenance"));
     let err = store.resolve(&r, PullPolicy::Missing, Progress::Silent).unwrap_err().to_string();
     assert!(err.contains("cannot reach registry") && err.contains("503"), "{err}");
-    assert!(reg.lock().seen_auth.len() > super::super::registry::ATTEMPTS as usize, "503 is retried");
+    assert!(reg.lock().requests.len() > super::super::registry::ATTEMPTS as usize, "503 is retried");
     gc::remove_tree(&dir).unwrap();
 }

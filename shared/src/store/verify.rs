@@ -215,14 +215,15 @@ fn check_tree(path: &Path) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testreg::{tar_files, TestRegistry};
     use super::super::{gc, Progress, PullPolicy, Store};
     use crate::config::Config;
+    use berth_testkit::{tar_of, Entry, Image, Registry};
 
     #[test]
     fn a_pulled_store_verifies_and_each_kind_of_damage_is_one_line() {
-        let reg = TestRegistry::start();
-        reg.image("app", "1", &[tar_files(&[("a", b"one")]), tar_files(&[("b", b"two")])]);
+        let reg = Registry::start();
+        let tars = [tar_of(&[Entry::File("a", b"one", 0o644)]), tar_of(&[Entry::File("b", b"two", 0o644)])];
+        reg.publish("app", "1", &Image::gzip(&tars, serde_json::json!({})));
         let dir = std::env::temp_dir().join(format!("berth-verify-{}", std::process::id()));
         let _ = gc::remove_tree(&dir);
         let config = Config { store_dir: dir.clone(), insecure_registries: vec![reg.addr.clone()], ..Config::default() };

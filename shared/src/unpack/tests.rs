@@ -1,74 +1,8 @@
 use super::flatten::{is_opaque, is_whiteout};
 use super::*;
+use berth_testkit::{header, tar_of, Entry as E};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::PathBuf;
-
-enum E<'a> {
-    File(&'a str, &'a [u8], u32),
-    Dir(&'a str, u32),
-    Sym(&'a str, &'a str),
-    Hard(&'a str, &'a str),
-    Fifo(&'a str),
-    Char(&'a str),
-}
-
-fn tar_of(entries: &[E]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        let (path, data): (&str, &[u8]) = match e {
-            E::File(p, d, m) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(*m);
-                (p, d)
-            }
-            E::Dir(p, m) => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(*m);
-                (p, b"")
-            }
-            E::Sym(p, t) | E::Hard(p, t) => {
-                h.set_entry_type(if matches!(e, E::Sym(..)) { tar::EntryType::Symlink } else { tar::EntryType::Link });
-                h.set_mode(0o777);
-                // Written raw so hostile link names reach the unpacker unchanged.
-                let name = h.as_old_mut();
-                name.linkname[..t.len()].copy_from_slice(t.as_bytes());
-                (p, b"")
-            }
-            E::Fifo(p) => {
-                h.set_entry_type(tar::EntryType::Fifo);
-                h.set_mode(0o644);
-                (p, b"")
-            }
-            E::Char(p) => {
-                h.set_entry_type(tar::EntryType::Char);
-                h.set_mode(0o644);
-                (p, b"")
-            }
-        };
-        // Raw name too: tar::Builder refuses '..' itself, and we want to test the unpacker.
-        h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
-        h.set_size(data.len() as u64);
-        h.set_cksum();
-        b.append(&h, data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-/// A GNU header with every numeric field set, for `Builder::append_data` (long names).
-fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1_600_000_000);
-    h
-}
 
 fn opts() -> Options {
     Options::for_caller()
@@ -83,18 +17,7 @@ fn tmp(name: &str) -> PathBuf {
 
 /// A tar of one extension record of `size` bytes (zeros, or `record`) and a file after it.
 fn with_record(kind: tar::EntryType, size: u64, record: &[u8]) -> Vec<u8> {
-    let mut h = header(kind, 0o644, size);
-    h.set_path("././@LongLink").unwrap();
-    h.set_cksum();
-    let mut out = h.as_bytes().to_vec();
-    let mut data = record.to_vec();
-    data.resize(size as usize, 0);
-    out.extend(&data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    let mut b = tar::Builder::new(out);
-    let mut f = header(tar::EntryType::Regular, 0o644, 1);
-    b.append_data(&mut f, "after", &b"x"[..]).unwrap();
-    b.into_inner().unwrap()
+    tar_of(&[E::Record(kind, size, record), E::File("after", b"x", 0o644)])
 }
 
 #[test]
@@ -121,21 +44,14 @@ fn the_guard_follows_pax_sizes_and_sparse_extension_blocks_as_the_reader_does() 
     // A PAX size record makes the next entry longer than its header says; the
     // guard must skip exactly that much, then refuse the oversized record behind it.
     let body = vec![7u8; 3000];
-    let record = b"13 size=3000\n";
-    let mut h = header(tar::EntryType::XHeader, 0o644, record.len() as u64);
-    h.set_path("././@PaxHeader").unwrap();
-    h.set_cksum();
-    let mut t = h.as_bytes().to_vec();
-    t.extend(record);
-    t.resize(t.len().div_ceil(512) * 512, 0);
-    let mut f = header(tar::EntryType::Regular, 0o644, 100);
-    f.set_path("big").unwrap();
-    f.set_cksum();
-    t.extend(f.as_bytes());
-    t.extend(&body);
-    t.resize(t.len().div_ceil(512) * 512, 0);
-    let mut bomb = with_record(tar::EntryType::GNULongName, MAX_HEADER_RECORD + 1, b"");
-    t.append(&mut bomb);
+    let mut big = header(tar::EntryType::Regular, 0o644, 100);
+    big.set_path("big").unwrap();
+    let t = tar_of(&[
+        E::Pax(&[("size", b"3000")]),
+        E::Raw(&big, &body),
+        E::Record(tar::EntryType::GNULongName, MAX_HEADER_RECORD + 1, b""),
+        E::File("after", b"x", 0o644),
+    ]);
     let d = tmp("pax-size");
     let err = unpack(&t[..], &d, &opts()).unwrap_err();
     assert!(matches!(err, UnpackError::HeaderTooLarge { .. }), "{err}");
@@ -174,15 +90,15 @@ fn writes_files_dirs_links_and_overlay_whiteouts() {
         E::Dir("./", 0o755),
         E::Dir("etc/", 0o755),
         E::File("etc/a", b"hello", 0o4755),
-        E::Hard("etc/b", "etc/a"),
-        E::Sym("etc/s", "/etc/a"),
-        E::Fifo("etc/f"),
-        E::Char("etc/tty"),
+        E::HardLink("etc/b", "etc/a"),
+        E::Symlink("etc/s", "/etc/a"),
+        E::Fifo("etc/f", 0o644),
+        E::Char("etc/tty", 0, 0),
         E::File("etc/.wh.gone", b"", 0o644),
         E::Dir("ro/", 0o555),
         E::File("ro/x", b"x", 0o444),
         E::File("ro/.wh..wh..opq", b"", 0o644),
-        E::Hard("new", "lower/file"),
+        E::HardLink("new", "lower/file"),
     ]);
     let out = unpack(&t[..], &d, &opts()).unwrap();
     let a = std::fs::metadata(d.join("etc/a")).unwrap();
@@ -208,11 +124,11 @@ fn refuses_every_path_escape() {
         ("dotdot", tar_of(&[E::File("../escape", b"x", 0o644)])),
         ("dotdot-inner", tar_of(&[E::Dir("a/", 0o755), E::File("a/../../escape", b"x", 0o644)])),
         ("absolute", tar_of(&[E::File("/tmp/escape", b"x", 0o644)])),
-        ("symlink-parent", tar_of(&[E::Sym("l", outside.to_str().unwrap()), E::File("l/escape", b"x", 0o644)])),
-        ("symlink-dotdot", tar_of(&[E::Sym("l", "../../../../"), E::File("l/escape", b"x", 0o644)])),
-        ("hardlink-out", tar_of(&[E::Hard("h", "../../etc/passwd")])),
-        ("hardlink-abs", tar_of(&[E::Hard("h", "/etc/passwd")])),
-        ("hardlink-via-symlink", tar_of(&[E::Sym("l", "/etc"), E::Hard("h", "l/passwd")])),
+        ("symlink-parent", tar_of(&[E::Symlink("l", outside.to_str().unwrap()), E::File("l/escape", b"x", 0o644)])),
+        ("symlink-dotdot", tar_of(&[E::Symlink("l", "../../../../"), E::File("l/escape", b"x", 0o644)])),
+        ("hardlink-out", tar_of(&[E::HardLink("h", "../../etc/passwd")])),
+        ("hardlink-abs", tar_of(&[E::HardLink("h", "/etc/passwd")])),
+        ("hardlink-via-symlink", tar_of(&[E::Symlink("l", "/etc"), E::HardLink("h", "l/passwd")])),
         ("whiteout-dotdot", tar_of(&[E::File(".wh..", b"", 0o644)])),
     ];
     for (name, t) in cases {
@@ -233,12 +149,12 @@ fn whiteouts_opaque_markers_and_dirs_never_act_through_a_symlink() {
     std::fs::write(outside.join("victim"), b"keep").unwrap();
     let target = outside.to_str().unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("whiteout-via-symlink", tar_of(&[E::Sym("l", target), E::File("l/.wh.victim", b"", 0o644)])),
-        ("opaque-via-symlink", tar_of(&[E::Sym("l", target), E::File("l/.wh..wh..opq", b"", 0o644)])),
-        ("dir-via-symlink", tar_of(&[E::Sym("l", target), E::Dir("l/sub/", 0o755)])),
-        ("fifo-via-symlink", tar_of(&[E::Sym("l", target), E::Fifo("l/pipe")])),
-        ("symlink-via-symlink", tar_of(&[E::Sym("l", target), E::Sym("l/s", "/etc/shadow")])),
-        ("hardlink-into-symlink-dir", tar_of(&[E::File("f", b"x", 0o644), E::Sym("l", target), E::Hard("l/h", "f")])),
+        ("whiteout-via-symlink", tar_of(&[E::Symlink("l", target), E::File("l/.wh.victim", b"", 0o644)])),
+        ("opaque-via-symlink", tar_of(&[E::Symlink("l", target), E::File("l/.wh..wh..opq", b"", 0o644)])),
+        ("dir-via-symlink", tar_of(&[E::Symlink("l", target), E::Dir("l/sub/", 0o755)])),
+        ("fifo-via-symlink", tar_of(&[E::Symlink("l", target), E::Fifo("l/pipe", 0o644)])),
+        ("symlink-via-symlink", tar_of(&[E::Symlink("l", target), E::Symlink("l/s", "/etc/shadow")])),
+        ("hardlink-into-symlink-dir", tar_of(&[E::File("f", b"x", 0o644), E::Symlink("l", target), E::HardLink("l/h", "f")])),
     ];
     for (name, t) in cases {
         let d = tmp(name);
@@ -257,7 +173,7 @@ fn whiteouts_opaque_markers_and_dirs_never_act_through_a_symlink() {
 fn a_symlink_replaced_by_a_directory_is_written_inside_the_layer() {
     let outside = tmp("outside-replaced");
     let d = tmp("replaced");
-    let t = tar_of(&[E::Sym("l", outside.to_str().unwrap()), E::Dir("l/", 0o755), E::File("l/x", b"in", 0o644), E::Sym("m", "/etc"), E::File("m", b"file", 0o644)]);
+    let t = tar_of(&[E::Symlink("l", outside.to_str().unwrap()), E::Dir("l/", 0o755), E::File("l/x", b"in", 0o644), E::Symlink("m", "/etc"), E::File("m", b"file", 0o644)]);
     unpack(&t[..], &d, &opts()).unwrap();
     assert!(std::fs::symlink_metadata(d.join("l")).unwrap().is_dir());
     assert_eq!(std::fs::read(d.join("l/x")).unwrap(), b"in");
@@ -270,14 +186,8 @@ fn a_symlink_replaced_by_a_directory_is_written_inside_the_layer() {
 #[test]
 fn device_nodes_are_dropped_whatever_their_kind() {
     let d = tmp("devices");
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, kind, major, minor) in [("sda", tar::EntryType::Block, 8, 0), ("mem", tar::EntryType::Char, 1, 1), ("kmsg", tar::EntryType::Char, 1, 11)] {
-        let mut h = header(kind, 0o666, 0);
-        h.set_device_major(major).unwrap();
-        h.set_device_minor(minor).unwrap();
-        b.append_data(&mut h, path, &b""[..]).unwrap();
-    }
-    unpack(&b.into_inner().unwrap()[..], &d, &opts()).unwrap();
+    let t = tar_of(&[E::Block("sda", 8, 0), E::Char("mem", 1, 1), E::Char("kmsg", 1, 11)]);
+    unpack(&t[..], &d, &opts()).unwrap();
     assert!(std::fs::read_dir(&d).unwrap().next().is_none(), "no device node may come from an image");
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -287,10 +197,7 @@ fn very_long_paths_stay_inside_and_overlong_names_fail_cleanly() {
     let d = tmp("long");
     // 80 levels of 60-byte names: 4.9 KB, beyond PATH_MAX, fine component by component.
     let deep: String = (0..80).map(|i| format!("{i:0>60}/")).collect();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = header(tar::EntryType::Regular, 0o644, 4);
-    b.append_data(&mut h, format!("{deep}leaf"), &b"deep"[..]).unwrap();
-    unpack(&b.into_inner().unwrap()[..], &d, &opts()).unwrap();
+    unpack(&tar_of(&[E::File(&format!("{deep}leaf"), b"deep", 0o644)])[..], &d, &opts()).unwrap();
     let mut fd = rustix::fs::open(&d, DIR_FLAGS, Mode::empty()).unwrap();
     for c in deep.split('/').filter(|c| !c.is_empty()) {
         fd = rustix::fs::openat(&fd, c, DIR_FLAGS, Mode::empty()).unwrap();
@@ -302,10 +209,7 @@ fn very_long_paths_stay_inside_and_overlong_names_fail_cleanly() {
     std::fs::remove_dir_all(&d).unwrap();
 
     let d = tmp("overlong");
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = header(tar::EntryType::Regular, 0o644, 0);
-    b.append_data(&mut h, "n".repeat(300), &b""[..]).unwrap();
-    let err = unpack(&b.into_inner().unwrap()[..], &d, &opts()).unwrap_err();
+    let err = unpack(&tar_of(&[E::File(&"n".repeat(300), b"", 0o644)])[..], &d, &opts()).unwrap_err();
     assert!(err.to_string().contains("File name too long"), "{err}");
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -316,9 +220,9 @@ fn hard_links_to_lower_layers_never_follow_a_lower_symlink_out() {
     let (l1, l2) = (base.join("l1"), base.join("l2"));
     std::fs::create_dir(&l1).unwrap();
     std::fs::create_dir(&l2).unwrap();
-    unpack(&tar_of(&[E::Sym("etc", "/etc"), E::Sym("up", "../../..")])[..], &l1, &opts()).unwrap();
+    unpack(&tar_of(&[E::Symlink("etc", "/etc"), E::Symlink("up", "../../..")])[..], &l1, &opts()).unwrap();
     for (name, target) in [("passwd-link", "etc/passwd"), ("up-link", "up/etc/passwd")] {
-        let ext = unpack(&tar_of(&[E::Hard(name, target)])[..], &l2, &opts()).unwrap();
+        let ext = unpack(&tar_of(&[E::HardLink(name, target)])[..], &l2, &opts()).unwrap();
         assert_eq!(ext.external_links.len(), 1, "{name}");
         let err = link_from_lowers(&l2, &[l1.clone()], &ext.external_links, &opts()).unwrap_err();
         assert!(matches!(err, UnpackError::Hostile { .. }), "{name}: {err}");
@@ -352,14 +256,14 @@ fn lower_hard_links_are_copied_up_and_layers_flatten_like_applying_them() {
             E::Dir("opq/", 0o700),
             E::File("opq/hidden", b"h", 0o644),
             E::File("bin", b"b", 0o755),
-            E::Sym("link", "bin"),
+            E::Symlink("link", "bin"),
         ])[..],
         &l1,
         &opts(),
     )
     .unwrap();
     unpack(&tar_of(&[E::Dir("d/", 0o755), E::File("d/.wh.old", b"", 0o644), E::Dir("opq/", 0o750), E::File("opq/.wh..wh..opq", b"", 0o644), E::File("opq/new", b"n", 0o600)])[..], &l2, &opts()).unwrap();
-    let ext = unpack(&tar_of(&[E::Dir("x/", 0o755), E::Hard("x/bin2", "bin")])[..], &l3, &opts()).unwrap();
+    let ext = unpack(&tar_of(&[E::Dir("x/", 0o755), E::HardLink("x/bin2", "bin")])[..], &l3, &opts()).unwrap();
     assert_eq!(ext.external_links.len(), 1);
     link_from_lowers(&l3, &[l1.clone(), l2.clone()], &ext.external_links, &opts()).unwrap();
     assert_eq!(std::fs::metadata(l3.join("bin")).unwrap().ino(), std::fs::metadata(l3.join("x/bin2")).unwrap().ino());
