@@ -305,7 +305,7 @@ pub fn container(config: &Config, command: ContainerCommand) -> ExitCode {
         ContainerCommand::Wire(args) => crate::wiring::wire(config, args),
         ContainerCommand::Create(args) => {
             // Refuse a bad job id or name before any pull.
-            if let Err(e) = container::container_dir(config, &args.which.job, &args.which.name()) {
+            if let Err(e) = berth_engine::runtime::RuntimeDir::of(config).container(&args.which.job, &args.which.name()) {
                 return fail(e);
             }
             let user = match user_credentials(&args.user, args.gid, args.groups.clone()) {

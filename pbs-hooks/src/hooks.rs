@@ -32,6 +32,7 @@ use crate::request::{Pelog, Request, RequestError};
 use berth_engine::image::UserMount;
 use berth_engine::config::{Config, ConfigError};
 use berth_engine::privileged;
+use berth_engine::runtime::{JobDir, RuntimeDir};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -228,7 +229,7 @@ const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 pub fn prologue(config: &Config, caller: &Caller, pelog: &Pelog, role: Role, start: Instant) -> Result<Option<Request>, HookError> {
     // A requeued job's earlier attempt may have left its container or failure line
     // here (pbs_mom runs no epilogue after an aborted start): start clean.
-    if failure_file(config, &pelog.job).and_then(|f| f.parent().map(Path::exists)).unwrap_or(false) {
+    if job_dir(config, &pelog.job).is_some_and(|dir| dir.exists()) {
         berth(config, caller, "cannot remove what an earlier attempt of the job left", &["container", "destroy", "--job", &pelog.job])?;
     }
     let Some(request) = pelog.request()? else { return Ok(None) };
@@ -282,16 +283,15 @@ pub fn prologue(config: &Config, caller: &Caller, pelog: &Pelog, role: Role, sta
     Ok(Some(request))
 }
 
-/// Where the prologue leaves the `container-env` names for the job starter.
-pub fn image_env_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
-    berth_engine::container::check_name("job", job).ok()?;
-    Some(config.runtime_dir.join(job).join("container-env"))
+/// The job's dir in the runtime dir; `None` for a job id that cannot name one.
+pub fn job_dir(config: &Config, job: &str) -> Option<JobDir> {
+    RuntimeDir::of(config).job(job).ok()
 }
 
 /// Records the names the job takes from the image (one a line) in the job's runtime
-/// dir, which create made and destroy removes.
+/// dir, which create made and destroy removes, for the job starter.
 fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<String, HookError> {
-    let Some(path) = image_env_file(config, job) else { return Ok(String::new()) };
+    let Some(path) = job_dir(config, job).map(|dir| dir.container_env()) else { return Ok(String::new()) };
     if names.is_empty() {
         return Ok(String::new());
     }
@@ -300,32 +300,18 @@ fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<Stri
     Ok(String::new())
 }
 
-/// Where the prologue notes that the job script runs as remapped root.
-pub fn remap_root_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
-    berth_engine::container::check_name("job", job).ok()?;
-    Some(config.runtime_dir.join(job).join("remap-root"))
-}
-
+/// Notes, for the job starter, that the job script runs as remapped root.
 fn record_remap_root(config: &Config, job: &str, remap_root: bool) -> Result<String, HookError> {
-    let Some(path) = remap_root_file(config, job).filter(|_| remap_root) else { return Ok(String::new()) };
+    let Some(path) = job_dir(config, job).map(|dir| dir.remap_root()).filter(|_| remap_root) else { return Ok(String::new()) };
     berth_pbs::launch::write_record(&path, b"").map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
     Ok(String::new())
 }
 
-/// Where a failed prologue leaves its line for the job starter.
-pub fn failure_file(config: &Config, job: &str) -> Option<std::path::PathBuf> {
-    berth_engine::container::check_name("job", job).ok()?;
-    Some(config.runtime_dir.join(job).join("prologue-error"))
-}
-
 /// Records a prologue's failure line for the job starter (root-only dir, as create's).
 pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result<()> {
-    let path = failure_file(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        berth_engine::fsmode::ensure_dir(&config.runtime_dir, 0o755)?;
-        berth_engine::fsmode::create_dir(dir, 0o700)?;
-    }
-    berth_pbs::launch::write_record(&path, format!("{line}\n").as_bytes())?;
+    let dir = job_dir(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
+    dir.ensure()?;
+    berth_pbs::launch::write_record(&dir.prologue_error(), format!("{line}\n").as_bytes())?;
     // For an unprivileged job starter the setuid launcher prints it, to the job's user
     // alone: the owner of pbs_mom's copy of the job script (prologues run in mom_priv).
     if let Ok(script) = std::fs::symlink_metadata(format!("jobs/{job}.SC")) {

@@ -23,13 +23,10 @@ use berth_engine::config::Config;
 use berth_engine::container::{self, env, ContainerError};
 use berth_engine::identity::{Credentials, UserError};
 use berth_engine::privileged::Limits;
+use berth_engine::runtime::{self, JobDir, RuntimeDir, RuntimeError};
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-
-/// The record a failed begin hook leaves in the job's runtime dir: the job user's uid on
-/// the first line, the line for the job's error file on the second.
-pub const FAILURE_FILE: &str = "launch-error";
 
 /// A setuid program's C library drops the variables it deems unsafe (`LD_PRELOAD`,
 /// `LD_LIBRARY_PATH`, `TMPDIR`, `MALLOC_*`, ...) before `main`; the job's program must
@@ -91,6 +88,8 @@ pub enum LaunchError {
     Config(#[from] berth_engine::config::ConfigError),
     #[error(transparent)]
     Container(#[from] ContainerError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     #[error("{0}")]
     Recorded(String),
     #[error("cannot read the job script's name that pbs_mom sends on stdin: {0}")]
@@ -147,7 +146,7 @@ pub fn parse(argv: &[OsString]) -> Result<Request, LaunchError> {
     }
     let program: Vec<OsString> = words.cloned().collect();
     let job = job.ok_or(LaunchError::Usage)?;
-    container::check_name("job id", &job)?;
+    runtime::check_name("job id", &job)?;
     if program.is_empty() {
         return Err(LaunchError::Usage);
     }
@@ -198,10 +197,13 @@ pub fn launch(argv: Vec<OsString>, vars: Vec<env::Var>) -> LaunchError {
     };
     // What the begin hook recorded beside the container, read on the host (join leaves
     // it); it only shapes the caller's own program's environment.
-    let job_dir = config.runtime_dir.join(&request.job);
-    let remap_root = job_dir.join("remap-root").exists();
-    let listed = std::fs::read_to_string(job_dir.join("container-env")).unwrap_or_default();
-    let wired = job_dir.join(container::PER_NODE).join("wiring.json").exists();
+    let (job_dir, node) = match RuntimeDir::of(&config).job(&request.job).and_then(|job| Ok((job.clone(), job.container(container::PER_NODE)?))) {
+        Ok(dirs) => dirs,
+        Err(e) => return e.into(),
+    };
+    let remap_root = job_dir.remap_root().exists();
+    let listed = std::fs::read_to_string(job_dir.container_env()).unwrap_or_default();
+    let wired = node.wiring_record().exists();
     let mut joined = match container::join_own(&config, &request.job, container::PER_NODE, caller.as_raw()) {
         Ok(j) => j,
         Err(e) => return e.into(),
@@ -343,21 +345,17 @@ fn image_values(listed: &str, image: &[env::Var]) -> Vec<String> {
         .collect()
 }
 
-/// `<runtime_dir>/<job>/launch-error`.
-pub fn failure_file(config: &Config, job: &str) -> Option<PathBuf> {
-    container::check_name("job", job).ok()?;
-    Some(config.runtime_dir.join(job).join(FAILURE_FILE))
+/// The job's dir in the runtime dir; `None` for a job id that cannot name one.
+fn job_dir(config: &Config, job: &str) -> Option<JobDir> {
+    RuntimeDir::of(config).job(job).ok()
 }
 
 /// Records the begin hook's failure line for the launch, in the job's runtime dir
 /// (made root's alone, as create's, when missing).
 pub fn record_failure(config: &Config, job: &str, uid: u32, line: &str) -> std::io::Result<()> {
-    let path = failure_file(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
-    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
-        berth_engine::fsmode::ensure_dir(&config.runtime_dir, 0o755)?;
-        berth_engine::fsmode::create_dir(dir, 0o700)?;
-    }
-    write_record(&path, format!("{uid}\n{}\n", line.trim_end()).as_bytes())
+    let dir = job_dir(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
+    dir.ensure()?;
+    write_record(&dir.launch_error(), format!("{uid}\n{}\n", line.trim_end()).as_bytes())
 }
 
 /// A hook's note in the job's root-only runtime dir: root's, 0600, whole or absent,
@@ -371,7 +369,7 @@ pub fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The recorded failure line of `job`, only when root alone wrote it and it is `uid`'s.
 pub fn recorded_failure(config: &Config, job: &str, uid: u32) -> Option<String> {
     use std::io::Read;
-    let path = failure_file(config, job)?;
+    let path = job_dir(config, job)?.launch_error();
     let mut file = berth_engine::privileged::open_root_owned(&path).ok()?;
     let mut text = Vec::new();
     file.by_ref().take(64 * 1024).read_to_end(&mut text).ok()?;
@@ -452,7 +450,7 @@ mod tests {
         assert!(matches!(parse(&os(&["e", "--job", "7.head"])), Err(LaunchError::Usage)));
         assert!(matches!(parse(&os(&["e", "--job", "7.head", "--"])), Err(LaunchError::Usage)));
         assert!(matches!(parse(&os(&["e", "--", "/bin/sh"])), Err(LaunchError::Usage)));
-        assert!(matches!(parse(&os(&["e", "--job", "../7", "--", "/bin/sh"])), Err(LaunchError::Container(ContainerError::BadName { .. }))));
+        assert!(matches!(parse(&os(&["e", "--job", "../7", "--", "/bin/sh"])), Err(LaunchError::Runtime(RuntimeError::BadName { .. }))));
         assert!(matches!(parse(&os(&["e", "--jobs", "7", "--", "/bin/sh"])), Err(LaunchError::Usage)));
     }
 

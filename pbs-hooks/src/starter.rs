@@ -29,6 +29,7 @@ use crate::entry::Caller;
 use berth_engine::config::{Config, ConfigError};
 use berth_engine::container::{self, env, ContainerError};
 use berth_engine::privileged::{self, Limits};
+use berth_engine::runtime::{self, ContainerDir, JobDir};
 use berth_engine::wiring::files;
 use nix::unistd::Uid;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -87,15 +88,16 @@ pub fn start(config: &Config, args: &[String], caller: &Caller, limits: Option<&
     if !nix::unistd::geteuid().is_root() {
         return through_launcher(config, shell, shell_args, &job, &id, caller);
     }
-    if let Some(line) = crate::hooks::failure_file(config, &id).and_then(|f| std::fs::read_to_string(f).ok()) {
+    let Some(job_dir) = crate::hooks::job_dir(config, &id) else { return native(config, shell, shell_args, &job, caller, limits) };
+    if let Ok(line) = std::fs::read_to_string(job_dir.prologue_error()) {
         return StarterError::PrologueFailed(line.trim_end().to_string());
     }
     // The job's own container only: one whose user is the job's.
-    let dir = match container::container_dir(config, &id, container::PER_NODE) {
+    let dir = match job_dir.container(container::PER_NODE) {
         Ok(dir) => dir,
         Err(_) => return native(config, shell, shell_args, &job, caller, limits),
     };
-    let ours = dir.join("mnt").exists()
+    let ours = dir.mnt().exists()
         && container::list(config, Some(&id)).is_ok_and(|list| list.iter().any(|c| c.name == container::PER_NODE && c.uid == job.uid.as_raw()));
     if !ours {
         return native(config, shell, shell_args, &job, caller, limits);
@@ -106,16 +108,16 @@ pub fn start(config: &Config, args: &[String], caller: &Caller, limits: Option<&
     if let Err(e) = hand_on(caller, &mut command) {
         return StarterError::Exec { program: config.berth_binary.display().to_string(), source: e.into() };
     }
-    if crate::hooks::remap_root_file(config, &id).is_some_and(|f| f.exists()) {
+    if job_dir.remap_root().exists() {
         command.arg("--remap-root");
     }
-    for (name, value) in image_values(config, &id, &dir) {
+    for (name, value) in image_values(&job_dir, &dir) {
         let mut entry = name;
         entry.push("=");
         entry.push(value);
         command.arg("--env").arg(entry);
     }
-    if dir.join("wiring.json").exists() {
+    if dir.wiring_record().exists() {
         command.args(["--env", &format!("PBS_NODEFILE={}", files::path("hostfile"))]);
     }
     command.arg("--").arg(shell).args(shell_args);
@@ -153,7 +155,7 @@ fn identify(caller: &Caller) -> Result<Job, StarterError> {
         let script = std::fs::File::open(&path).map_err(|source| StarterError::Script { path: path.clone(), source })?;
         berth_pbs::launch::check_script(&script).map_err(|why| StarterError::Script { path: path.clone(), source: std::io::Error::other(why) })?;
         let owner = fstat(script.as_raw_fd()).map_err(|e| StarterError::Script { path: path.clone(), source: e.into() })?.st_uid;
-        let id = container::check_name("job", id).ok().map(|()| id.to_string());
+        let id = runtime::check_name("job", id).ok().map(|()| id.to_string());
         return Ok(Job { id, uid: Uid::from_raw(owner), script: Some((script, line, script_args)) });
     }
     if kind == SFlag::S_IFCHR && nix::unistd::isatty(0).unwrap_or(false) {
@@ -164,9 +166,9 @@ fn identify(caller: &Caller) -> Result<Job, StarterError> {
 
 /// The image's values of the names the job listed with `container-env` (recorded by
 /// the prologue), which must win over the job's own.
-fn image_values(config: &Config, job: &str, dir: &std::path::Path) -> Vec<env::Var> {
-    let Some(names) = crate::hooks::image_env_file(config, job).and_then(|f| std::fs::read_to_string(f).ok()) else { return Vec::new() };
-    let image = std::fs::read(dir.join("env")).map(|bytes| env::decode(&bytes)).unwrap_or_default();
+fn image_values(job: &JobDir, dir: &ContainerDir) -> Vec<env::Var> {
+    let Ok(names) = std::fs::read_to_string(job.container_env()) else { return Vec::new() };
+    let image = std::fs::read(dir.env()).map(|bytes| env::decode(&bytes)).unwrap_or_default();
     let names: Vec<&str> = names.lines().collect();
     image.into_iter().filter(|(name, _)| names.iter().any(|n| name == n)).collect()
 }
@@ -229,7 +231,7 @@ fn native(config: &Config, shell: &str, args: &[String], job: &Job, caller: &Cal
 /// The job id is the script's name; a wrong one gets the launcher's refusal, never
 /// another user's container.
 fn through_launcher(config: &Config, shell: &str, args: &[String], job: &Job, id: &str, caller: &Caller) -> StarterError {
-    if !config.runtime_dir.join(id).exists() {
+    if !crate::hooks::job_dir(config, id).is_some_and(|dir| dir.exists()) {
         return native(config, shell, args, job, caller, None);
     }
     if let Some((_, line, _)) = &job.script {
@@ -286,14 +288,14 @@ mod tests {
     #[test]
     fn listed_names_take_the_images_values_when_it_has_them() {
         let root = std::env::temp_dir().join(format!("berth-pbs-starter-{}", std::process::id()));
-        let config = Config { runtime_dir: root.clone(), ..Config::default() };
-        let dir = root.join("7.head").join("node");
-        std::fs::create_dir_all(&dir).unwrap();
+        let job = runtime::RuntimeDir::at(&root).job("7.head").unwrap();
+        let dir = job.container("node").unwrap();
+        std::fs::create_dir_all(dir.path()).unwrap();
         let image: Vec<env::Var> = vec![("HOME".into(), "/opt/app".into()), ("PATH".into(), "/opt/app/bin".into())];
-        std::fs::write(dir.join("env"), env::encode(&image)).unwrap();
-        assert!(image_values(&config, "7.head", &dir).is_empty(), "no names listed");
-        std::fs::write(root.join("7.head").join("container-env"), "HOME\nOMPI_MCA_x\n").unwrap();
-        let got = image_values(&config, "7.head", &dir);
+        std::fs::write(dir.env(), env::encode(&image)).unwrap();
+        assert!(image_values(&job, &dir).is_empty(), "no names listed");
+        std::fs::write(job.container_env(), "HOME\nOMPI_MCA_x\n").unwrap();
+        let got = image_values(&job, &dir);
         std::fs::remove_dir_all(&root).unwrap();
         assert_eq!(got, vec![("HOME".into(), "/opt/app".into())]);
     }

@@ -2,7 +2,9 @@
 //! command. Modules follow an image's way to a running job:
 //! `reference` -> `registry` -> `store` -> `unpack` -> `rootfs` -> `container`
 //! -> `wiring` -> `teardown`. `config` is the admin's settings, read by all of them;
-//! `privileged` what root code may take from whoever started it.
+//! `runtime` the runtime dir's layout, locks and pins, which `container`, `wiring`,
+//! `teardown` and the adapters go through for every path in it; `privileged` what
+//! root code may take from whoever started it.
 
 pub mod config;
 pub mod container;
@@ -12,6 +14,7 @@ pub mod image;
 pub mod lock;
 pub mod privileged;
 pub mod rootfs;
+pub mod runtime;
 pub mod teardown;
 pub mod wiring;
 pub mod reference;

@@ -23,7 +23,7 @@ use crate::berth;
 use crate::ffi::{self, Spank};
 use crate::sys;
 use berth_engine::config::Config;
-use berth_engine::container;
+use berth_engine::runtime::RuntimeDir;
 use std::time::Duration;
 
 /// How long slurmd, starting, waits for a create holding the runtime dir's lock (one
@@ -34,8 +34,9 @@ const RUNTIME_DIR_WAIT: Duration = Duration::from_secs(5);
 /// slurmd starting: makes the runtime dir a private mount (root's, 0755), as `berth
 /// container create` would first do, under the same lock.
 pub fn init(config: &Config) -> Result<(), String> {
-    let dir = config.runtime_dir.display();
-    container::prepare_runtime_dir(config, RUNTIME_DIR_WAIT).map_err(|err| {
+    let runtime = RuntimeDir::of(config);
+    let dir = runtime.path().display();
+    runtime.prepare(RUNTIME_DIR_WAIT).map_err(|err| {
         format!("berth: cannot make the runtime dir {dir} a private mount as slurmd starts ({err}); each container create will make it private itself")
     })?;
     ffi::log_info(&format!("berth: the runtime dir {dir} is a private mount"));
@@ -49,7 +50,7 @@ pub fn job_epilog(sp: &Spank, config: &Config) -> Result<(), String> {
         ffi::log_info(&format!("berth: stopped {stopped} container create(s) of job {job} left by a lost slurmstepd"));
     }
     // Most jobs never asked for a container: do not run anything for them.
-    if !config.runtime_dir.join(job.to_string()).exists() {
+    if !RuntimeDir::of(config).job(&job.to_string()).is_ok_and(|dir| dir.exists()) {
         return Ok(());
     }
     match berth::destroy(config, job) {

@@ -32,7 +32,7 @@ use crate::slurm_client;
 use crate::sys;
 use berth_engine::config::Config;
 use berth_engine::container;
-use berth_engine::teardown;
+use berth_engine::runtime::RuntimeDir;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -116,7 +116,7 @@ pub fn init_post_opt(sp: &Spank, config: &Config, args: Args) -> Result<(), Stri
     // Slurm's commands inside the container; without them the container still works.
     match slurm_client::HostClient::discover(sys::own_dir().as_deref()) {
         Some(client) => {
-            let bin_dir = config.runtime_dir.join(".slurm-client");
+            let bin_dir = RuntimeDir::of(config).slurm_client();
             match client.install(&bin_dir) {
                 Ok(()) => extra_mounts.extend(client.mounts(&bin_dir)),
                 Err(err) => ffi::log_info(&format!("berth: no Slurm commands in containers: cannot write {}: {err}", bin_dir.display())),
@@ -170,7 +170,7 @@ pub fn task_init_privileged(sp: &Spank, config: &Config) -> Result<(), String> {
     // What comes from the node's mount namespace must be taken before joining.
     let pmix = pmix_dirs(sp, prepared)?;
     let job_lock = match &pmix {
-        Some(_) => teardown::lock_job(&config.runtime_dir.join(&job), false).map_err(|err| format!("berth: {err}"))?,
+        Some(_) => RuntimeDir::of(config).job(&job).and_then(|dir| dir.lock(false)).map_err(|err| format!("berth: {err}"))?,
         None => None,
     };
     let mut joined = container::join(config, &job, &name).map_err(|err| format!("berth: {err}"))?;

@@ -1,18 +1,20 @@
 //! Create: builds a container (its cgroup, its overlay, new namespaces with the root
 //! pivoted into the image), pins its namespaces in the runtime dir, with an anchor
 //! process where the kernel refuses the bind, and records `env`, `workdir` and
-//! `state.json`; prepares the runtime dir first (root's, 0755, a private mount), the
-//! same step slurmd takes as it starts ([`prepare_runtime_dir`]). Owns writing a
-//! container's files and reading `state.json` back; never enters a finished container
-//! (join does) and never removes one (teardown does).
+//! `state.json`; has the runtime dir prepared first (root's, 0755, a private mount:
+//! [`RuntimeDir::prepare`], the same step slurmd takes as it starts). Owns writing a
+//! container's files (at the paths [`ContainerDir`] names) and reading `state.json`
+//! back; never enters a finished container (join does) and never removes one
+//! (teardown does).
 
 use crate::sys;
 use super::mounts::{self, Bind, Layout, MountError};
-use super::{container_dir, env, enter_workdir, fork_in_cgroup, io, ns_flag, open_fd, require_root, sys_err, ContainerError, Result, Spec};
+use super::{env, enter_workdir, fork_in_cgroup, io, ns_flag, open_fd, require_root, sys_err, ContainerError, Result, Spec};
 use crate::image::Image;
 use crate::identity::Credentials;
 use crate::config::Config;
 use crate::rootfs::Overlay;
+use crate::runtime::{ContainerDir, RuntimeDir};
 use crate::lock;
 use crate::teardown;
 use nix::errno::Errno;
@@ -23,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// What `state.json` records.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,81 +75,17 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::fsmode::replace(&tmp, path, bytes, 0o644).map_err(io("write", path))
 }
 
-/// Whether `dir` is a mount point (the topmost at its path) and, if so, whether it
-/// propagates (shared or slave); also its canonical path.
-fn mount_state(dir: &Path) -> Result<(PathBuf, Option<bool>)> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(io("read", Path::new("/proc/self/mountinfo")))?;
-    let canonical = dir.canonicalize().map_err(io("resolve", dir))?;
-    let wanted = canonical.to_string_lossy().replace(' ', "\\040");
-    let entry = mountinfo.lines().rev().find(|l| l.split(' ').nth(4) == Some(wanted.as_str()));
-    let propagates = entry.map(|line| line.split(' ').nth(6).is_some_and(|f| f.contains(':')));
-    Ok((canonical, propagates))
-}
-
-/// Makes the runtime dir what every container in it needs: root's dir of mode 0755
-/// (exactly, whatever the caller's umask, which this leaves alone: in slurmd it is
-/// slurmd's) and a private mount. `create` runs it first; berth.so runs it in slurmd as
-/// slurmd starts, before any job can run on the node, so that no create needs the
-/// node-wide lock this may take. Waits at most `wait` for another holder of that lock.
-pub fn prepare_runtime_dir(config: &Config, wait: Duration) -> Result<()> {
-    crate::fsmode::ensure_dir(&config.runtime_dir, 0o755).map_err(io("create", &config.runtime_dir))?;
-    make_runtime_dir_private(config, wait)
-}
-
-/// Makes the runtime dir a private mount unless it is one. The node-wide lock this
-/// takes is only for a node whose slurmd did not make the dir private (another
-/// scheduler, or slurmd failed to): a create its job stops (`scancel -s STOP`) can hold
-/// up no other user's once the runtime dir is private, and a waiter re-checks between
-/// short waits, so a holder stopped after its mount holds up nobody.
-fn make_runtime_dir_private(config: &Config, wait: Duration) -> Result<()> {
-    let path = config.runtime_dir.join(".lock");
-    let start = std::time::Instant::now();
-    while !is_private_mount(&config.runtime_dir)? {
-        let what = "the runtime dir's mount, held by another create";
-        match lock::acquire(&path, true, Duration::from_millis(250), what) {
-            Ok(_runtime_lock) => return make_private(&config.runtime_dir),
-            Err(lock::LockError::TimedOut { .. }) if start.elapsed() < wait => {}
-            Err(lock::LockError::TimedOut { path, what, .. }) => {
-                return Err(teardown::TeardownError::from(lock::LockError::TimedOut { path, what, waited: start.elapsed() }).into())
-            }
-            Err(e) => return Err(teardown::TeardownError::from(e).into()),
-        }
-    }
-    Ok(())
-}
-
-/// Whether `dir` is already a private mount point: then [`make_private`] has nothing to
-/// do, and needs no lock (no create undoes it).
-fn is_private_mount(dir: &Path) -> Result<bool> {
-    Ok(mount_state(dir)?.1 == Some(false))
-}
-
-/// Makes `dir` a mount point with private propagation (as `ip netns` does for
-/// /run/netns), so pins made in it never propagate into other mount namespaces.
-/// The caller holds the runtime dir's lock: two binds would stack, and the upper one
-/// would hide the pins made in the lower.
-fn make_private(dir: &Path) -> Result<()> {
-    let (canonical, propagates) = mount_state(dir)?;
-    match propagates {
-        Some(false) => return Ok(()),
-        Some(true) => {}
-        None => nix::mount::mount(Some(&canonical), &canonical, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(sys_err("bind-mount the runtime dir on itself"))?,
-    }
-    nix::mount::mount(None::<&str>, &canonical, None::<&str>, MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(sys_err("make the runtime dir a private mount"))
-}
-
 /// Creates the container `spec.name` of `spec.job` on this node, or reuses it when it
 /// exists (per-node sharing across tasks and steps). Concurrent creates of one job
 /// are serialised by the job's lock.
 pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     require_root()?;
-    let dir = container_dir(config, &spec.job, &spec.name)?;
+    let runtime = RuntimeDir::of(config);
+    let job = runtime.job(&spec.job)?;
+    let dir = job.container(&spec.name)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    prepare_runtime_dir(config, lock::JOB_WAIT)?;
-    let job_dir = config.runtime_dir.join(&spec.job);
-    let _lock = teardown::lock_job(&job_dir, true)?;
+    runtime.prepare(lock::JOB_WAIT)?;
+    let _lock = job.lock(true)?;
     if let Some(state) = live_state(&dir) {
         let mismatch = |what| ContainerError::Mismatch { job: spec.job.clone(), name: spec.name.clone(), what };
         if state.user != spec.user {
@@ -161,7 +98,7 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
     }
     // Leftovers of a create that crashed: start clean.
     teardown::destroy_container(&dir)?;
-    match build(config, spec, &dir) {
+    match build(&runtime, config, spec, &dir) {
         Ok(state) => Ok(created(&dir, &state, false)),
         Err(err) => {
             // Best effort: the error that made create fail is the one to report.
@@ -175,9 +112,9 @@ pub fn create(config: &Config, spec: &Spec) -> Result<Created> {
 /// naming the namespace the pin opens. Anything less (under the job lock) is what a
 /// crashed create or a dead anchor left: a pin without state, or a symlink pin to a
 /// reused pid's namespace.
-fn live_state(dir: &Path) -> Option<State> {
-    let mnt = dir.join("mnt");
-    if !teardown::is_pinned(&mnt) {
+fn live_state(dir: &ContainerDir) -> Option<State> {
+    let mnt = dir.mnt();
+    if !dir.is_pinned() {
         return None;
     }
     let state = read_state(dir).ok()?;
@@ -185,16 +122,16 @@ fn live_state(dir: &Path) -> Option<State> {
     (state.mnt_inode == 0 || state.mnt_inode == inode).then_some(state)
 }
 
-fn created(dir: &Path, state: &State, reused: bool) -> Created {
+fn created(dir: &ContainerDir, state: &State, reused: bool) -> Created {
     Created {
         job: state.job.clone(),
         name: state.name.clone(),
-        dir: dir.to_path_buf(),
-        mnt: dir.join("mnt"),
-        env: dir.join("env"),
+        dir: dir.path().to_path_buf(),
+        mnt: dir.mnt(),
+        env: dir.env(),
         workdir: state.workdir.clone(),
         reused,
-        pins: state.namespaces.iter().map(|n| dir.join(n)).collect(),
+        pins: state.namespaces.iter().map(|n| dir.pin(n)).collect(),
     }
 }
 
@@ -266,21 +203,20 @@ pub(super) fn env_and_workdir(spec: &Spec) -> Result<(Vec<env::Var>, String)> {
     Ok((env::merge(&[], &image_env, &extra_env), workdir))
 }
 
-fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
+fn build(runtime: &RuntimeDir, config: &Config, spec: &Spec, dir: &ContainerDir) -> Result<State> {
     let (container_env, workdir) = env_and_workdir(spec)?;
 
     let layout = open_sources(config, spec)?;
-    crate::fsmode::ensure_dir(dir, 0o700).map_err(io("create", dir))?;
+    dir.make().map_err(io("create", dir.path()))?;
     // Before any process of the container exists: teardown finds them all through it.
-    teardown::cgroup::create(dir, &config.runtime_dir, spec.tracking).map_err(|e| match e {
+    teardown::cgroup::create(dir, runtime, spec.tracking).map_err(|e| match e {
         teardown::cgroup::CgroupError::Io { action, path, source } => io(action, &path)(source),
         e => teardown::TeardownError::from(e).into(),
     })?;
-    let mut overlay = Overlay::in_dir(spec.image.layer_dirs.clone(), dir);
-    overlay.userxattr = spec.image.userxattr;
+    let overlay = Overlay { layers: spec.image.layer_dirs.clone(), upper: dir.upper(), work: dir.work(), userxattr: spec.image.userxattr };
     overlay.check_layers()?;
     overlay.prepare()?;
-    let root = dir.join("root");
+    let root = dir.root();
     crate::fsmode::ensure_dir(&root, 0o755).map_err(io("create", &root))?;
 
     let mut flags = CloneFlags::CLONE_NEWNS;
@@ -294,7 +230,7 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
         namespaces.push("ipc".into());
     }
     for ns in &namespaces {
-        crate::fsmode::create_file(&dir.join(ns), 0o644).map_err(io("create", &dir.join(ns)))?;
+        crate::fsmode::create_file(&dir.pin(ns), 0o644).map_err(io("create", &dir.pin(ns)))?;
     }
     // Our own namespaces, to come back to.
     let home: Vec<(OwnedFd, CloneFlags)> = namespaces
@@ -324,14 +260,14 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
     let anchor = pin(dir, &namespaces, &pinned)?;
 
     let state = State::of(spec, workdir, namespaces, mnt_inode);
-    write_atomic(&dir.join("env"), &env::encode(&container_env))?;
-    write_atomic(&dir.join("workdir"), state.workdir.as_bytes())?;
+    write_atomic(&dir.env(), &env::encode(&container_env))?;
+    write_atomic(&dir.workdir(), state.workdir.as_bytes())?;
     let json = serde_json::to_vec_pretty(&state).map_err(|e| ContainerError::Io {
         action: "encode",
-        path: dir.join("state.json"),
+        path: dir.state(),
         source: e.into(),
     })?;
-    write_atomic(&dir.join("state.json"), &json)?;
+    write_atomic(&dir.state(), &json)?;
     if let Some(commit) = anchor {
         nix::unistd::write(&commit, b"1").map_err(sys_err("keep the container's anchor"))?;
     }
@@ -345,10 +281,10 @@ fn build(config: &Config, spec: &Spec, dir: &Path) -> Result<State> {
 /// `/proc/<pid>/ns/<ns>`. Either way, opening the pin opens the namespace; destroy
 /// kills the anchor with everything else inside. Returns the anchor's commit pipe,
 /// to be written once the container's state is on disk (see `sys::become_anchor`).
-fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<Option<OwnedFd>> {
+fn pin(dir: &ContainerDir, namespaces: &[String], fds: &[OwnedFd]) -> Result<Option<OwnedFd>> {
     let mut bound = Vec::new();
     for (ns, fd) in namespaces.iter().zip(fds) {
-        let target = dir.join(ns);
+        let target = dir.pin(ns);
         let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
         match nix::mount::mount(Some(source.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>) {
             Ok(()) => bound.push(target),
@@ -364,7 +300,7 @@ fn pin(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<Option<Owne
     Ok(None)
 }
 
-fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result<OwnedFd> {
+fn pin_with_anchor(dir: &ContainerDir, namespaces: &[String], fds: &[OwnedFd]) -> Result<OwnedFd> {
     let (commit_read, commit_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("start the container's anchor"))?;
     let anchor = match fork_in_cgroup(dir, "start the container's anchor")? {
         sys::Forked::Child => {
@@ -379,12 +315,12 @@ fn pin_with_anchor(dir: &Path, namespaces: &[String], fds: &[OwnedFd]) -> Result
     };
     drop(commit_read);
     for ns in namespaces {
-        let target = dir.join(ns);
+        let target = dir.pin(ns);
         std::fs::remove_file(&target).map_err(io("replace", &target))?;
         std::os::unix::fs::symlink(format!("/proc/{anchor}/ns/{ns}"), &target).map_err(io("create", &target))?;
     }
     // The anchor has joined once its namespace shows up behind the pin.
-    let mnt = dir.join("mnt");
+    let mnt = dir.mnt();
     let want = nix::sys::stat::fstat(fds[0].as_raw_fd()).map_err(sys_err("inspect the container's namespace"))?.st_ino;
     for _ in 0..1000 {
         if std::fs::metadata(&mnt).map(|m| m.ino()).ok() == Some(want) {
@@ -430,8 +366,8 @@ pub(super) fn make_rprivate() -> Result<()> {
 }
 
 /// Reads a container's `state.json`.
-pub fn read_state(dir: &Path) -> Result<State> {
-    let path = dir.join("state.json");
+pub fn read_state(dir: &ContainerDir) -> Result<State> {
+    let path = dir.state();
     let bytes = std::fs::read(&path).map_err(io("read", &path))?;
     serde_json::from_slice(&bytes).map_err(|e| ContainerError::Io { action: "parse", path, source: e.into() })
 }

@@ -5,8 +5,9 @@
 //! directory or a program as root.
 
 use crate::sys;
-use super::{container_dir, env, io, ns_flag, open_fd, read_state, remap, sys_err, ContainerError, Result, State};
+use super::{env, io, ns_flag, open_fd, read_state, remap, sys_err, ContainerError, Result, State};
 use crate::config::Config;
+use crate::runtime::{ContainerDir, RuntimeDir};
 use crate::teardown::{self, TeardownError};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// Forks a child that starts in the cgroup of the container at `dir` (when it has one),
 /// so that it and all it forks are found at teardown; `action` names the fork in errors.
-pub fn fork_in_cgroup(dir: &Path, action: &'static str) -> Result<sys::Forked> {
+pub fn fork_in_cgroup(dir: &ContainerDir, action: &'static str) -> Result<sys::Forked> {
     match teardown::cgroup::open(dir).map_err(TeardownError::from)?.filter(|cgroup| cgroup.takes_caller) {
         Some(cgroup) => sys::fork_into_cgroup(cgroup.dir.as_fd(), cgroup.procs.as_fd()).map_err(sys_err(action)),
         None => sys::fork().map_err(sys_err(action)),
@@ -52,7 +53,7 @@ impl Joined {
 /// `task_init`): resolved as root, a path through a bind of `/home` would reach into
 /// another user's private directory and keep it as the task's cwd.
 pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
-    let dir = container_dir(config, job, name)?;
+    let dir = RuntimeDir::of(config).container(job, name)?;
     join_dir(&dir, job, name, None)
 }
 
@@ -64,10 +65,12 @@ pub fn join(config: &Config, job: &str, name: &str) -> Result<Joined> {
 /// is never the one entered: the state checked and the pin opened come from one
 /// directory, and the pin's namespace must be the one that state names.
 pub fn join_own(config: &Config, job: &str, name: &str, uid: u32) -> Result<Joined> {
-    let path = container_dir(config, job, name)?;
-    let untrusted = |why: String| ContainerError::Untrusted { path: path.clone(), why };
-    crate::privileged::check_root_owned_dir(&config.runtime_dir).map_err(|e| untrusted(e.to_string()))?;
-    let dir = match open_fd(&path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW) {
+    let runtime = RuntimeDir::of(config);
+    let container = runtime.container(job, name)?;
+    let path = container.path();
+    let untrusted = |why: String| ContainerError::Untrusted { path: path.to_path_buf(), why };
+    crate::privileged::check_root_owned_dir(runtime.path()).map_err(|e| untrusted(e.to_string()))?;
+    let dir = match open_fd(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW) {
         Ok(dir) => dir,
         Err(ContainerError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(ContainerError::NotFound { job: job.into(), name: name.into() })
@@ -78,15 +81,14 @@ pub fn join_own(config: &Config, job: &str, name: &str, uid: u32) -> Result<Join
     if stat.st_uid != 0 || stat.st_mode & 0o022 != 0 {
         return Err(untrusted(format!("owned by uid {} with mode {:o}, not root's alone", stat.st_uid, stat.st_mode & 0o7777)));
     }
-    // The magic link names this directory instance whatever happens to the path.
-    let held = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let held = container.through(dir.as_fd());
     let joined = join_dir(&held, job, name, Some(uid));
     drop(dir);
     joined
 }
 
-fn join_dir(dir: &Path, job: &str, name: &str, owner: Option<u32>) -> Result<Joined> {
-    if !teardown::is_pinned(&dir.join("mnt")) {
+fn join_dir(dir: &ContainerDir, job: &str, name: &str, owner: Option<u32>) -> Result<Joined> {
+    if !dir.is_pinned() {
         return Err(ContainerError::NotFound { job: job.into(), name: name.into() });
     }
     let state = read_state(dir)?;
@@ -98,7 +100,7 @@ fn join_dir(dir: &Path, job: &str, name: &str, owner: Option<u32>) -> Result<Joi
             return Err(ContainerError::NotYours { job: job.into(), name: name.into(), uid });
         }
     }
-    let env_path = dir.join("env");
+    let env_path = dir.env();
     let env = env::decode(&std::fs::read(&env_path).map_err(io("read", &env_path))?);
     // Opened before the pins: a destroy that runs between here and the join removes the
     // cgroup first, and joining it below then fails, instead of entering the dead
@@ -107,7 +109,7 @@ fn join_dir(dir: &Path, job: &str, name: &str, owner: Option<u32>) -> Result<Joi
     let fds: Vec<(OwnedFd, CloneFlags)> = state
         .namespaces
         .iter()
-        .map(|ns| Ok((open_fd(&dir.join(ns), OFlag::O_RDONLY)?, ns_flag(ns))))
+        .map(|ns| Ok((open_fd(&dir.pin(ns), OFlag::O_RDONLY)?, ns_flag(ns))))
         .collect::<Result<_>>()?;
     // For a caller that is not root, the namespace must be the one root recorded (a
     // pin may be a link to the anchor's /proc/PID/ns/mnt, whose pid can be reused).

@@ -2,12 +2,10 @@
 //! asked, with its root pivoted into the image's overlay), pin it in the job's runtime
 //! dir, let tasks enter it, and run commands in it as the job user.
 //!
-//! Owns the runtime dir layout of one container, `<runtime_dir>/<job>/<name>/`:
-//! `mnt` (and `uts`, `ipc`): the pinned namespaces (bind mounts of nsfs files);
-//! `env`: the container's environment (see [`env`] for format and merge rules);
-//! `workdir`: the task's working directory inside the container (bytes, no newline);
-//! `state.json`: what create was asked for; `upper/`, `work/`: the overlay's writable
-//! part; `root/`: the overlay's mount point (mounted only inside the container).
+//! Owns what a container's dir holds (its paths: [`crate::runtime::ContainerDir`]): the
+//! pins of its namespaces (bind mounts of nsfs files), its environment (see [`env`]
+//! for format and merge rules), its working directory, its `state.json` record and its
+//! overlay.
 //!
 //! Must never write into an image's layer dirs, never leave a mount in the host's
 //! namespace other than the pins, and never run anything as root inside a container.
@@ -33,6 +31,7 @@ mod spec;
 use crate::config::Config;
 use crate::identity::UserError;
 use crate::rootfs::RootfsError;
+use crate::runtime::{RuntimeDir, RuntimeError};
 use crate::teardown::{self, TeardownError};
 use mounts::MountError;
 use nix::errno::Errno;
@@ -40,7 +39,7 @@ use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-pub use create::{create, prepare_runtime_dir, read_state, Created, State};
+pub use create::{create, read_state, Created, State};
 pub use join::{enter_workdir, exec_joined, fork_in_cgroup, join, join_own, Joined};
 pub use list::{layers_in_use, list, Listed};
 pub use run::{command_line, run};
@@ -56,8 +55,6 @@ pub fn per_rank(rank: u32) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    #[error("bad {what} '{value}': use letters, digits, '.', '_' or '-' (not starting with '.')")]
-    BadName { what: &'static str, value: String },
     #[error("berth container actions need root (run by the scheduler's plugin or hooks, or with sudo)")]
     NotRoot,
     #[error("no container '{name}' for job {job} on this node: `berth container create` has not run, or destroy already did")]
@@ -98,29 +95,11 @@ pub enum ContainerError {
     Remap(#[from] remap::RemapError),
     #[error(transparent)]
     Teardown(#[from] TeardownError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
 }
 
 type Result<T, E = ContainerError> = std::result::Result<T, E>;
-
-/// Job ids and container names become directory names: keep them plain.
-pub fn check_name(what: &'static str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= 128
-        && !value.starts_with('.')
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ContainerError::BadName { what, value: value.to_string() })
-    }
-}
-
-/// `<runtime_dir>/<job>/<name>`.
-pub fn container_dir(config: &Config, job: &str, name: &str) -> Result<PathBuf> {
-    check_name("job id", job)?;
-    check_name("container name", name)?;
-    Ok(config.runtime_dir.join(job).join(name))
-}
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ContainerError + 'a {
     move |source| {
@@ -165,20 +144,6 @@ fn ns_flag(ns: &str) -> CloneFlags {
 /// Destroys every container of `job` on this node (see [`teardown`]).
 pub fn destroy(config: &Config, job: &str) -> Result<teardown::Destroyed> {
     require_root()?;
-    check_name("job id", job)?;
-    Ok(teardown::destroy_job(&config.runtime_dir, job)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_plain() {
-        assert!(check_name("job id", "12345").is_ok());
-        assert!(check_name("container name", "rank-3").is_ok());
-        for bad in ["", "..", ".hidden", "a/b", "a b", "x\n"] {
-            assert!(check_name("job id", bad).is_err(), "{bad:?}");
-        }
-    }
+    let job = RuntimeDir::of(config).job(job)?;
+    Ok(teardown::destroy_job(&job)?)
 }

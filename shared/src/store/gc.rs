@@ -42,7 +42,7 @@ pub(super) fn collect(store: &Store) -> Result<GcReport, StoreError> {
         }
     }
     let mut used_by_containers = HashSet::new();
-    let in_use = crate::container::layers_in_use(&store.config.runtime_dir)
+    let in_use = crate::container::layers_in_use(&crate::runtime::RuntimeDir::of(&store.config))
         .map_err(|source| StoreError::InUse { runtime_dir: store.config.runtime_dir.clone(), why: source.to_string() })?;
     // The container recorded the dirs as this store named them; a store reached through
     // a symlinked path names them otherwise, hence the canonical form too.

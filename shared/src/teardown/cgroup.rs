@@ -27,15 +27,12 @@
 //! dir's `cgroup` file naming it; never writes to any other cgroup, never signals a
 //! process it has not pinned by pidfd and seen in its cgroup.
 
+use crate::runtime::{ContainerDir, RuntimeDir};
 use rustix::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The container dir's file naming its cgroup.
-const RECORD: &str = "cgroup";
-/// The mount berth makes when the node has no cgroup2 mount.
-const OWN_MOUNT: &str = ".cgroup2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -83,13 +80,13 @@ fn unescape(field: &str) -> String {
     out + rest
 }
 
-/// The cgroup2 hierarchy berth puts containers in, mounting one under `runtime_dir`
+/// The cgroup2 hierarchy berth puts containers in, mounting one in the runtime dir
 /// when the node has none, and whether it carries controllers.
-fn hierarchy(runtime_dir: &Path) -> Result<(PathBuf, bool)> {
+fn hierarchy(runtime: &RuntimeDir) -> Result<(PathBuf, bool)> {
     let root = match mounted_hierarchy() {
         Some(root) => root,
         None => {
-            let own = runtime_dir.join(OWN_MOUNT);
+            let own = runtime.cgroup2_mount();
             std::fs::create_dir_all(&own).map_err(io("create", &own))?;
             nix::mount::mount(Some("berth"), &own, Some("cgroup2"), nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC, None::<&str>)
                 .map_err(|source| CgroupError::Mount { path: own.clone(), source })?;
@@ -121,13 +118,13 @@ pub enum Tracking {
     Berth,
 }
 
-/// Makes the cgroup of the container at `dir` (under `runtime_dir`) and records it in
-/// the dir; nothing where cgroup v2 carries controllers and `tracking` is the scheduler's.
-pub fn create(dir: &Path, runtime_dir: &Path, tracking: Tracking) -> Result<()> {
-    let (root, controllers) = hierarchy(runtime_dir)?;
+/// Makes the cgroup of the container at `dir` (in `runtime`) and records it in the
+/// dir; nothing where cgroup v2 carries controllers and `tracking` is the scheduler's.
+pub fn create(dir: &ContainerDir, runtime: &RuntimeDir, tracking: Tracking) -> Result<()> {
+    let (root, controllers) = hierarchy(runtime)?;
     // Unique on the node while the container dir lives, whatever the job ids (also
     // across test clusters sharing one kernel).
-    let meta = std::fs::metadata(dir).map_err(io("inspect", dir))?;
+    let meta = std::fs::metadata(dir.path()).map_err(io("inspect", dir.path()))?;
     let id = format!("{}-{}", meta.dev(), meta.ino());
     let mut record = Vec::new();
     let path = match (controllers, tracking) {
@@ -140,7 +137,7 @@ pub fn create(dir: &Path, runtime_dir: &Path, tracking: Tracking) -> Result<()> 
         }
     };
     std::fs::create_dir_all(&path).map_err(io("create", &path))?;
-    let file = dir.join(RECORD);
+    let file = dir.cgroup_record();
     let contents = [path.as_os_str().as_encoded_bytes(), &record].concat();
     std::fs::write(&file, contents).map_err(io("record", &file))
 }
@@ -150,8 +147,8 @@ const BELOW: &str = "below ";
 
 /// The cgroup recorded for the container at `dir`, if it has one, and the cgroup
 /// (relative to the hierarchy's root) it is a leaf below, if it is one.
-fn recorded(dir: &Path) -> Result<Option<(PathBuf, Option<String>)>> {
-    let record = dir.join(RECORD);
+fn recorded(dir: &ContainerDir) -> Result<Option<(PathBuf, Option<String>)>> {
+    let record = dir.cgroup_record();
     match std::fs::read_to_string(&record) {
         Ok(text) => {
             let (path, below) = match text.split_once('\n') {
@@ -192,7 +189,7 @@ impl Cgroup {
 }
 
 /// Opens the cgroup recorded for the container at `dir`, if it has one.
-pub fn open(dir: &Path) -> Result<Option<Cgroup>> {
+pub fn open(dir: &ContainerDir) -> Result<Option<Cgroup>> {
     use rustix::fs::{Mode, OFlags};
     let Some((path, below)) = recorded(dir)? else { return Ok(None) };
     let cgroup = rustix::fs::open(&path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| io("open", &path)(e.into()))?;
@@ -206,7 +203,7 @@ pub fn open(dir: &Path) -> Result<Option<Cgroup>> {
 
 /// Kills every process in the container's cgroup and removes it; returns how many
 /// processes were signalled.
-pub fn kill(dir: &Path, timeout: Duration) -> Result<usize> {
+pub fn kill(dir: &ContainerDir, timeout: Duration) -> Result<usize> {
     let Some((path, _)) = recorded(dir)? else { return Ok(0) };
     if !path.is_dir() {
         return Ok(0);
@@ -292,15 +289,15 @@ mod tests {
 
     /// A runtime dir holding a container dir `c` with its cgroup made; `None` (the test
     /// skipped) where berth makes none: not root, or cgroup v2 carries controllers.
-    fn container_with_cgroup(test: &str) -> Option<(PathBuf, PathBuf)> {
+    fn container_with_cgroup(test: &str) -> Option<(PathBuf, ContainerDir)> {
         if !rustix::process::geteuid().is_root() {
             eprintln!("skipped: making a cgroup needs root");
             return None;
         }
         let runtime = std::env::temp_dir().join(format!("berth-cgroup-{test}-{}", std::process::id()));
-        let dir = runtime.join("c");
-        std::fs::create_dir_all(&dir).unwrap();
-        create(&dir, &runtime, Tracking::Scheduler).unwrap();
+        let dir = RuntimeDir::at(&runtime).container("7", "c").unwrap();
+        std::fs::create_dir_all(dir.path()).unwrap();
+        create(&dir, &RuntimeDir::at(&runtime), Tracking::Scheduler).unwrap();
         if recorded(&dir).unwrap().is_none() {
             eprintln!("skipped: this node's cgroup v2 carries controllers, so berth makes no cgroup");
             std::fs::remove_dir_all(&runtime).unwrap();
@@ -352,24 +349,26 @@ mod tests {
 
     #[test]
     fn a_leaf_below_its_creators_cgroup_is_recorded_with_that_cgroup() {
-        let dir = std::env::temp_dir().join(format!("berth-cgroup-record-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(RECORD), "/sys/fs/cgroup/system.slice/pbs_mom.service/berth-1-2\nbelow /system.slice/pbs_mom.service").unwrap();
+        let runtime = std::env::temp_dir().join(format!("berth-cgroup-record-{}", std::process::id()));
+        let dir = RuntimeDir::at(&runtime).container("7", "c").unwrap();
+        std::fs::create_dir_all(dir.path()).unwrap();
+        std::fs::write(dir.cgroup_record(), "/sys/fs/cgroup/system.slice/pbs_mom.service/berth-1-2\nbelow /system.slice/pbs_mom.service").unwrap();
         let (path, below) = recorded(&dir).unwrap().unwrap();
         assert_eq!(path, Path::new("/sys/fs/cgroup/system.slice/pbs_mom.service/berth-1-2"));
         assert_eq!(below.as_deref(), Some("/system.slice/pbs_mom.service"));
         // Records of containers made before leaves existed: one line, entered by all.
-        std::fs::write(dir.join(RECORD), "/sys/fs/cgroup/berth/1-2").unwrap();
+        std::fs::write(dir.cgroup_record(), "/sys/fs/cgroup/berth/1-2").unwrap();
         assert_eq!(recorded(&dir).unwrap().unwrap(), (PathBuf::from("/sys/fs/cgroup/berth/1-2"), None));
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&runtime).unwrap();
     }
 
     #[test]
     fn a_container_without_a_cgroup_has_nothing_to_kill_or_open() {
-        let dir = std::env::temp_dir().join(format!("berth-cgroup-none-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let runtime = std::env::temp_dir().join(format!("berth-cgroup-none-{}", std::process::id()));
+        let dir = RuntimeDir::at(&runtime).container("7", "c").unwrap();
+        std::fs::create_dir_all(dir.path()).unwrap();
         assert_eq!(kill(&dir, Duration::from_secs(1)).unwrap(), 0);
         assert!(open(&dir).unwrap().is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&runtime).unwrap();
     }
 }

@@ -2,9 +2,10 @@
 //! `mpirun` and MPICH's `mpiexec` started in one node's container land in the other
 //! nodes' containers of the same job.
 //!
-//! Owns `<runtime_dir>/<job>/<name>/wiring/` (mounted read-only at `/.berth/wiring` in
-//! the container: berth's OpenSSH, the job's keys and configs, the hostfile),
-//! `wiring.json` and `sshd.log` beside it, and the entries it adds to the container's
+//! Owns what `<runtime_dir>/<job>/<name>/wiring/` holds (mounted read-only at
+//! `/.berth/wiring` in the container: berth's OpenSSH, the job's keys and configs, the
+//! hostfile), `wiring.json` and `sshd.log` beside it (their paths:
+//! [`crate::runtime::ContainerDir`]), and the entries it adds to the container's
 //! env file (`BERTH_HOSTFILE`, the MPI launchers' ssh) and to the container's
 //! /etc/passwd, /etc/group and /etc/hosts (in its upper dir). Every node derives the
 //! job's keys and port alone from the node's wiring secret ([`secrets`]), so nodes
@@ -22,7 +23,7 @@ pub mod secrets;
 
 use crate::config::{Config, ConfigError};
 use crate::container::{self, env, ContainerError};
-use crate::teardown::{self, TeardownError};
+use crate::runtime::{ContainerDir, RuntimeDir, RuntimeError};
 use files::Node;
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
@@ -65,7 +66,7 @@ pub enum WiringError {
     #[error(transparent)]
     Container(#[from] ContainerError),
     #[error(transparent)]
-    Teardown(#[from] TeardownError),
+    Runtime(#[from] RuntimeError),
 }
 
 type Result<T, E = WiringError> = std::result::Result<T, E>;
@@ -208,15 +209,15 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
     if !nix::unistd::geteuid().is_root() {
         return Err(ContainerError::NotRoot.into());
     }
-    let dir = container::container_dir(config, &request.job, &request.name)?;
-    let job_dir = config.runtime_dir.join(&request.job);
+    let job = RuntimeDir::of(config).job(&request.job)?;
+    let dir = job.container(&request.name)?;
     let not_found = || ContainerError::NotFound { job: request.job.clone(), name: request.name.clone() };
-    let _lock = teardown::lock_job(&job_dir, false)?.ok_or_else(not_found)?;
-    let mnt = dir.join("mnt");
-    if !teardown::is_pinned(&mnt) {
+    let _lock = job.lock(false)?.ok_or_else(not_found)?;
+    let mnt = dir.mnt();
+    if !dir.is_pinned() {
         return Err(not_found().into());
     }
-    let record = dir.join("wiring.json");
+    let record = dir.wiring_record();
     if let Ok(bytes) = std::fs::read(&record) {
         if let Ok(mut wired) = serde_json::from_slice::<Wired>(&bytes) {
             if runs_in(wired.sshd_pid, &mnt) {
@@ -225,7 +226,7 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
             }
         }
     }
-    let staged = dir.join("wiring");
+    let staged = dir.wiring();
     if staged.exists() {
         return Err(WiringError::HalfWired { job: request.job.clone() });
     }
@@ -236,7 +237,7 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
     // A clear error now rather than an sshd that dies on bind.
     TcpListener::bind(("0.0.0.0", keys.port)).map_err(|source| WiringError::PortTaken { port: keys.port, job: request.job.clone(), source })?;
 
-    let env_path = dir.join("env");
+    let env_path = dir.env();
     let vars = wired_env(&env::decode(&std::fs::read(&env_path).map_err(io("read", &env_path))?));
     let plain: Vec<(String, String)> = vars.iter().filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string()))).collect();
     stage(&staged, request, &nodes, &keys, &plain, &state.user)?;
@@ -244,7 +245,7 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
     let _ = std::fs::remove_file(&tmp);
     crate::fsmode::replace(&tmp, &env_path, &env::encode(&vars), 0o644).map_err(io("write", &env_path))?;
 
-    let log_path = dir.join("sshd.log");
+    let log_path = dir.sshd_log();
     let log = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(&log_path).map_err(io("create", &log_path))?;
     let loader = openssh::interpreter(Path::new(openssh::HOST_SSHD))?;
     let loader = loader.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -288,7 +289,7 @@ fn stage(dir: &Path, request: &Request, nodes: &[Node], keys: &secrets::JobSecre
 /// Forks a child that enters the container and starts sshd there (see [`inside`]);
 /// returns sshd's pid.
 #[allow(clippy::too_many_arguments)]
-fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &crate::identity::Credentials, loader: &str, log: std::os::fd::BorrowedFd<'_>, job: &str) -> Result<i32> {
+fn start(dir: &ContainerDir, mnt: &Path, staged: &Path, nodes: &[Node], user: &crate::identity::Credentials, loader: &str, log: std::os::fd::BorrowedFd<'_>, job: &str) -> Result<i32> {
     let (user_name, group_name, home, shell) = host_identity(user.uid, user.gid);
     let tree = inside::detached_read_only(staged).map_err(|source| WiringError::Sys { action: "make a read-only copy of the wiring dir's mount", source })?;
     let ns = std::fs::File::open(mnt).map_err(io("open", mnt))?;
@@ -314,7 +315,7 @@ fn start(dir: &Path, mnt: &Path, staged: &Path, nodes: &[Node], user: &crate::id
             let mut report = String::new();
             let read = std::fs::File::from(read_end).read_to_string(&mut report);
             let _ = nix::sys::wait::waitpid(child, None);
-            read.map_err(io("read the report of", dir))?;
+            read.map_err(io("read the report of", dir.path()))?;
             match report.split_once(' ') {
                 Some(("ok", pid)) => pid.trim().parse().map_err(|_| inside_err(format!("bad report '{report}'"))),
                 Some(("err", why)) => Err(inside_err(why.to_string())),
