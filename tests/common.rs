@@ -340,6 +340,17 @@ impl Drop for ControllerAtRoot {
     }
 }
 
+/// Runs `job` as the machine is, then (where its cgroup v2 root carries no controller
+/// yet and has one to enable) again with one enabled, as on a systemd host. The caller
+/// holds its suite's lock alone: the controller is machine-wide.
+pub fn with_and_without_cgroup_v2_controllers(job: impl Fn()) {
+    job();
+    match ControllerAtRoot::enable() {
+        Some(_on) => job(),
+        None => eprintln!("this machine's cgroup v2 root carries controllers already, or has none to enable: the first job was the only case"),
+    }
+}
+
 /// A PBS job script's body that leaves the container's mount namespace (`unshare
 /// -Urm`: a user namespace of its own, which any user may make), its session
 /// (`setsid`), and both, each a process marked `berth-e2e-$PBS_JOBID`; then prints

@@ -5,7 +5,7 @@
 //! a node, as any local user could. Each job test checks nothing of its job is left on
 //! any node afterwards.
 
-use berth_e2e::{assert_escaping_job_left_nothing, assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster, ControllerAtRoot, SweepMarked, ESCAPING_JOB};
+use berth_e2e::{assert_escaping_job_left_nothing, with_and_without_cgroup_v2_controllers, assert_pbs_job_gone, cluster, launcher_script_refusals, pbs_job_files, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster, SweepMarked, ESCAPING_JOB};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -551,9 +551,5 @@ fn a_job_that_escapes_leaves_nothing() {
 fn processes_that_leave_the_containers_namespaces_or_its_session_do_not_outlive_the_job_with_or_without_cgroup_v2_controllers() {
     // Alone: the controller it enables is machine-wide.
     let _config = CONFIG.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-    a_job_that_escapes_leaves_nothing();
-    match ControllerAtRoot::enable() {
-        Some(_on) => a_job_that_escapes_leaves_nothing(),
-        None => eprintln!("this machine's cgroup v2 root carries controllers already, or has none to enable: the first job was the only case"),
-    }
+    with_and_without_cgroup_v2_controllers(a_job_that_escapes_leaves_nothing);
 }

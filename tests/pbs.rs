@@ -4,7 +4,7 @@
 //! epilogue.parallel (all `berth-pbs`). Each test checks that nothing of its job is
 //! left on any node afterwards.
 
-use berth_e2e::{assert_escaping_job_left_nothing, assert_pbs_job_gone, busybox_layer, cluster, launcher_script_refusals, pbs_job_files, push_image, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster, ControllerAtRoot, SweepMarked, ESCAPING_JOB};
+use berth_e2e::{assert_escaping_job_left_nothing, with_and_without_cgroup_v2_controllers, assert_pbs_job_gone, busybox_layer, cluster, launcher_script_refusals, pbs_job_files, push_image, quote, state_dir, stdout_ok, BobsPrivateDir, Cluster, SweepMarked, ESCAPING_JOB};
 use berth_testkit::{tar_of, Entry};
 use std::sync::{RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -744,9 +744,5 @@ fn a_job_that_escapes_leaves_nothing() {
 fn processes_that_leave_the_containers_namespaces_or_its_session_do_not_outlive_the_job_with_or_without_cgroup_v2_controllers() {
     // Alone: the controller it enables is machine-wide.
     let _moms = MOMS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-    a_job_that_escapes_leaves_nothing();
-    match ControllerAtRoot::enable() {
-        Some(_on) => a_job_that_escapes_leaves_nothing(),
-        None => eprintln!("this machine's cgroup v2 root carries controllers already, or has none to enable: the first job was the only case"),
-    }
+    with_and_without_cgroup_v2_controllers(a_job_that_escapes_leaves_nothing);
 }
