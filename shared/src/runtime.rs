@@ -263,16 +263,11 @@ impl JobDir {
         self.path.join("launch-error")
     }
 
-    /// Makes the job dir (mode 0700) when missing, in a runtime dir made root's (0755)
-    /// when missing: for the PBS hooks' notes, which may come before any create.
+    /// Makes the job dir (mode 0700, whatever the umask; a symlink or someone else's
+    /// dir there is refused) when missing, in a runtime dir made 0755 when missing:
+    /// for creates, and for the PBS hooks' notes, which may come before any create.
     pub fn ensure(&self) -> std::io::Result<()> {
-        if self.path.exists() {
-            return Ok(());
-        }
-        if let Some(runtime) = self.path.parent() {
-            crate::fsmode::ensure_dir(runtime, 0o755)?;
-        }
-        crate::fsmode::create_dir(&self.path, 0o700)
+        crate::fsmode::ensure_dir(&self.path, 0o700)
     }
 
     /// Takes the job's lock (`<job dir>/.lock`, root's alone, waited for at most
@@ -281,7 +276,6 @@ impl JobDir {
     /// dir was removed by a destroy while we waited, so the lock always guards the live
     /// dir.
     pub fn lock(&self, create: bool) -> Result<Option<Lock>> {
-        use std::os::unix::fs::DirBuilderExt;
         let job_dir = &self.path;
         let path = job_dir.join(".lock");
         // "read", whatever failed: the lines teardown gave when it owned the lock.
@@ -291,7 +285,7 @@ impl JobDir {
         };
         loop {
             if create {
-                std::fs::DirBuilder::new().mode(0o700).recursive(true).create(job_dir).map_err(read(job_dir))?;
+                self.ensure().map_err(read(job_dir))?;
             }
             if !create && !job_dir.is_dir() {
                 return Ok(None);

@@ -87,7 +87,7 @@ fn hierarchy(runtime: &RuntimeDir) -> Result<(PathBuf, bool)> {
         Some(root) => root,
         None => {
             let own = runtime.cgroup2_mount();
-            std::fs::create_dir_all(&own).map_err(io("create", &own))?;
+            crate::fsmode::ensure_dir(&own, 0o755).map_err(io("create", &own))?;
             nix::mount::mount(Some("berth"), &own, Some("cgroup2"), nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC, None::<&str>)
                 .map_err(|source| CgroupError::Mount { path: own.clone(), source })?;
             own
@@ -139,7 +139,10 @@ pub fn create(dir: &ContainerDir, runtime: &RuntimeDir, tracking: Tracking) -> R
     std::fs::create_dir_all(&path).map_err(io("create", &path))?;
     let file = dir.cgroup_record();
     let contents = [path.as_os_str().as_encoded_bytes(), &record].concat();
-    std::fs::write(&file, contents).map_err(io("record", &file))
+    // A leftover of a create killed before it recorded: the job's lock is held.
+    let tmp = file.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    crate::fsmode::replace(&tmp, &file, &contents, 0o644).map_err(io("record", &file))
 }
 
 /// The record's second line, when the cgroup is a leaf below its creator's cgroup.
