@@ -32,7 +32,6 @@ use crate::request::{Pelog, Request, RequestError};
 use berth_engine::image::UserMount;
 use berth_engine::config::{Config, ConfigError};
 use berth_engine::privileged;
-use berth_engine::runtime::{JobDir, RuntimeDir};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -229,7 +228,7 @@ const NAME_SERVICE_FILES: &[&str] = &["/etc/hosts", "/etc/resolv.conf"];
 pub fn prologue(config: &Config, caller: &Caller, pelog: &Pelog, role: Role, start: Instant) -> Result<Option<Request>, HookError> {
     // A requeued job's earlier attempt may have left its container or failure line
     // here (pbs_mom runs no epilogue after an aborted start): start clean.
-    if job_dir(config, &pelog.job).is_some_and(|dir| dir.exists()) {
+    if berth_pbs::launch::job_dir(config, &pelog.job).is_some_and(|dir| dir.exists()) {
         berth(config, caller, "cannot remove what an earlier attempt of the job left", &["container", "destroy", "--job", &pelog.job])?;
     }
     let Some(request) = pelog.request()? else { return Ok(None) };
@@ -283,15 +282,10 @@ pub fn prologue(config: &Config, caller: &Caller, pelog: &Pelog, role: Role, sta
     Ok(Some(request))
 }
 
-/// The job's dir in the runtime dir; `None` for a job id that cannot name one.
-pub fn job_dir(config: &Config, job: &str) -> Option<JobDir> {
-    RuntimeDir::of(config).job(job).ok()
-}
-
 /// Records the names the job takes from the image (one a line) in the job's runtime
 /// dir, which create made and destroy removes, for the job starter.
 fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<String, HookError> {
-    let Some(path) = job_dir(config, job).map(|dir| dir.container_env()) else { return Ok(String::new()) };
+    let Some(path) = berth_pbs::launch::job_dir(config, job).map(|dir| dir.container_env()) else { return Ok(String::new()) };
     if names.is_empty() {
         return Ok(String::new());
     }
@@ -302,14 +296,14 @@ fn record_image_env(config: &Config, job: &str, names: &[String]) -> Result<Stri
 
 /// Notes, for the job starter, that the job script runs as remapped root.
 fn record_remap_root(config: &Config, job: &str, remap_root: bool) -> Result<String, HookError> {
-    let Some(path) = job_dir(config, job).map(|dir| dir.remap_root()).filter(|_| remap_root) else { return Ok(String::new()) };
+    let Some(path) = berth_pbs::launch::job_dir(config, job).map(|dir| dir.remap_root()).filter(|_| remap_root) else { return Ok(String::new()) };
     berth_pbs::launch::write_record(&path, b"").map_err(|source| HookError::Record { path: path.display().to_string(), source })?;
     Ok(String::new())
 }
 
 /// Records a prologue's failure line for the job starter (root-only dir, as create's).
 pub fn record_failure(config: &Config, job: &str, line: &str) -> std::io::Result<()> {
-    let dir = job_dir(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
+    let dir = berth_pbs::launch::job_dir(config, job).ok_or_else(|| std::io::Error::other("bad job id"))?;
     dir.ensure()?;
     berth_pbs::launch::write_record(&dir.prologue_error(), format!("{line}\n").as_bytes())?;
     // For an unprivileged job starter the setuid launcher prints it, to the job's user

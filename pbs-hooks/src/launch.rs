@@ -346,7 +346,7 @@ fn image_values(listed: &str, image: &[env::Var]) -> Vec<String> {
 }
 
 /// The job's dir in the runtime dir; `None` for a job id that cannot name one.
-fn job_dir(config: &Config, job: &str) -> Option<JobDir> {
+pub fn job_dir(config: &Config, job: &str) -> Option<JobDir> {
     RuntimeDir::of(config).job(job).ok()
 }
 
@@ -361,9 +361,7 @@ pub fn record_failure(config: &Config, job: &str, uid: u32, line: &str) -> std::
 /// A hook's note in the job's root-only runtime dir: root's, 0600, whole or absent,
 /// never written through a link, whatever umask pbs_mom gave.
 pub fn write_record(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    berth_engine::fsmode::replace(&tmp, path, bytes, 0o600)
+    berth_engine::fsmode::replace_whole(path, bytes, 0o600)
 }
 
 /// The recorded failure line of `job`, only when root alone wrote it and it is `uid`'s.

@@ -88,7 +88,7 @@ pub fn start(config: &Config, args: &[String], caller: &Caller, limits: Option<&
     if !nix::unistd::geteuid().is_root() {
         return through_launcher(config, shell, shell_args, &job, &id, caller);
     }
-    let Some(job_dir) = crate::hooks::job_dir(config, &id) else { return native(config, shell, shell_args, &job, caller, limits) };
+    let Some(job_dir) = berth_pbs::launch::job_dir(config, &id) else { return native(config, shell, shell_args, &job, caller, limits) };
     if let Ok(line) = std::fs::read_to_string(job_dir.prologue_error()) {
         return StarterError::PrologueFailed(line.trim_end().to_string());
     }
@@ -231,7 +231,7 @@ fn native(config: &Config, shell: &str, args: &[String], job: &Job, caller: &Cal
 /// The job id is the script's name; a wrong one gets the launcher's refusal, never
 /// another user's container.
 fn through_launcher(config: &Config, shell: &str, args: &[String], job: &Job, id: &str, caller: &Caller) -> StarterError {
-    if !crate::hooks::job_dir(config, id).is_some_and(|dir| dir.exists()) {
+    if !berth_pbs::launch::job_dir(config, id).is_some_and(|dir| dir.exists()) {
         return native(config, shell, args, job, caller, None);
     }
     if let Some((_, line, _)) = &job.script {

@@ -71,6 +71,15 @@ pub fn create_file(path: &Path, mode: u32) -> std::io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Replaces `path` whole with `bytes` in a file of exactly `mode`, through
+/// `<path>.tmp` (a leftover there, of a writer killed half-way, is removed first: the
+/// caller holds whatever lock makes it the only writer of `path`).
+pub fn replace_whole(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    replace(&tmp, path, bytes, mode)
+}
+
 /// Writes `bytes` to the new file `tmp` of `mode`, syncs it and renames it to `path`, so
 /// readers see all or nothing; `tmp` is removed when anything fails.
 pub fn replace(tmp: &Path, path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {

@@ -68,11 +68,9 @@ pub struct Created {
     pub pins: Vec<PathBuf>,
 }
 
+/// The job's lock is held: a leftover temp file is a crashed create's, nobody's work.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    // A leftover of a crashed create; the job's lock is held, so it is nobody's work.
-    let _ = std::fs::remove_file(&tmp);
-    crate::fsmode::replace(&tmp, path, bytes, 0o644).map_err(io("write", path))
+    crate::fsmode::replace_whole(path, bytes, 0o644).map_err(io("write", path))
 }
 
 /// Creates the container `spec.name` of `spec.job` on this node, or reuses it when it

@@ -139,10 +139,8 @@ pub fn create(dir: &ContainerDir, runtime: &RuntimeDir, tracking: Tracking) -> R
     std::fs::create_dir_all(&path).map_err(io("create", &path))?;
     let file = dir.cgroup_record();
     let contents = [path.as_os_str().as_encoded_bytes(), &record].concat();
-    // A leftover of a create killed before it recorded: the job's lock is held.
-    let tmp = file.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    crate::fsmode::replace(&tmp, &file, &contents, 0o644).map_err(io("record", &file))
+    // Create holds the job's lock.
+    crate::fsmode::replace_whole(&file, &contents, 0o644).map_err(io("record", &file))
 }
 
 /// The record's second line, when the cgroup is a leaf below its creator's cgroup.
