@@ -241,9 +241,7 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
     let vars = wired_env(&env::decode(&std::fs::read(&env_path).map_err(io("read", &env_path))?));
     let plain: Vec<(String, String)> = vars.iter().filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string()))).collect();
     stage(&staged, request, &nodes, &keys, &plain, &state.user)?;
-    let tmp = env_path.with_extension("wired");
-    let _ = std::fs::remove_file(&tmp);
-    crate::fsmode::replace(&tmp, &env_path, &env::encode(&vars), 0o644).map_err(io("write", &env_path))?;
+    crate::fsmode::replace_whole(&env_path, &env::encode(&vars), 0o644).map_err(io("write", &env_path))?;
 
     let log_path = dir.sshd_log();
     let log = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(&log_path).map_err(io("create", &log_path))?;
@@ -261,7 +259,7 @@ pub fn wire(config: &Config, request: &Request) -> Result<Wired> {
         reused: false,
     };
     let json = serde_json::to_vec(&wired).map_err(|e| WiringError::Io { action: "encode", path: record.clone(), source: e.into() })?;
-    crate::fsmode::replace(&record.with_extension("tmp"), &record, &json, 0o644).map_err(io("write", &record))?;
+    crate::fsmode::replace_whole(&record, &json, 0o644).map_err(io("write", &record))?;
     Ok(wired)
 }
 
